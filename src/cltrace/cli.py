@@ -1,0 +1,57 @@
+"""The `cltrace` console script: one subcommand per pipeline stage.
+
+Each subcommand lives in `cltrace.commands.<name>` and exposes `register(subparsers)`.
+Command modules import only argparse at module level, so `cltrace --help` is instant;
+torch and transformers load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cltrace import __version__
+from cltrace.errors import CltraceError
+
+# Order shown in --help: the pipeline order.
+COMMANDS = ["demo", "models", "corpus", "harvest", "train", "eval", "trace", "features",
+            "feature", "intervene", "serve"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cltrace",
+        description="Cross-layer transcoders, attribution graphs and interventions for causal LMs, offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cltrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cltrace.commands.{name}")
+        except ModuleNotFoundError:
+            continue  # stage not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except CltraceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""cltrace.interventions"""
