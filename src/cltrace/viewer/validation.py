@@ -1,0 +1,97 @@
+"""Checks on request bodies: every failure is a `BadRequest` whose message names the field."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from cltrace.viewer.backend import Intervention, InterventionRequest
+
+MAX_BODY_BYTES = 1 << 20
+MAX_INTERVENTIONS = 256
+MAX_GENERATE = 256
+MAX_VALUE = 1e6
+MAX_LAYER = 10_000
+MAX_FEATURE = 2**31 - 1
+MAX_GROUPS = 500
+MAX_GROUP_NODES = 5_000
+MAX_GROUP_NAME = 120
+
+
+class BadRequest(Exception):
+    """A request the server refuses with HTTP 400."""
+
+
+def parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"body is not valid JSON: {err}")
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def _int(value: Any, field: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadRequest(f"{field} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _list(value: Any, field: str, hi: int, lo: int = 0) -> list:
+    if not isinstance(value, list) or not lo <= len(value) <= hi:
+        raise BadRequest(f"{field} must be a list of {lo} to {hi} items")
+    return value
+
+
+def _intervention(item: Any, i: int, n_pos: int | None) -> Intervention:
+    where = f"interventions[{i}]"
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where} must be an object")
+    layer = _int(item.get("layer"), f"{where}.layer", 0, MAX_LAYER)
+    feature = _int(item.get("feature"), f"{where}.feature", 0, MAX_FEATURE)
+    pos = item.get("pos")
+    if pos is not None:
+        pos = _int(pos, f"{where}.pos", 0, (n_pos - 1) if n_pos else MAX_LAYER)
+    mode = item.get("mode")
+    if mode not in ("set", "scale"):
+        raise BadRequest(f"{where}.mode must be 'set' or 'scale'")
+    value = item.get("value")
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or abs(value) > MAX_VALUE):
+        raise BadRequest(f"{where}.value must be a finite number with |value| <= {MAX_VALUE:g}")
+    return Intervention(layer, feature, pos, mode, float(value))
+
+
+def parse_intervention(data: dict, n_pos: int | None = None) -> InterventionRequest:
+    """Validate `{graph, interventions:[{layer, feature, pos|null, mode, value}], generate}`.
+
+    `n_pos`, the prompt length, bounds `pos` when known.
+    """
+    graph = data.get("graph")
+    if not isinstance(graph, str) or not graph:
+        raise BadRequest("graph must be a non-empty string")
+    items = _list(data.get("interventions"), "interventions", MAX_INTERVENTIONS, lo=1)
+    generate = _int(data.get("generate", 0), "generate", 0, MAX_GENERATE)
+    return InterventionRequest(graph, [_intervention(x, i, n_pos) for i, x in enumerate(items)],
+                               generate)
+
+
+def parse_supernodes(data: dict, node_ids: set[str]) -> list[dict]:
+    """Validate `{supernodes: [{name, node_ids: [...]}]}` against the graph's node ids."""
+    groups = _list(data.get("supernodes"), "supernodes", MAX_GROUPS)
+    clean = []
+    for i, group in enumerate(groups):
+        where = f"supernodes[{i}]"
+        if not isinstance(group, dict):
+            raise BadRequest(f"{where} must be an object")
+        name = group.get("name")
+        if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_GROUP_NAME:
+            raise BadRequest(f"{where}.name must be a string of 1 to {MAX_GROUP_NAME} characters")
+        ids = _list(group.get("node_ids"), f"{where}.node_ids", MAX_GROUP_NODES, lo=1)
+        unknown = [x for x in ids if not isinstance(x, str) or x not in node_ids]
+        if unknown:
+            raise BadRequest(f"{where}.node_ids has ids not in the graph: {unknown[:3]}")
+        clean.append({"name": name.strip(), "node_ids": list(dict.fromkeys(ids))})
+    return clean
