@@ -1,0 +1,180 @@
+"""Typed configs: `TranscoderConfig` (the architecture, saved beside the weights) and
+`TrainConfig` (how a run is trained) with named presets.
+
+Costs of the presets are measured on the 2-core Sapphire Rapids CPU (bf16 AMX); see
+bench/bench_train.py and the README's table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cltrace.errors import CltraceError
+
+
+def _from_dict(cls, data: dict[str, Any], what: str):
+    """Build a dataclass from a dict, rejecting unknown keys with a CltraceError."""
+    if not isinstance(data, dict):
+        raise CltraceError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CltraceError(f"{what}: unknown field(s) {unknown}",
+                           hint="was it written by a newer cltrace?")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise CltraceError(f"{what}: {err}") from None
+
+
+@dataclass
+class TranscoderConfig:
+    """Architecture of a transcoder; saved as config.json next to the weights."""
+
+    n_layers: int                                    # L: layers of the language model
+    d_model: int                                     # d: residual width
+    n_features: int                                  # F: features per layer
+    kind: Literal["clt", "plt"] = "clt"              # cross-layer or per-layer decoders
+    skip: bool = False                               # add a linear skip W_skip x_l (skip transcoder)
+    activation: Literal["jumprelu", "topk"] = "jumprelu"
+    topk: int | None = None                          # k per layer, only for activation="topk"
+    bandwidth: float = 1.0                           # STE rectangle-kernel width ε (normalised scale)
+    init_threshold: float = 0.03                     # θ at initialisation (normalised scale)
+    model_name: str | None = None                    # the language model it was trained on
+    hook_in: str = "mlp_in"                          # what it reads (MLP input, after pre-norm)
+    hook_out: str = "mlp_out"                        # what it writes (MLP output)
+
+    def __post_init__(self):
+        for name in ("n_layers", "d_model", "n_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CltraceError(f"TranscoderConfig.{name} must be a positive int, got {value!r}")
+        if self.kind not in ("clt", "plt"):
+            raise CltraceError(f"TranscoderConfig.kind must be 'clt' or 'plt', got {self.kind!r}")
+        if self.activation not in ("jumprelu", "topk"):
+            raise CltraceError(f"TranscoderConfig.activation must be 'jumprelu' or 'topk', "
+                               f"got {self.activation!r}")
+        if self.activation == "topk":
+            if self.topk is None or not 1 <= self.topk <= self.n_features:
+                raise CltraceError(f"activation='topk' needs 1 <= topk <= n_features, got {self.topk!r}")
+        elif self.topk is not None:
+            raise CltraceError("topk is set but activation is 'jumprelu'", hint="drop topk or use activation='topk'")
+        if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
+            raise CltraceError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
+        if not self.init_threshold > 0:
+            raise CltraceError(f"init_threshold must be > 0, got {self.init_threshold!r}")
+
+    def n_targets(self, layer: int) -> int:
+        """How many layers a feature of `layer` writes to (CLT: L - layer; PLT: 1)."""
+        return self.n_layers - layer if self.kind == "clt" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TranscoderConfig":
+        return _from_dict(cls, data, "transcoder config")
+
+
+@dataclass
+class TrainConfig:
+    """How a transcoder is trained. Saved as train_config.json in the run folder."""
+
+    model: str = "gemma-3-270m"                      # language model (name or path)
+    kind: Literal["clt", "plt"] = "clt"
+    skip: bool = False
+    activation: Literal["jumprelu", "topk"] = "jumprelu"
+    topk: int | None = None
+    n_features: int = 2048                           # F per layer
+    tokens: int = 300_000                            # training tokens in total
+    batch_size: int = 1024                           # tokens per optimizer step
+    lr: float = 2e-4                                 # AdamW peak learning rate
+    lr_warmup_frac: float = 0.01                     # linear warm-up, fraction of steps
+    lr_decay_frac: float = 0.2                       # linear decay to 0 over the last fraction
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    lambda_s: float = 2e-4                           # sparsity penalty λ_S (final value)
+    lambda_s_warmup_frac: float = 0.7                # λ_S ramps linearly from 0 over this fraction
+    lambda_p: float = 3e-6                           # pre-activation penalty λ_P
+    sparsity_c: float = 4.0                          # c in tanh(c·||W_dec||·a)
+    bandwidth: float = 1.0                           # JumpReLU STE width ε (normalised scale)
+    init_threshold: float = 0.03
+    init_tokens: int = 4096                          # tokens used to set norm scalars and b_enc
+    grad_clip: float | None = 1.0                    # max global grad norm; None = no clipping
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 where AMX/CUDA has it
+    dead_window_tokens: int = 100_000                # a feature is dead if silent this long
+    checkpoint_every: int = 50                       # steps between checkpoints (0 = only at the end)
+    log_every: int = 10                              # steps between metric log lines
+    seed: int = 0
+    context_len: int = 128                           # harvest: tokens per context
+    store: str | None = None                         # activation store to read (None = harvest on the fly)
+
+    def __post_init__(self):
+        positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise CltraceError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if self.tokens < self.batch_size:
+            raise CltraceError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
+        if not self.lr > 0:
+            raise CltraceError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr_warmup_frac", "lr_decay_frac", "lambda_s_warmup_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise CltraceError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr_warmup_frac + self.lr_decay_frac > 1.0:
+            raise CltraceError("lr_warmup_frac + lr_decay_frac must be <= 1")
+        if self.lambda_s < 0 or self.lambda_p < 0:
+            raise CltraceError("lambda_s and lambda_p must be >= 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise CltraceError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.checkpoint_every < 0:
+            raise CltraceError("checkpoint_every must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise CltraceError("grad_clip must be > 0 or None")
+
+    @property
+    def n_steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def transcoder_config(self, n_layers: int, d_model: int) -> TranscoderConfig:
+        return TranscoderConfig(n_layers=n_layers, d_model=d_model, n_features=self.n_features,
+                                kind=self.kind, skip=self.skip, activation=self.activation,
+                                topk=self.topk, bandwidth=self.bandwidth,
+                                init_threshold=self.init_threshold, model_name=self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data, "train config")
+
+
+# Presets. Costs measured on this 2-core CPU (see bench/bench_train.py):
+#   demo   gemma-3-270m, 18 x 2048 CLT, 300k tokens: harvest ~3 min + training ~10 min.
+#   small  gemma-3-270m, 18 x 4096 CLT, 2M tokens: hours on this CPU; minutes on one GPU.
+#   paper  18 x 16384 CLT, 50M tokens: GPU only.
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": dict(model="gemma-3-270m", n_features=2048, tokens=300_000, batch_size=1024),
+    "small": dict(model="gemma-3-270m", n_features=4096, tokens=2_000_000, batch_size=2048),
+    "paper": dict(model="gemma-3-270m", n_features=16384, tokens=50_000_000, batch_size=4096,
+                  dead_window_tokens=10_000_000, checkpoint_every=500),
+    "smollm2": dict(model="smollm2-135m", n_features=2048, tokens=300_000, batch_size=1024),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a named preset, with fields overridden (None values ignored)."""
+    if name not in PRESETS:
+        raise CltraceError(f"unknown preset {name!r}", hint=f"choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+__all__ = ["TranscoderConfig", "TrainConfig", "PRESETS", "preset"]
