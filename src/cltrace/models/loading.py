@@ -11,6 +11,7 @@ its family adapter, and three operations built on hooks that are always removed:
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -74,12 +75,18 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    @property
+    @functools.cached_property
     def bos_token_id(self) -> int | None:
-        return getattr(self.tokenizer, "bos_token_id", None)
+        """The token that starts every sequence, or None for models trained without one.
+
+        Decided by the tokenizer's own behaviour (Gemma adds <bos>; SmolLM2's tokenizer adds
+        nothing and the model degrades if its <|im_start|> is forced in front)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        ids = list(self.tokenizer("a")["input_ids"])
+        return bos if bos is not None and ids and ids[0] == bos else None
 
     def tokenize(self, text: str) -> Int[Tensor, "1 pos"]:
-        """Token ids of `text` with the family's BOS token prepended (where it has one)."""
+        """Token ids of `text`, with BOS prepended where the model's tokenizer adds one."""
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
@@ -188,6 +195,9 @@ def load_model_dir(path: Path, *, name: str, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load model + tokenizer from a transformers directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # cltrace shows its own progress
 
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in _supported():
