@@ -15,8 +15,10 @@ def register(subparsers) -> None:
                    help="interface to bind; 0.0.0.0 exposes the viewer to your network")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     p.add_argument("--open", action="store_true", help="open the viewer in a web browser")
-    p.add_argument("--model", default=None, help="model for interventions (name or path)")
-    p.add_argument("--transcoder", default=None, help="transcoder directory for interventions")
+    p.add_argument("--transcoder", default=None, metavar="RUN",
+                   help="training run (or transcoder folder) to run interventions with")
+    p.add_argument("--model", default=None,
+                   help="model name or path, if not the one the transcoder was trained on")
     p.add_argument("--features", default=None, metavar="DB",
                    help="feature store for dashboards (top contexts, token effects)")
     p.set_defaults(func=run)
@@ -39,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise CltraceError(f"no graph folder at {', '.join(missing)}",
                            hint="run `cltrace trace` to save a graph, or pass --graphs DIR")
+    backend = make_backend(args)  # loads the model first when --transcoder is given
     try:
         config = ViewerConfig(graph_dirs=folders, host=args.host, port=args.port,
                               open_browser=args.open)
-        serve(config, make_backend(args))
+        serve(config, backend)
     except (ValueError, OSError) as err:
         raise CltraceError(f"cannot start the viewer: {err}",
                            hint="is another program using the port? try --port 0")

@@ -5,7 +5,7 @@ Routes:
     GET  /                                      list of saved graphs (page)
     GET  /graph/<name>                          graph page
     GET  /static/<file>                         packaged assets
-    GET  /api/graphs                            [{name, prompt, n_nodes, n_links, size_bytes, error}]
+    GET  /api/graphs                            [{name, prompt, n_nodes, n_links, ...}]
     GET  /api/graph/<name>                      the graph JSON file
     GET  /api/graph/<name>/supernodes           saved groups (sidecar, else the graph's qParams)
     POST /api/graph/<name>/supernodes           save groups: {supernodes: [{name, node_ids}]}
@@ -91,7 +91,8 @@ class ViewerApp:
             except BackendError as err:
                 return error_response(err.status, err.message)
         if allowed:
-            return error_response(405, f"{method} not allowed here; use {', '.join(sorted(set(allowed)))}")
+            methods = ", ".join(sorted(set(allowed)))
+            return error_response(405, f"{method} not allowed here; use {methods}")
         return error_response(404, f"no route for {path}")
 
     # -- pages and assets -------------------------------------------------------------------

@@ -77,7 +77,7 @@ class ViewerBackend(Protocol):
 
 FEATURE_TYPE = "cross layer transcoder"
 NO_MODEL = ("interventions need a loaded model: run "
-            "`cltrace serve --model ... --transcoder ...`")
+            "`cltrace serve --transcoder RUN [--model ...]`")
 
 
 def feature_index(node: dict) -> int | None:
@@ -153,13 +153,21 @@ def _short_label(node: dict | None, fallback: str) -> str:
 
 
 def make_backend(args: Any) -> ViewerBackend:
-    """The back-end for `cltrace serve`: the model-backed one when its pieces exist.
+    """The back-end for `cltrace serve`: model-backed when --features/--transcoder are given.
 
-    The model/transcoder/feature-store back-end is not built yet; until it is, the paths
-    are accepted and `NullBackend` serves what the graph files hold.
+    `--transcoder RUN` (with an optional `--model` override) enables interventions;
+    `--features DB` enables dashboards. Without either, `NullBackend` serves what the graph
+    files hold.
     """
-    wanted = [getattr(args, k, None) for k in ("model", "transcoder", "features")]
-    if any(wanted):
-        print("note: the model-backed viewer back-end is not available yet; "
-              "serving graphs without feature store or interventions")
-    return NullBackend()
+    features, transcoder = getattr(args, "features", None), getattr(args, "transcoder", None)
+    model = getattr(args, "model", None)
+    if model and not transcoder:
+        from cltrace.errors import CltraceError
+
+        raise CltraceError("--model needs --transcoder",
+                           hint="pass the training run (or transcoder folder) to steer with")
+    if not (features or transcoder):
+        return NullBackend()
+    from cltrace.viewer.model_backend import load_model_backend
+
+    return load_model_backend(features, transcoder, model)

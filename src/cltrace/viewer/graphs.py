@@ -109,7 +109,7 @@ class GraphStore:
     def read_supernodes(self, graph: GraphRef) -> list[dict] | None:
         """Saved groups from the sidecar, or None when there is none."""
         sidecar = sidecar_path(graph.path)
-        if not sidecar.is_file():
+        if sidecar.is_symlink() or not sidecar.is_file():  # never follow a link out
             return None
         try:
             saved = json.loads(sidecar.read_text(encoding="utf-8"))

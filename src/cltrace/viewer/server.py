@@ -136,7 +136,8 @@ def start_in_thread(config: ViewerConfig,
 def serve(config: ViewerConfig, backend: ViewerBackend | None = None) -> None:
     """Serve until interrupted, printing the address (and opening a browser if asked)."""
     server = make_server(config, backend)
-    print(f"cltrace viewer: {server.url}  (graphs from {', '.join(map(str, config.graph_dirs))})")
+    folders = ", ".join(map(str, config.graph_dirs))
+    print(f"cltrace viewer: {server.url}  (graphs from {folders})", flush=True)
     if config.open_browser and not _open(server.url):
         print(f"no browser found; open {server.url} yourself")
     try:

@@ -86,7 +86,9 @@ function buildLinks(rawLinks, byId, nodes) {
     node.outs.sort((a, b) => Math.abs(w[b]) - Math.abs(w[a]));
   }
   for (let j = 0; j < n; j++) maxAbs = Math.max(maxAbs, Math.abs(w[j]));
-  return { n, src, tgt, w, cumBefore, maxAbs: maxAbs || 1 };
+  const order = Uint32Array.from({ length: n }, (_, j) => j)
+    .sort((a, b) => Math.abs(w[b]) - Math.abs(w[a]));  // strongest first, for painting
+  return { n, src, tgt, w, cumBefore, order, maxAbs: maxAbs || 1 };
 }
 
 // Which nodes and links pass the thresholds. Embeddings and logits always show; features and
@@ -102,7 +104,8 @@ export function prune(model, nodeThreshold, edgeThreshold) {
   const degree = new Int32Array(nodes.length);
   let nLinks = 0;
   for (let j = 0; j < links.n; j++) {
-    if (pass[links.src[j]] && pass[links.tgt[j]] && links.cumBefore[j] < edgeThreshold) {
+    const strongEnough = edgeThreshold >= 1 || links.cumBefore[j] < edgeThreshold;
+    if (pass[links.src[j]] && pass[links.tgt[j]] && strongEnough) {
       linkOn[j] = 1; nLinks++; degree[links.src[j]]++; degree[links.tgt[j]]++;
     }
   }

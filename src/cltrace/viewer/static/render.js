@@ -1,13 +1,14 @@
-// Canvas drawing. Two stacked canvases: `base` (links, nodes, axes; redrawn when the pruning
-// or the size changes) and `overlay` (hover, selection, supernodes, box; redrawn often).
-// Links are batched into a few paths by sign and width so 100k of them draw in one pass.
+// Canvas drawing on three stacked canvases: links (painted progressively by LinkPainter),
+// nodes + axes (redrawn when the pruning or the size changes) and an overlay (hover,
+// selection, supernodes, box; redrawn often). Links are batched into a few paths by sign
+// and width per chunk.
 
 export const COLORS = {
   feature: "#e0a030", error: "#9aa0a6", embedding: "#2e9e6a", logit: "#7b4fd6",
   positive: "37, 99, 235", negative: "220, 38, 38", selected: "#111", hover: "#f43f5e",
 };
 export const MARGIN = { left: 70, right: 16, top: 16, bottom: 56 };
-const WIDTH_BINS = [0.05, 0.2, 0.5, Infinity];
+const WIDTH_BINS = [0.05, 0.2, 0.5, Infinity];  // |w| / max |w|
 const GROUP_COLORS = ["#0ea5e9", "#10b981", "#f97316", "#a855f7", "#ec4899", "#84cc16"];
 
 export function sizeCanvas(canvas, width, height) {
@@ -19,10 +20,10 @@ export function sizeCanvas(canvas, width, height) {
   return ctx;
 }
 
-export function drawBase(ctx, model, view, size) {
+// Axes and nodes: cheap, redrawn in one go.
+export function drawNodesLayer(ctx, model, view, size) {
   ctx.clearRect(0, 0, size.width, size.height);
   drawAxes(ctx, model, size);
-  drawLinks(ctx, model, view);
   drawNodes(ctx, model, view.nodeOn);
 }
 
@@ -53,23 +54,59 @@ function fitText(ctx, text, width) {
   return cut + "…";
 }
 
-function drawLinks(ctx, model, view) {
+// Links are painted in chunks, strongest first, so the page answers input while 100k links
+// are still arriving. The first (strongest) chunk goes on its own canvas above the rest:
+// compositing later chunks *under* it with destination-over is ~8x slower in software.
+// Strokes wider than 1 px take the slow general stroker (far slower than hairlines in
+// software rendering), so only the strongest links get width.
+const CHUNK = 8000;
+const WIDTHS = [0.6, 1, 1, 2];
+
+export class LinkPainter {
+  constructor() { this.job = 0; }
+
+  // Paint `view`'s links: the strongest chunk on `strongCtx`, the rest on `weakCtx`.
+  // Resolves true when done, false when a newer paint superseded it.
+  paint(strongCtx, weakCtx, model, view, size) {
+    const job = ++this.job;
+    strongCtx.clearRect(0, 0, size.width, size.height);
+    weakCtx.clearRect(0, 0, size.width, size.height);
+    const alpha = view.nLinks > 20000 ? 0.15 : view.nLinks > 2000 ? 0.25 : 0.45;
+    let k = paintChunk(strongCtx, model, view, 0, alpha);
+    return new Promise((resolve) => {
+      const step = () => {
+        if (job !== this.job) return resolve(false);
+        if (k >= model.links.n) return resolve(true);
+        k = paintChunk(weakCtx, model, view, k, alpha);
+        requestAnimationFrame(step);
+      };
+      requestAnimationFrame(step);
+    });
+  }
+}
+
+// Paint up to CHUNK visible links from position k of the strongest-first order.
+function paintChunk(ctx, model, view, k, alpha) {
   const { links, nodes } = model;
-  const alpha = view.nLinks > 20000 ? 0.12 : view.nLinks > 2000 ? 0.25 : 0.5;
-  const paths = WIDTH_BINS.map(() => [new Path2D(), new Path2D()]);  // [bin][pos, neg]
-  for (let j = 0; j < links.n; j++) {
+  const paths = WIDTHS.map(() => [new Path2D(), new Path2D()]);  // [bin][positive, negative]
+  let drawn = 0;
+  for (; k < links.n && drawn < CHUNK; k++) {
+    const j = links.order[k];
     if (!view.linkOn[j]) continue;
     const a = nodes[links.src[j]], b = nodes[links.tgt[j]];
     const rel = Math.abs(links.w[j]) / links.maxAbs;
     const bin = WIDTH_BINS.findIndex((edge) => rel < edge);
     const path = paths[bin][links.w[j] >= 0 ? 0 : 1];
     path.moveTo(a.x, a.y); path.lineTo(b.x, b.y);
+    drawn++;
   }
-  paths.forEach(([pos, neg], bin) => {
-    ctx.lineWidth = 0.5 + bin * 1.2;
-    ctx.strokeStyle = `rgba(${COLORS.positive}, ${alpha + bin * 0.1})`; ctx.stroke(pos);
-    ctx.strokeStyle = `rgba(${COLORS.negative}, ${alpha + bin * 0.1})`; ctx.stroke(neg);
-  });
+  for (let bin = WIDTHS.length - 1; bin >= 0; bin--) {
+    ctx.lineWidth = WIDTHS[bin];
+    const a = Math.min(1, alpha + bin * 0.15);
+    ctx.strokeStyle = `rgba(${COLORS.positive}, ${a})`; ctx.stroke(paths[bin][0]);
+    ctx.strokeStyle = `rgba(${COLORS.negative}, ${a})`; ctx.stroke(paths[bin][1]);
+  }
+  return k;
 }
 
 function drawNodes(ctx, model, nodeOn) {
@@ -102,7 +139,7 @@ export function shape(path, n) {
 
 export function drawOverlay(ctx, model, view, ui, size) {
   ctx.clearRect(0, 0, size.width, size.height);
-  ui.groups.forEach((g, k) => drawGroup(ctx, model, g, GROUP_COLORS[k % GROUP_COLORS.length]));
+  ui.groups.forEach((g, k) => drawGroup(ctx, model, g, GROUP_COLORS[k % GROUP_COLORS.length], k));
   for (const id of ui.selected) ring(ctx, model.byId.get(id), COLORS.selected, 2);
   if (ui.hover) drawHover(ctx, model, view, ui.hover);
   if (ui.box) {
@@ -131,12 +168,12 @@ function drawHover(ctx, model, view, n) {
   ring(ctx, n, COLORS.hover, 2.5);
 }
 
-function drawGroup(ctx, model, group, color) {
+function drawGroup(ctx, model, group, color, k) {
   const members = group.node_ids.map((id) => model.byId.get(id)).filter(Boolean);
   if (!members.length) return;
   members.forEach((n) => ring(ctx, n, color, 3));
   const cx = members.reduce((s, n) => s + n.x, 0) / members.length;
-  const top = Math.min(...members.map((n) => n.y)) - 12;
+  const top = members.reduce((m, n) => Math.min(m, n.y), Infinity) - 10 - 12 * (k % 3);
   ctx.font = "bold 11px system-ui, sans-serif"; ctx.textAlign = "center";
   ctx.textBaseline = "bottom"; ctx.fillStyle = color; ctx.fillText(group.name, cx, top);
 }

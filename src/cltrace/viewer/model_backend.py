@@ -1,0 +1,71 @@
+"""The model-backed viewer back-end: dashboards from a feature store, interventions through a
+`Steerer` (model + transcoder). Either part may be missing; `NullBackend` answers for it.
+
+Both parts are duck-typed so tests can pass stand-ins:
+    store.dashboard(layer, index) -> dict         (cltrace.features.store.FeatureStore)
+    steerer.run(prompt, interventions, top_k=, generate=) -> obj with .to_dict()
+                                                   (cltrace.interventions.steer.Steerer)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from cltrace.errors import CltraceError
+from cltrace.viewer.backend import BackendError, GraphRef, InterventionRequest, NullBackend
+
+TOP_K = 10
+
+
+class ModelBackend:
+    """Feature dashboards and interventions for graphs traced with the loaded model."""
+
+    def __init__(self, store: Any = None, steerer: Any = None):
+        self.store = store
+        self.steerer = steerer
+        self.null = NullBackend()
+        self._lock = threading.Lock()  # one forward at a time: the server is multi-threaded
+
+    def feature(self, graph: GraphRef, layer: int, index: int) -> dict | None:
+        if self.store is None:
+            return self.null.feature(graph, layer, index)
+        try:
+            return self.store.dashboard(layer, index)
+        except CltraceError as err:  # the store's "no feature L:i in this store"
+            raise BackendError(err.message, status=404)
+
+    def intervene(self, graph: GraphRef, request: InterventionRequest) -> dict:
+        if self.steerer is None:
+            return self.null.intervene(graph, request)
+        from cltrace.interventions.steer import Intervention
+
+        prompt = graph.metadata.get("prompt")
+        if not isinstance(prompt, str):
+            raise BackendError("the graph has no prompt to re-run", status=422)
+        ivs = [Intervention(layer=i.layer, feature=i.feature, mode=i.mode, value=i.value,
+                            positions=None if i.pos is None else (i.pos,))
+               for i in request.interventions]
+        with self._lock:
+            result = self.steerer.run(prompt, ivs, top_k=TOP_K, generate=request.generate)
+        return result.to_dict()
+
+    def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
+        return self.null.suggest_supernodes(graph)
+
+
+def load_model_backend(features: str | None, transcoder: str | None,
+                       model: str | None) -> ModelBackend:
+    """Open the feature store and/or load model + transcoder (slow: imports torch)."""
+    store = steerer = None
+    if features:
+        from cltrace.features.store import FeatureStore
+
+        store = FeatureStore(features)
+    if transcoder:
+        from cltrace.commands.features import load_model_and_transcoder
+        from cltrace.interventions.steer import Steerer
+
+        lm, tc, _, _ = load_model_and_transcoder(transcoder, model)
+        steerer = Steerer(lm, tc)
+    return ModelBackend(store, steerer)
