@@ -1,0 +1,153 @@
+"""`cltrace trace`: build, prune and save the attribution graph of a prompt."""
+
+from __future__ import annotations
+
+import argparse
+
+from cltrace.commands import add_parser
+
+
+def register(subparsers) -> None:
+    p = add_parser(subparsers, "trace", "Build the attribution graph of a prompt and save it "
+                   "(full graph + pruned JSON for the viewer / Neuronpedia).")
+    p.add_argument("prompt", help="the text to trace (the model's BOS token is prepended)")
+    p.add_argument("--transcoder", required=True, metavar="RUN",
+                   help="transcoder: a run name under the runs folder, or a directory")
+    p.add_argument("--model", default=None,
+                   help="model name or path (default: the one the transcoder was trained on)")
+    p.add_argument("--max-feature-nodes", type=int, default=4096,
+                   help="feature targets visited, most influential first (0: only logits)")
+    p.add_argument("--output-target", action="append", default=None, metavar="TOKEN",
+                   help="attribute this output token instead of the top logits (repeatable; "
+                        "must be a single token, e.g. ' Austin' with its leading space)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="targets per backward pass (default: from free memory)")
+    p.add_argument("--node-threshold", type=float, default=0.8,
+                   help="keep the nodes carrying this fraction of influence on the logits")
+    p.add_argument("--edge-threshold", type=float, default=0.98,
+                   help="keep the edges carrying this fraction of influence")
+    p.add_argument("--bf16-edges", action="store_true",
+                   help="read edges with bfloat16 matmuls (faster on CPUs with AMX, ~3 digits)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="pruned JSON path (default: <graphs folder>/<slug>.json); the full graph "
+                        "is written next to it as <slug>.graph.safetensors")
+    p.add_argument("--open", action="store_true", help="open the viewer on the graphs folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from cltrace import paths
+    from cltrace.attribution.export import to_frontend_json, write_json
+    from cltrace.attribution.graph import AttributionConfig, attribute
+    from cltrace.attribution.prune import graph_scores, prune
+    from cltrace.errors import CltraceError
+    from cltrace.models.loading import load_model
+
+    for name in ("node_threshold", "edge_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise CltraceError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if args.max_feature_nodes < 0:
+        raise CltraceError("--max-feature-nodes must be >= 0")
+    tc_dir, transcoder = load_transcoder(args.transcoder, args.device)
+    model_name = args.model or getattr(transcoder.cfg, "model_name", None) or "gemma-3-270m"
+    lm = load_model(model_name, device=args.device)
+    targets = None if not args.output_target else tuple(single_token(lm, t) for t in args.output_target)
+    cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+                            output_targets=targets,
+                            edge_dtype="bfloat16" if args.bf16_edges else "float32")
+    start = time.perf_counter()
+    graph = attribute(lm, transcoder, args.prompt, cfg, transcoder_id=tc_dir.name)
+    seconds = time.perf_counter() - start
+    pruned = prune(graph, args.node_threshold, args.edge_threshold)
+    scores = {"unpruned": graph_scores(graph), "pruned": graph_scores(graph, pruned.node_mask)}
+    out = Path(args.out) if args.out else paths.graphs_dir() / f"{slugify(args.prompt)}.json"
+    strings = dict(zip(graph.logit_tokens.tolist(), lm.token_strings(graph.logit_tokens.tolist())))
+    doc = to_frontend_json(graph, pruned, slug=out.stem, logit_strings=strings, scores=scores,
+                           node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    write_json(doc, out)
+    full_path = graph.save(out.with_name(out.stem + ".graph.safetensors"))
+    _report(graph, pruned, scores, strings, seconds, len(doc["nodes"]), len(doc["links"]))
+    print(f"graph:  {full_path}\npruned: {out}")
+    if args.open:
+        _open_viewer(out.parent, model_name, tc_dir)
+    return 0
+
+
+def load_transcoder(spec: str, device: str):
+    """(directory, Transcoder) from a run name or a directory; CltraceError if none is there."""
+    from pathlib import Path
+
+    from cltrace import paths
+    from cltrace.errors import CltraceError
+    from cltrace.transcoders.model import CONFIG_FILE, WEIGHTS_FILE, Transcoder
+
+    base = Path(spec).expanduser()
+    candidates = [base, base / "transcoder", paths.runs_dir() / spec,
+                  paths.runs_dir() / spec / "transcoder"]
+    for d in candidates:
+        if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file():
+            return d, Transcoder.load(d, device=device).requires_grad_(False)
+        if (d / "config.yaml").is_file():
+            return d, _load_circuit_tracer(d, device)
+    raise CltraceError(f"no transcoder at {spec!r}",
+                       f"give a run name under {paths.runs_dir()} or a directory with "
+                       f"{CONFIG_FILE} and {WEIGHTS_FILE} (run `cltrace train` to make one)")
+
+
+def _load_circuit_tracer(directory, device: str):
+    from cltrace.errors import CltraceError
+
+    try:
+        from cltrace.transcoders import interop
+    except ImportError:
+        raise CltraceError(f"{directory} holds a circuit-tracer transcoder, which this cltrace "
+                           "cannot read yet") from None
+    return interop.load_circuit_tracer(directory, device=device).requires_grad_(False)
+
+
+def single_token(lm, text: str) -> int:
+    """The id of `text` if it is exactly one token of the model's vocabulary."""
+    from cltrace.errors import CltraceError
+
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        shown = lm.token_strings(ids)
+        hint = "pick one of its tokens" if ids else "give a non-empty token"
+        if not text.startswith(" ") and ids:
+            hint += f", or try {' ' + text!r} (with the leading space most tokenizers use)"
+        raise CltraceError(f"--output-target {text!r} is {len(ids)} tokens {shown}, not one", hint)
+    return int(ids[0])
+
+
+def slugify(text: str, limit: int = 48) -> str:
+    """A file-name-safe slug of the prompt plus a short hash (distinct prompts, distinct files)."""
+    import hashlib
+    import re
+
+    words = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-") or "graph"
+    return f"{words}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
+def _report(graph, pruned, scores, strings, seconds, n_json_nodes, n_json_links) -> None:
+    print(f"prompt: {graph.n_pos} tokens; {graph.stats['n_active']} active features, "
+          f"{graph.n_features} visited; {seconds:.1f} s")
+    print("top logits:")
+    for tok, p in zip(graph.logit_tokens.tolist(), graph.logit_probabilities.tolist()):
+        print(f"  {strings[tok]!r:>16}  p={p:.3f}")
+    n_edges = int((graph.adjacency != 0).sum())
+    print(f"full graph:   {graph.n_nodes} nodes, {n_edges} edges")
+    print(f"pruned graph: {n_json_nodes} nodes, {n_json_links} edges")
+    for name, s in scores.items():
+        print(f"{name:>9} scores: replacement {s.replacement:.3f}, completeness {s.completeness:.3f}")
+
+
+def _open_viewer(folder, model_name: str, tc_dir) -> None:
+    from cltrace.viewer.backend import make_backend
+    from cltrace.viewer.server import ViewerConfig, serve
+
+    backend = make_backend(argparse.Namespace(model=model_name, transcoder=str(tc_dir), features=None))
+    serve(ViewerConfig(graph_dirs=[folder], open_browser=True), backend)

@@ -1,0 +1,1 @@
+"""Reports: Markdown with inline-free SVG figures, written without plotting dependencies."""

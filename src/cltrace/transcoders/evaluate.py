@@ -1,0 +1,167 @@
+"""Quality of a trained transcoder.
+
+Activation level, on held-out (MLP input, MLP output) batches, per layer l:
+    nmse_l = Σ ||ŷ_l - y_l||² / Σ ||y_l - mean(y_l)||²,   fve_l = 1 - nmse_l
+    l0_l   = mean number of active features per token
+    dead_l = features never active on these tokens;  dense_l = active on > `dense_frac` of them
+Replacement model, on token sequences: every MLP output (positions ≥ 1; position 0 is the
+BOS attention sink the transcoder never saw) replaced by the transcoder's reconstruction:
+    top-1 agreement with the real model's next-token argmax, KL(real || replacement), and
+    the fraction of CE loss recovered, (CE_zero - CE_repl) / (CE_zero - CE_real), where
+    CE_zero zero-ablates every MLP output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cltrace.errors import CltraceError
+from cltrace.transcoders.model import Transcoder
+
+
+@dataclass
+class ActivationMetrics:
+    n_tokens: int
+    nmse: list[float]       # per layer
+    fve: list[float]
+    l0: list[float]
+    dead: list[int]
+    dense: list[int]
+
+    def summary(self) -> dict[str, float]:
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        return {"nmse": mean(self.nmse), "fve": mean(self.fve), "l0": mean(self.l0),
+                "dead": sum(self.dead), "dense": sum(self.dense)}
+
+
+@dataclass
+class ReplacementMetrics:
+    n_tokens: int
+    top1_agreement: float
+    kl: float               # nats per token, KL(real || replacement)
+    ce_real: float
+    ce_replacement: float
+    ce_zero_ablation: float
+    ce_recovered: float
+
+
+@torch.no_grad()
+def evaluate_activations(tc: Transcoder, batches: Iterable, *, max_tokens: int | None = None,
+                         dense_frac: float = 0.1) -> ActivationMetrics:
+    """Per-layer reconstruction and sparsity on `batches` of `.mlp_in, .mlp_out` [B, L, d]."""
+    L, n_feat = tc.cfg.n_layers, tc.cfg.n_features
+    device = next(tc.parameters()).device
+    err = torch.zeros(L, dtype=torch.float64)
+    sq = torch.zeros(L, dtype=torch.float64)
+    total = torch.zeros(L, tc.cfg.d_model, dtype=torch.float64)
+    fires = torch.zeros(L, n_feat, dtype=torch.long)
+    n = 0
+    for batch in batches:
+        x, y = batch.mlp_in.to(device).float(), batch.mlp_out.to(device).float()
+        if max_tokens is not None:
+            x, y = x[: max_tokens - n], y[: max_tokens - n]
+        out = tc(x)
+        err += (out.recon - y).pow(2).sum((0, 2)).double().cpu()
+        sq += y.pow(2).sum((0, 2)).double().cpu()
+        total += y.sum(0).double().cpu()
+        fires += (out.acts > 0).sum(0).cpu()
+        n += x.shape[0]
+        if max_tokens is not None and n >= max_tokens:
+            break
+    if n == 0:
+        raise CltraceError("no evaluation tokens", hint="check the held-out store or --tokens")
+    var = sq - total.pow(2).sum(1) / n                        # Σ ||y - mean(y)||²
+    nmse = (err / var.clamp_min(1e-12)).tolist()
+    return ActivationMetrics(n, nmse, [1 - v for v in nmse], (fires.sum(1) / n).tolist(),
+                             (fires == 0).sum(1).tolist(), (fires > dense_frac * n).sum(1).tolist())
+
+
+def replacement_patch(tc: Transcoder) -> Callable[[int, Tensor, Tensor], Tensor]:
+    """fn(layer, mlp_in [B, n, d], mlp_out [B, n, d]) -> reconstruction, for
+    `LoadedModel.patch_mlp_outputs`. Layers must come in order 0..L-1 within one forward:
+    the closure keeps each layer's activations so later layers receive their CLT decoders'
+    contributions. Position 0 keeps the real MLP output."""
+    acts: list[Tensor] = []
+
+    @torch.no_grad()
+    def fn(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+        if layer == 0:
+            acts.clear()
+        x = mlp_in.float()
+        pre = x @ tc.encoder_weight(layer) + tc.encoder_bias(layer)
+        acts.append(tc.activate_layer(pre, layer))
+        recon = tc.b_dec[layer].expand_as(x).clone()                 # normalised scale
+        first = layer if tc.cfg.kind == "plt" else 0
+        for src in range(first, layer + 1):
+            W = tc.W_dec[src][:, layer - src if tc.cfg.kind == "clt" else 0]  # [F, d], no copy
+            recon += acts[src] @ W
+        recon /= tc.out_scale[layer]
+        if tc.cfg.skip:
+            recon += x @ tc.skip_weight(layer)
+        recon[:, 0] = mlp_out[:, 0].float()
+        return recon.to(mlp_out.dtype)
+
+    return fn
+
+
+def zero_patch(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+    out = torch.zeros_like(mlp_out)
+    out[:, 0] = mlp_out[:, 0]
+    return out
+
+
+@torch.no_grad()
+def evaluate_replacement(tc: Transcoder, model, token_batches: Iterable[Tensor]) -> ReplacementMetrics:
+    """Replacement-model metrics over batches of token ids [B, n] (`model`: a LoadedModel)."""
+    if tc.cfg.n_layers != model.n_layers or tc.cfg.d_model != model.d_model:
+        raise CltraceError(f"the transcoder is for {tc.cfg.n_layers} layers x d={tc.cfg.d_model}, "
+                           f"the model has {model.n_layers} x d={model.d_model}")
+    sums = dict(agree=0.0, kl=0.0, ce_real=0.0, ce_rep=0.0, ce_zero=0.0)
+    n = 0
+    for tokens in token_batches:
+        tokens = tokens.to(model.device)
+        real = model.run(tokens).float()
+        with model.patch_mlp_outputs(replacement_patch(tc)):
+            rep = model.run(tokens).float()
+        with model.patch_mlp_outputs(zero_patch):
+            zero = model.run(tokens).float()
+        real, rep, zero = real[:, 1:-1], rep[:, 1:-1], zero[:, 1:-1]   # positions 1.. predicting next
+        labels = tokens[:, 2:]
+        logp_real, logp_rep = real.log_softmax(-1), rep.log_softmax(-1)
+        sums["agree"] += (real.argmax(-1) == rep.argmax(-1)).sum().item()
+        sums["kl"] += (logp_real.exp() * (logp_real - logp_rep)).sum().item()
+        for key, logits in (("ce_real", real), ("ce_rep", rep), ("ce_zero", zero)):
+            sums[key] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+        n += labels.numel()
+    if n == 0:
+        raise CltraceError("no token sequences of length >= 3 to evaluate the replacement model on")
+    ce = {k: sums[k] / n for k in ("ce_real", "ce_rep", "ce_zero")}
+    recovered = (ce["ce_zero"] - ce["ce_rep"]) / max(ce["ce_zero"] - ce["ce_real"], 1e-9)
+    return ReplacementMetrics(n, sums["agree"] / n, sums["kl"] / n, ce["ce_real"], ce["ce_rep"],
+                              ce["ce_zero"], recovered)
+
+
+def report(act: ActivationMetrics, rep: ReplacementMetrics | None = None) -> str:
+    """A plain-text table of the metrics."""
+    lines = [f"{'layer':>5} {'nmse':>7} {'fve':>7} {'L0':>8} {'dead':>6} {'dense':>6}"]
+    for l in range(len(act.nmse)):
+        lines.append(f"{l:>5} {act.nmse[l]:>7.3f} {act.fve[l]:>7.3f} {act.l0[l]:>8.1f} "
+                     f"{act.dead[l]:>6} {act.dense[l]:>6}")
+    s = act.summary()
+    lines.append(f"{'all':>5} {s['nmse']:>7.3f} {s['fve']:>7.3f} {s['l0']:>8.1f} "
+                 f"{s['dead']:>6} {s['dense']:>6}   ({act.n_tokens:,} tokens)")
+    if rep is not None:
+        lines.append(f"replacement model on {rep.n_tokens:,} tokens: top-1 agreement "
+                     f"{rep.top1_agreement:.3f}, KL {rep.kl:.3f} nats, CE real {rep.ce_real:.3f} / "
+                     f"replacement {rep.ce_replacement:.3f} / zero-ablated {rep.ce_zero_ablation:.3f}, "
+                     f"CE loss recovered {rep.ce_recovered:.3f}")
+    return "\n".join(lines)
+
+
+__all__ = ["ActivationMetrics", "ReplacementMetrics", "evaluate_activations", "evaluate_replacement",
+           "replacement_patch", "zero_patch", "report", "asdict"]

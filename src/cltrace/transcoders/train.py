@@ -1,0 +1,371 @@
+"""Training loop: batches of (MLP input, MLP output) -> a trained transcoder.
+
+`Trainer.fit(batches)` consumes any iterable of objects with `.mlp_in, .mlp_out: [B, L, d]`
+(an `ActivationBatch` from the harvest or a store, or synthetic data). Per step:
+
+    loss = Transcoder.loss(x, y, λ_S(step), λ_P)        bf16 autocast where the hardware has it
+    clip global grad norm; AdamW (fused where available); LR warm-up, constant, linear decay
+
+λ_S ramps linearly from 0 over `lambda_s_warmup_frac` of the steps. The first batches (up to
+`init_tokens`) set the normalisation scalars and b_enc (`Transcoder.init_from_sample`) and are
+then trained on as usual.
+
+Checkpoints (`RUN/ckpt-{step}/`, see checkpoint.py) hold weights, AdamW state, RNG state,
+the data position (steps taken = batches consumed) and the dead-feature clock; the pointer
+file `RUN/checkpoint.json` is replaced atomically after a checkpoint is complete, so a
+kill -9 at any moment leaves a usable one. `fit(..., resume=True)` reloads it and skips the
+batches already consumed, so the run follows the same trajectory as an uninterrupted one
+(given the same, deterministic batch stream).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
+from torch import Tensor
+
+from cltrace.errors import CltraceError
+from cltrace.progress import progress
+from cltrace.transcoders.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from cltrace.transcoders.config import TrainConfig
+from cltrace.transcoders.model import Transcoder
+
+POINTER = "checkpoint.json"
+
+
+class StepMetrics(NamedTuple):
+    step: int
+    tokens: int        # tokens seen after this step
+    loss: float
+    mse: float         # Σ_l ||ŷ-y||² per token, normalised scale
+    nmse: float        # Σ ||ŷ-y||² / Σ ||y - mean(y)||² over all layers
+    l0: float          # active features per token per layer
+    sparsity: float
+    preact: float
+    lr: float
+    lambda_s: float
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX-bf16 or AVX512-bf16: bf16 matmuls beat fp32 on this CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None: plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda" or cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(tc: Transcoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in tc.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused AdamW not built for this device
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, linear decay to 0 over the last lr_decay_frac of steps."""
+    n = cfg.n_steps
+    warm, decay = cfg.lr_warmup_frac * n, cfg.lr_decay_frac * n
+    if warm and step < warm:
+        return cfg.lr * (step + 1) / warm
+    if decay and step >= n - decay:
+        return cfg.lr * max(0.0, (n - step) / decay)
+    return cfg.lr
+
+
+def lambda_s_at(cfg: TrainConfig, step: int) -> float:
+    ramp = cfg.lambda_s_warmup_frac * cfg.n_steps
+    return cfg.lambda_s * (min(1.0, step / ramp) if ramp else 1.0)
+
+
+class Distributed:
+    """What the trainer needs from a parallel setup (see distributed.py); the default is
+    one process: nothing to reduce."""
+
+    rank = 0
+    is_main = True
+
+    def shard(self, tc: Transcoder) -> Transcoder:      # this rank's part of a full transcoder
+        return tc
+
+    def local_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return x, y
+
+    def reduce_partial(self, recon: Tensor) -> Tensor:   # sum of feature shards' decodes
+        return recon
+
+    def sync_grads(self, tc: Transcoder) -> None:
+        pass
+
+    def grad_norm(self, tc: Transcoder) -> Tensor:
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in tc.parameters() if p.grad is not None]))
+
+    def sum_features(self, value: Tensor) -> Tensor:     # sum a per-feature-shard scalar
+        return value
+
+    def checkpoint_dir(self, run_dir: Path, step: int) -> Path:
+        return run_dir / f"ckpt-{step:08d}"
+
+    def barrier(self) -> None:
+        pass
+
+    def full_transcoder(self, tc: Transcoder) -> Transcoder | None:
+        return tc
+
+
+@dataclass
+class TrainResult:
+    transcoder: Transcoder
+    history: list[StepMetrics]
+    dead: int                    # features dead at the end
+    tokens_per_s: float
+
+
+class Trainer:
+    """Trains `tc` with `cfg`; writes checkpoints and metrics into `run_dir` when given."""
+
+    def __init__(self, tc: Transcoder, cfg: TrainConfig, run_dir: str | Path | None = None,
+                 dist: Distributed | None = None, log: Callable[[str], None] = print):
+        self.tc, self.cfg, self.dist = tc, cfg, dist or Distributed()
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.device = next(tc.parameters()).device
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.optimizer = make_optimizer(tc, cfg)
+        self.step = 0
+        self.tokens = 0
+        self.initialised = False
+        L, n_feat = tc.cfg.n_layers, tc.cfg.n_features
+        self.last_active = torch.zeros(L, n_feat, dtype=torch.long, device=self.device)
+        self.n_dead = 0
+        self.log = log if self.dist.is_main else (lambda _msg: None)
+
+    # ---- one step ----
+
+    def train_step(self, x: Tensor, y: Tensor) -> StepMetrics:
+        cfg, tc = self.cfg, self.tc
+        x, y = self.dist.local_batch(x.to(self.device), y.to(self.device))
+        lr, lam = lr_at(cfg, self.step), lambda_s_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            out = tc.loss(x, y, lambda_s=lam, lambda_p=cfg.lambda_p, c=cfg.sparsity_c,
+                          reduce=self.dist.reduce_partial)
+        out.loss.backward()
+        self.dist.sync_grads(tc)
+        if cfg.grad_clip is not None:
+            norm = self.dist.grad_norm(tc)
+            scale = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([p.grad for p in tc.parameters() if p.grad is not None], scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += x.shape[0]
+        return self._metrics(out, x.shape[0], lr, lam)
+
+    @torch.no_grad()
+    def _metrics(self, out, n_tokens: int, lr: float, lam: float) -> StepMetrics:
+        active = out.acts > 0                                           # [L, N, F]
+        fired = active.any(dim=1)
+        self.last_active[fired] = self.tokens
+        var = (out.target - out.target.mean(dim=1, keepdim=True)).pow(2).sum()
+        err = (out.recon - out.target).pow(2).sum()
+        l0 = self.dist.sum_features(active.sum().float()) / (n_tokens * self.tc.cfg.n_layers)
+        spars = self.dist.sum_features(out.sparsity.detach().float())
+        preact = self.dist.sum_features(out.preact.detach().float())
+        loss = out.mse.item() + lam * spars.item() + self.cfg.lambda_p * preact.item()
+        return StepMetrics(self.step, self.tokens, loss, out.mse.item(), (err / var).item(),
+                           l0.item(), spars.item(), preact.item(), lr, lam)
+
+    def dead_features(self) -> Tensor:
+        """[L, F] bool: silent for the last dead_window_tokens (only once that many were seen)."""
+        if self.tokens < self.cfg.dead_window_tokens:
+            return torch.zeros_like(self.last_active, dtype=torch.bool)
+        return self.tokens - self.last_active >= self.cfg.dead_window_tokens
+
+    def _report_dead(self) -> None:
+        dead = self.dead_features()
+        n = int(self.dist.sum_features(dead.sum()).item())
+        if n > self.n_dead:
+            per_layer = self.dist.sum_features(dead.sum(1))
+            self.log(f"step {self.step}: {n} dead features (never active in the last "
+                     f"{self.cfg.dead_window_tokens:,} tokens); per layer {per_layer.tolist()}")
+        self.n_dead = n
+
+    # ---- the loop ----
+
+    def fit(self, batches: Iterable, *, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        it: Iterator = iter(batches)
+        if resume and self._resume():
+            for _ in itertools.islice(it, self.step):   # data position: skip consumed batches
+                pass
+        if not self.initialised:
+            it = self._init_from(it)
+        history: list[StepMetrics] = []
+        bar = progress(total=cfg.n_steps, initial=self.step, desc="train", unit="step",
+                       disable=None if self.dist.is_main else True)
+        t0, tokens0 = time.perf_counter(), self.tokens
+        try:
+            for batch in it:
+                if self.step >= cfg.n_steps:
+                    break
+                m = self.train_step(batch.mlp_in, batch.mlp_out)
+                history.append(m)
+                rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m.loss:.3g}", nmse=f"{m.nmse:.3f}", l0=f"{m.l0:.1f}",
+                                tok_s=f"{rate:.0f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
+                    self._log_metrics(m, rate)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if self.step < cfg.n_steps:
+            self.log(f"note: the data ran out after {self.step} of {cfg.n_steps} steps")
+        if self.step and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
+            self.save_checkpoint()
+        rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+        self._save_final()
+        return TrainResult(self.tc, history, self.n_dead, rate)
+
+    def _init_from(self, it: Iterator) -> Iterator:
+        """Peek at batches until init_tokens, initialise from them, hand them back."""
+        seen, n = [], 0
+        while n < self.cfg.init_tokens:
+            batch = next(it, None)
+            if batch is None:
+                break
+            seen.append(batch)
+            n += batch.mlp_in.shape[0]
+        if not seen:
+            raise CltraceError("no training data: the batch stream is empty")
+        x = torch.cat([b.mlp_in for b in seen])[: self.cfg.init_tokens].to(self.device)
+        y = torch.cat([b.mlp_out for b in seen])[: self.cfg.init_tokens].to(self.device)
+        self.tc.init_from_sample(x, y)
+        self.initialised = True
+        return itertools.chain(seen, it)
+
+    def _log_metrics(self, m: StepMetrics, rate: float) -> None:
+        self._report_dead()
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        record = dict(m._asdict(), tokens_per_s=rate, dead=self.n_dead)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        directory = self.dist.checkpoint_dir(self.run_dir, self.step)
+        state = dict(step=self.step, tokens=self.tokens, train_config=self.cfg.to_dict(),
+                     data_position=dict(batches=self.step, tokens=self.tokens), n_dead=self.n_dead)
+        save_checkpoint(directory, self.tc, self.optimizer, state,
+                        extra={"last_active": self.last_active.cpu()})
+        self.dist.barrier()                                   # every shard is complete
+        if self.dist.is_main:
+            old = _pointer(self.run_dir)
+            atomic_write_json({"step": self.step, "dir": f"ckpt-{self.step:08d}"},
+                              self.run_dir / POINTER)
+            if old is not None and old != self.step:
+                shutil.rmtree(self.run_dir / f"ckpt-{old:08d}", ignore_errors=True)
+
+    def _resume(self) -> bool:
+        """Load the latest complete checkpoint; False when there is none."""
+        step = None if self.run_dir is None else _pointer(self.run_dir)
+        if step is None:
+            self.log("no checkpoint to resume from: starting fresh")
+            return False
+        directory = self.dist.checkpoint_dir(self.run_dir, step)
+        state, extra = load_checkpoint(directory, self.tc, self.optimizer)
+        saved = TrainConfig.from_dict(state["train_config"])
+        if saved != self.cfg:
+            diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
+                    if getattr(self.cfg, k) != v}
+            raise CltraceError(f"{directory}: the checkpoint was trained with other settings {diff}",
+                               hint="resume with the same options, or choose a new --out")
+        self.step, self.tokens, self.n_dead = state["step"], state["tokens"], state["n_dead"]
+        self.last_active = extra["last_active"].to(self.device)
+        self.initialised = True
+        self.log(f"resumed from step {self.step} ({self.tokens:,} tokens)")
+        return True
+
+    def _save_final(self) -> None:
+        full = self.dist.full_transcoder(self.tc)
+        if self.run_dir is None or full is None:
+            return
+        full.save(self.run_dir / "transcoder")
+        atomic_write_json(self.cfg.to_dict(), self.run_dir / "train_config.json")
+
+
+def _pointer(run_dir: Path) -> int | None:
+    path = run_dir / POINTER
+    if not path.exists():
+        return None
+    return int(read_json(path)["step"])
+
+
+def train(cfg: TrainConfig, batches: Iterable, n_layers: int, d_model: int,
+          run_dir: str | Path | None = None, *, resume: bool = False,
+          device: str | torch.device = "cpu", dist: Distributed | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Build a transcoder for (n_layers, d_model) from `cfg` and train it on `batches`
+    (under `dist`, this rank's shard of it; every rank iterates the same global batches)."""
+    dist = dist or Distributed()
+    torch.manual_seed(cfg.seed)
+    tc = dist.shard(Transcoder(cfg.transcoder_config(n_layers, d_model)).to(device))
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return Trainer(tc, cfg, run_dir, dist=dist, log=log).fit(batches, resume=resume)
+
+
+__all__ = ["Trainer", "TrainResult", "StepMetrics", "Distributed", "train", "lr_at", "lambda_s_at",
+           "synthetic_batches", "SyntheticBatch",
+           "resolve_precision", "make_optimizer"]
+
+
+class SyntheticBatch(NamedTuple):
+    mlp_in: Tensor   # [B, L, d]
+    mlp_out: Tensor  # [B, L, d]
+
+
+def synthetic_batches(n_layers: int, d_model: int, batch_size: int, n_batches: int | None = None,
+                      n_teacher: int = 64, active: int = 4, seed: int = 0) -> Iterator[SyntheticBatch]:
+    """A sparse linear teacher: x_l = codes_l · D_l + noise, y_t = Σ_{l ≤ t} codes_l · E_{l→t},
+    with `active` of `n_teacher` codes on per token and layer. Deterministic in `seed`;
+    a CLT with >= n_teacher features per layer can fit it almost exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    L, d = n_layers, d_model
+    D = torch.randn(L, n_teacher, d, generator=gen) / d ** 0.5 * 4
+    E = torch.randn(L, n_teacher, L, d, generator=gen) / (d * L) ** 0.5 * 4
+    E = E * torch.triu(torch.ones(L, L))[:, None, :, None]          # l -> t only for t >= l
+    for _ in itertools.count() if n_batches is None else range(n_batches):
+        scores = torch.rand(batch_size, L, n_teacher, generator=gen)
+        keep = scores >= scores.topk(active, dim=-1).values[..., -1:]
+        codes = keep * (1 + torch.rand(batch_size, L, n_teacher, generator=gen))
+        x = torch.einsum("blk,lkd->bld", codes, D) + 0.01 * torch.randn(batch_size, L, d, generator=gen)
+        y = torch.einsum("blk,lktd->btd", codes, E)
+        yield SyntheticBatch(x, y)

@@ -1,0 +1,129 @@
+"""Training: learns a sparse teacher; checkpoint + kill + resume follows the same trajectory."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from cltrace.errors import CltraceError
+from cltrace.transcoders.config import TrainConfig, preset
+from cltrace.transcoders.model import Transcoder
+from cltrace.transcoders.train import Trainer, lambda_s_at, lr_at, synthetic_batches, train
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+L, D = 3, 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: OpenMP threads only add latency (badly so on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(n_features=64, tokens=64 * 12, batch_size=64, lr=3e-3, lambda_s=3e-3,
+                init_tokens=128, checkpoint_every=0, log_every=4, dead_window_tokens=2000,
+                precision="fp32", lr_warmup_frac=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def data(n=None):
+    return synthetic_batches(L, D, 64, n_batches=n, n_teacher=16, active=3, seed=1)
+
+
+def test_learns_sparse_teacher(tmp_path):
+    cfg = config(tokens=64 * 120, log_every=20)
+    result = train(cfg, data(), L, D, tmp_path / "run")
+    first, last = result.history[0], result.history[-1]
+    assert first.nmse > 0.9 and last.nmse < 0.05
+    assert 0 < last.l0 < 64
+    back = Transcoder.load(tmp_path / "run" / "transcoder")          # final weights saved
+    x = next(data(1)).mlp_in
+    assert torch.allclose(back(x).recon, result.transcoder(x).recon, atol=1e-5)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == cfg.n_steps
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_after(batches, n):
+    """The batch stream of a process that dies (kill -9) while fetching batch n + 1."""
+    for i, batch in enumerate(batches):
+        if i == n:
+            raise Killed
+        yield batch
+
+
+def test_resume_follows_the_same_trajectory(tmp_path):
+    cfg = config(checkpoint_every=3)
+    torch.manual_seed(cfg.seed)
+    straight = train(cfg, data(), L, D, tmp_path / "a").transcoder
+
+    torch.manual_seed(cfg.seed)
+    tc = Transcoder(cfg.transcoder_config(L, D))
+    with pytest.raises(Killed):
+        Trainer(tc, cfg, tmp_path / "b").fit(killed_after(data(), 8))   # checkpoint at 6, dies at 8
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 6
+    torch.manual_seed(123)                                              # a fresh process
+    tc = Transcoder(cfg.transcoder_config(L, D))
+    trainer = Trainer(tc, cfg, tmp_path / "b")
+    resumed = trainer.fit(data(), resume=True).transcoder
+    assert trainer.step == cfg.n_steps
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+    assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*")) == ["ckpt-00000012"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = config(checkpoint_every=4, tokens=64 * 4)
+    train(cfg, data(), L, D, tmp_path / "run")
+    other = config(checkpoint_every=4, tokens=64 * 4, lr=1e-2)
+    with pytest.raises(CltraceError, match="other settings"):
+        train(other, data(), L, D, tmp_path / "run", resume=True)
+
+
+def test_schedules():
+    cfg = config(tokens=64 * 100, lr=1.0, lr_warmup_frac=0.1, lr_decay_frac=0.2,
+                 lambda_s=2.0, lambda_s_warmup_frac=0.5)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0) and lr_at(cfg, 50) == 1.0
+    assert lr_at(cfg, 90) == pytest.approx(0.5) and lr_at(cfg, 99) == pytest.approx(0.05)
+    assert lambda_s_at(cfg, 0) == 0 and lambda_s_at(cfg, 25) == pytest.approx(1.0)
+    assert lambda_s_at(cfg, 80) == 2.0
+
+
+def test_presets_and_checks():
+    assert preset("demo").model == "gemma-3-270m"
+    assert preset("demo", n_features=512).n_features == 512
+    with pytest.raises(CltraceError, match="unknown preset"):
+        preset("nope")
+    with pytest.raises(CltraceError):
+        config(tokens=10)   # less than one batch
+
+
+def test_empty_stream_is_a_clear_error():
+    with pytest.raises(CltraceError, match="empty"):
+        train(config(), iter([]), L, D)
+
+
+def test_dead_features_reported():
+    logs = []
+    cfg = config(tokens=64 * 12, dead_window_tokens=256)
+    trainer = Trainer(Transcoder(cfg.transcoder_config(L, D)), cfg, log=logs.append)
+    trainer.fit(data())
+    with torch.no_grad():
+        trainer.last_active.fill_(trainer.tokens)
+        trainer.last_active[1, :5] = trainer.tokens - 256       # silent for exactly the window
+    trainer.n_dead = 0
+    assert trainer.dead_features().sum() == 5
+    trainer._report_dead()
+    assert "5 dead features" in logs[-1] and "[0, 5, 0]" in logs[-1]

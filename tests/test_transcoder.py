@@ -1,0 +1,178 @@
+"""Transcoder math: the loss by hand, STE gradients, sparse == dense, raw-scale API, files."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from cltrace.errors import CltraceError
+from cltrace.transcoders.config import TranscoderConfig
+from cltrace.transcoders.model import JumpReLU, Transcoder
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def small(kind="clt", skip=False, activation="jumprelu", topk=None, L=3, d=8, F=32, seed=0):
+    torch.manual_seed(seed)
+    cfg = TranscoderConfig(n_layers=L, d_model=d, n_features=F, kind=kind, skip=skip,
+                           activation=activation, topk=topk, bandwidth=0.5)
+    tc = Transcoder(cfg)
+    x, y = torch.randn(96, L, d) * 3, torch.randn(96, L, d) * 0.5
+    tc.init_from_sample(x, y, fire_frac=0.1)
+    with torch.no_grad():  # move pre-activations off the exact threshold set by the init
+        tc.b_enc.add_(0.01 * torch.randn_like(tc.b_enc))
+        if skip:
+            tc.W_skip.normal_(0, 0.05)
+        tc.b_dec.normal_(0, 0.1)
+    return tc, x, y
+
+
+def test_loss_by_hand():
+    cfg = TranscoderConfig(n_layers=2, d_model=2, n_features=1, init_threshold=0.5)
+    tc = Transcoder(cfg)
+    with torch.no_grad():
+        tc.W_enc.copy_(torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]]]))
+        tc.b_enc.zero_()
+        tc.W_dec[0].copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))  # writes to layers 0 and 1
+        tc.W_dec[1].copy_(torch.tensor([[[3.0, 4.0]]]))
+        tc.b_dec.zero_()
+    x = torch.tensor([[[2.0, 0.0], [0.0, 0.25]]])   # pre = (2, 0.25); θ = 0.5: only layer 0 fires
+    y = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])    # recon = ([2, 0], [0, 2])
+    out = tc.loss(x, y, lambda_s=0.1, lambda_p=0.01, c=4.0)
+    assert out.mse.item() == pytest.approx(1.0 + 4.0)
+    assert out.sparsity.item() == pytest.approx(math.tanh(4 * math.sqrt(2) * 2))
+    assert out.preact.item() == pytest.approx((0.5 - 0.25) * 5.0)   # ReLU(θ - pre)·||W_dec||
+    assert out.loss.item() == pytest.approx(5 + 0.1 * math.tanh(8 * math.sqrt(2)) + 0.01 * 1.25)
+
+
+def test_jumprelu_ste_gradients():
+    torch.manual_seed(1)
+    eps = 0.4
+    z = torch.randn(200, 5, dtype=torch.float64)
+    log_theta = torch.full((5,), math.log(0.3), dtype=torch.float64, requires_grad=True)
+    c = torch.randn(200, 5, dtype=torch.float64)
+    zr = z.clone().requires_grad_()
+    theta = log_theta.exp()
+    (JumpReLU.apply(zr, theta, eps) * c).sum().backward()
+    assert torch.equal(zr.grad, c * (z > 0.3))                         # pass-through where active
+    window = ((z - 0.3).abs() < eps / 2).double()
+    expected_theta = (-(0.3 / eps) * window * c).sum(0)                # -(θ/ε) K((z-θ)/ε)
+    assert torch.allclose(log_theta.grad, expected_theta * 0.3)        # chain rule through exp
+
+    # The θ STE is the exact derivative of the smooth surrogate θ0 · H_ε(z - θ), where H_ε is
+    # the rectangle kernel's integral: compare with central finite differences.
+    def surrogate(t):
+        return (c * 0.3 * ((z - t) / eps + 0.5).clamp(0, 1)).sum(0)
+    h = 1e-6
+    fd = (surrogate(0.3 + h) - surrogate(0.3 - h)) / (2 * h)
+    assert torch.allclose(fd, expected_theta, atol=1e-5)
+    # z gradient away from θ equals finite differences of the true function
+    f = lambda zz: (zz * (zz > 0.3) * c).sum()
+    k = (z - 0.3).abs().argmax()
+    dz = torch.zeros_like(z).view(-1)
+    dz[k] = h
+    fd_z = (f(z + dz.view_as(z)) - f(z - dz.view_as(z))) / (2 * h)
+    assert fd_z.item() == pytest.approx(zr.grad.view(-1)[k].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind,skip,activation", [("clt", False, "jumprelu"), ("plt", True, "jumprelu"),
+                                                  ("clt", True, "topk")])
+def test_sparse_decode_matches_dense(kind, skip, activation):
+    grads, values = [], []
+    for density in (1.0, -1.0):   # always sparse, then always dense
+        tc, x, y = small(kind, skip, activation, topk=4 if activation == "topk" else None)
+        tc.sparse_max_density = density
+        out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2)
+        out.loss.backward()
+        values.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in tc.named_parameters()})
+    assert torch.allclose(values[0], values[1], rtol=1e-6)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_public_decode_sparse_and_dense_agree():
+    tc, x, _ = small()
+    out = tc(x)
+    acts = out.acts.detach().requires_grad_()
+    dense = tc.decode(acts)                  # wants grads w.r.t. acts: dense path
+    with torch.no_grad():
+        sparse = tc.decode(acts)
+    assert torch.allclose(dense, sparse, atol=1e-5)
+    assert torch.allclose(out.recon, sparse, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", True)])
+def test_raw_scale_accessors_reproduce_forward(kind, skip):
+    tc, x, _ = small(kind, skip)
+    with torch.no_grad():
+        out = tc(x)
+        L = tc.cfg.n_layers
+        recon = tc.decoder_bias().expand(x.shape[0], L, -1).clone()
+        for l in range(L):
+            pre = x[:, l] @ tc.encoder_weight(l) + tc.encoder_bias(l)
+            assert torch.allclose(pre, out.pre[:, l], atol=1e-4)
+            acts = pre * (pre > tc.threshold(l))
+            assert torch.allclose(acts, out.acts[:, l], atol=1e-4)
+            W = tc.decoder_weight(l)                     # [F, T, d]
+            recon[:, l:l + W.shape[1]] += torch.einsum("nf,ftd->ntd", acts, W)
+            if skip:
+                recon[:, l] += x[:, l] @ tc.skip_weight(l)
+        assert torch.allclose(recon, out.recon, atol=1e-4)
+        tc.fold_scales()
+        assert torch.allclose(tc(x).recon, out.recon, atol=1e-4)
+        assert torch.equal(tc.in_scale, torch.ones(L))
+
+
+def test_init_from_sample_sets_scales_and_firing_rate():
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(n_layers=2, d_model=16, n_features=64))
+    x, y = torch.randn(2000, 2, 16) * 7, torch.randn(2000, 2, 16) * 0.1
+    tc.init_from_sample(x, y, fire_frac=0.05)
+    xn = x * tc.in_scale[None, :, None]
+    assert torch.allclose(xn.norm(dim=-1).mean(0), torch.full((2,), 4.0), rtol=1e-4)
+    fired = (tc(x).acts > 0).float().mean()
+    assert 0.04 < fired < 0.06
+
+
+def test_topk_keeps_k():
+    tc, x, _ = small(activation="topk", topk=3)
+    acts = tc(x).acts
+    assert ((acts > 0).sum(-1) <= 3).all()
+    assert tc.threshold(0).abs().sum() == 0
+
+
+def test_save_load_roundtrip_and_errors(tmp_path):
+    tc, x, _ = small(skip=True)
+    tc.save(tmp_path / "tc")
+    back = Transcoder.load(tmp_path / "tc")
+    assert back.cfg == tc.cfg
+    assert torch.equal(back(x).recon, tc(x).recon)
+
+    cfg = json.loads((tmp_path / "tc" / "config.json").read_text())
+    cfg["d_model"] = 9
+    (tmp_path / "tc" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CltraceError, match="has shape .* the config needs"):
+        Transcoder.load(tmp_path / "tc")
+    (tmp_path / "tc" / "config.json").write_text("{not json")
+    with pytest.raises(CltraceError, match="not valid JSON"):
+        Transcoder.load(tmp_path / "tc")
+    tc.save(tmp_path / "tc")
+    (tmp_path / "tc" / "transcoder.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CltraceError, match="transcoder.safetensors"):
+        Transcoder.load(tmp_path / "tc")
+    with pytest.raises(CltraceError, match="no file"):
+        Transcoder.load(tmp_path / "missing")
+
+
+def test_config_checks():
+    with pytest.raises(CltraceError):
+        TranscoderConfig(n_layers=2, d_model=4, n_features=8, activation="topk")
+    with pytest.raises(CltraceError):
+        TranscoderConfig(n_layers=0, d_model=4, n_features=8)
+    with pytest.raises(CltraceError, match="unknown field"):
+        TranscoderConfig.from_dict({"n_layers": 2, "d_model": 4, "n_features": 8, "bogus": 1})
