@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", nargs="+", default=None, help="files or folders (default: the corpus)")
     p.add_argument("--tokens", type=int, default=12_192, help="tokens per throughput pass")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                   help="forward dtypes to time (the error table needs both)")
     p.add_argument("--error-contexts", type=int, default=32)
     p.add_argument("--disk-tokens", type=int, default=None, help="instead: harvest this many to --out")
     p.add_argument("--out", default=None)
@@ -133,18 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, "
           f"{len(docs)} documents")
     models, rows = {}, []
-    for dtype in (torch.float32, torch.bfloat16):
-        lm = models[dtype] = load_model(args.model, dtype=dtype)
-        name = str(dtype).removeprefix("torch.")
+    for name in args.dtypes:
+        lm = models[name] = load_model(args.model, dtype=getattr(torch, name))
         cfg = HarvestConfig(forward_dtype=name, buffer_tokens=4096)
         bare, harv = throughput(lm, docs, cfg, args.tokens, args.repeats)
         rows.append((name, bare, harv))
     print(f"\nthroughput, {args.tokens:,} tokens per pass, ctx 128 x batch 8, all "
-          f"{models[torch.float32].n_layers} layers' MLP in+out, best of {args.repeats}")
+          f"{lm.n_layers} layers' MLP in+out, best of {args.repeats}")
     print("dtype    | bare forward tok/s | harvest tok/s | ratio")
     for name, bare, harv in rows:
         print(f"{name:8s} | {bare:18,.0f} | {harv:13,.0f} | {harv / bare:.2f}")
-    print_error_table(bf16_error(models[torch.float32], models[torch.bfloat16], docs, args.error_contexts))
+    if len(models) == 2:
+        print_error_table(bf16_error(models["float32"], models["bfloat16"], docs, args.error_contexts))
 
 
 if __name__ == "__main__":

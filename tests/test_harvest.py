@@ -64,6 +64,14 @@ def test_documents_are_separated_by_eos(gemma):
     assert [t for c in contexts for t in c[1:]] == expect
 
 
+def test_models_without_bos_start_contexts_with_eos():
+    """SmolLM2-like: no BOS is added, so contexts start with the document separator (EOS)."""
+    lm = tiny_model("llama")
+    lm.__dict__["bos_token_id"] = None  # the cached property, as for a tokenizer adding none
+    contexts = list(iter_contexts(lm, make_docs(5), fp32_cfg(ctx_len=8)))
+    assert all(c[0] == EOS for c in contexts) and all(len(c) == 8 for c in contexts[:-1])
+
+
 def test_batches_hold_equal_length_contexts():
     contexts = [[1] * 8] * 5 + [[1] * 3]
     groups = list(batch_contexts(contexts, 2))
