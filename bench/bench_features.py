@@ -66,6 +66,7 @@ def load_pieces(args):
     from cltrace.transcoders.config import TranscoderConfig
     from cltrace.transcoders.model import Transcoder
 
+    torch.manual_seed(0)
     tc = Transcoder(TranscoderConfig(n_layers=lm.n_layers, d_model=lm.d_model, n_features=args.features))
     sample = lm.capture(lm.tokenize(" ".join(itertools.islice(documents(args), 3))[:4000]))
     tc.init_from_sample(sample.mlp_in[0, 1:].float(), sample.mlp_out[0, 1:].float(), fire_frac=args.fire_frac)
