@@ -1,0 +1,317 @@
+"""`cltrace demo`: from a fresh machine to a report of the paper's experiments and the viewer.
+
+Steps, each skipped when an earlier run already did it:
+
+1. the default model (dequantised once) and the corpus;
+2. a cross-layer transcoder trained with the `demo` preset;
+3. its feature store (top contexts, promoted tokens, labels) on held-out text;
+4. attribution graphs of the experiment prompts, pruned and saved for the viewer;
+5. the experiments of "On the Biology of a Large Language Model" as measured interventions:
+   two-hop recall with a country swap, the sport of an athlete, antonyms;
+6. a Markdown report with SVG figures, then the viewer on the demo graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cltrace import paths
+from cltrace.errors import CltraceError
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: a prompt, the answer we expect, and a contrast prompt for a swap.
+
+    Attributes:
+        name: short title.
+        prompt: traced and intervened on.
+        answer: the expected next token (with its leading space where the tokenizer has one).
+        swap_prompt: a prompt about another concept whose features are swapped in, or None.
+        swap_answer: the answer the swap should produce.
+        note: what the experiment shows in the paper.
+    """
+
+    name: str
+    prompt: str
+    answer: str
+    swap_prompt: str | None = None
+    swap_answer: str | None = None
+    note: str = ""
+
+
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment("Two-hop recall", "Fact: the currency of the country whose capital is Tokyo is the",
+               " yen", "Fact: the currency of the country whose capital is Paris is the", " euro",
+               "Tokyo → Japan → yen: the intermediate country features are swapped for France's."),
+    Experiment("Sport of an athlete", "Michael Jordan plays the sport of", " basketball",
+               "Tiger Woods plays the sport of", " golf",
+               "The athlete's features drive the sport; swapping in another athlete changes it."),
+    Experiment("Antonyms", 'The opposite of "hot" is "', "cold",
+               'The opposite of "big" is "', "small",
+               "An 'opposite' operation applied to the adjective's features."),
+)
+
+
+@dataclass
+class DemoConfig:
+    """What `cltrace demo` runs."""
+
+    model: str = "gemma-3-270m"            # bundled model name or transformers folder
+    preset: str = "demo"                   # training preset (see transcoders/config.py)
+    run: str | None = None                 # run folder; default <runs>/demo-<model>-clt
+    feature_tokens: int = 60_000           # held-out tokens scanned for the feature store
+    max_feature_nodes: int = 1024          # feature targets per graph
+    ablate_top: int = 10                   # features ablated in the ablation experiments
+    out: Path = field(default_factory=lambda: paths.home() / "demo")
+    serve: bool = True                     # start the viewer at the end
+    open_browser: bool = True
+    port: int = 8765
+    device: str = "cpu"
+
+    def run_dir(self) -> Path:
+        if self.run:
+            return Path(self.run)
+        slug = self.model.rstrip("/").split("/")[-1]
+        return paths.runs_dir() / f"demo-{slug}-clt"
+
+
+def step(title: str) -> None:
+    print(f"\n==> {title}", flush=True)
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run every step; return the report's path."""
+    from cltrace.cli import main as cli
+
+    start = time.perf_counter()
+    step(f"model {cfg.model} and corpus")
+    if cfg.model in _bundled():
+        from cltrace.models.bundled import ensure_model_dir
+
+        ensure_model_dir(cfg.model)
+    from cltrace.data.corpus import ensure_corpus
+
+    ensure_corpus()
+
+    run_dir = cfg.run_dir()
+    step(f"cross-layer transcoder ({cfg.preset} preset) in {run_dir}")
+    if (run_dir / "transcoder" / "config.json").exists():
+        print("already trained")
+    else:
+        args = ["train", "--preset", cfg.preset, "--model", cfg.model, "--out", str(run_dir),
+                "--device", cfg.device]
+        if (run_dir / "checkpoint.json").exists():
+            args.append("--resume")
+        _call(cli, args)
+
+    db = run_dir / "features.sqlite"
+    step(f"feature store ({cfg.feature_tokens:,} held-out tokens) in {db}")
+    _call(cli, ["features", str(run_dir), "--tokens", str(cfg.feature_tokens), "--db", str(db),
+                "--model", cfg.model])
+
+    report = write_report(cfg, run_dir, db)
+    print(f"\nreport: {report}  ({time.perf_counter() - start:.0f} s in all)")
+    if cfg.serve:
+        step("viewer")
+        from cltrace.viewer.backend import make_backend
+        from cltrace.viewer.server import ViewerConfig, serve
+        import argparse
+
+        backend = make_backend(argparse.Namespace(model=cfg.model, transcoder=str(run_dir / "transcoder"),
+                                                  features=str(db)))
+        serve(ViewerConfig(graph_dirs=[cfg.out / "graphs"], port=cfg.port,
+                           open_browser=cfg.open_browser), backend)
+    return report
+
+
+def _call(cli, args: list[str]) -> None:
+    code = cli(args)
+    if code:
+        raise CltraceError(f"`cltrace {' '.join(args)}` failed (exit {code})",
+                           "fix the error above and run `cltrace demo` again: finished steps are kept")
+
+
+def _bundled() -> set[str]:
+    from cltrace.models.bundled import BUNDLED
+
+    return set(BUNDLED)
+
+
+# -- experiments ------------------------------------------------------------------------------
+
+def write_report(cfg: DemoConfig, run_dir: Path, db: Path) -> Path:
+    """Trace every experiment, run its interventions, and write report.md with figures."""
+    from cltrace.commands.trace import load_transcoder
+    from cltrace.features.store import FeatureStore
+    from cltrace.interventions.steer import Steerer
+    from cltrace.models.loading import load_model
+
+    out = cfg.out
+    (out / "graphs").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    _, tc = load_transcoder(str(run_dir / "transcoder"), cfg.device)
+    lm = load_model(cfg.model, device=cfg.device)
+    store = FeatureStore(db) if db.exists() else None
+    steerer = Steerer(lm, tc)
+    sections = []
+    results = []
+    for exp in EXPERIMENTS:
+        step(f"experiment: {exp.name}")
+        section, data = run_experiment(exp, lm, tc, steerer, store, cfg)
+        sections.append(section)
+        results.append(data)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report = out / "report.md"
+    report.write_text(_header(cfg, run_dir, tc) + "\n\n".join(sections) + "\n")
+    return report
+
+
+def run_experiment(exp: Experiment, lm, tc, steerer, store, cfg: DemoConfig) -> tuple[str, dict]:
+    """Trace the prompt, ablate its top answer features, swap in the contrast concept."""
+    from cltrace.report.svg import before_after_bars
+
+    traced = trace_and_save(exp.prompt, lm, tc, cfg, slug=_slug(exp.name))
+    answer = _token_id(lm, exp.answer)
+    top = key_features(traced["graph"], answer, cfg.ablate_top)
+    lines = [f"## {exp.name}", "", f"*{exp.note}*", "",
+             f"Prompt: `{exp.prompt}` — expected answer `{exp.answer!r}`.", "",
+             _logit_table(traced, lm), "",
+             f"Graph: {traced['n_nodes']} nodes / {traced['n_edges']:,} edges before pruning, "
+             f"{traced['pruned_nodes']} nodes / {traced['pruned_links']:,} links after; "
+             f"replacement score {traced['scores']['unpruned'].replacement:.3f} "
+             f"(pruned {traced['scores']['pruned'].replacement:.3f}), completeness "
+             f"{traced['scores']['unpruned'].completeness:.3f} "
+             f"(pruned {traced['scores']['pruned'].completeness:.3f}); traced in {traced['seconds']:.1f} s. "
+             f"Open it in the viewer: `{traced['json'].name}`.", ""]
+    data: dict = {"name": exp.name, "prompt": exp.prompt, "answer": exp.answer,
+                  "graph": str(traced["json"]), "scores": {k: dataclasses.asdict(v) for k, v in traced["scores"].items()}}
+    if top:
+        lines += ["Features with the strongest direct effect on the answer's logit:", "",
+                  "| layer | position (token) | feature | activation | edge to answer | label |",
+                  "|---|---|---|---|---|---|"]
+        strings = traced["graph"].token_strings
+        for f in top:
+            label = store.label(f["layer"], f["feature"]) if store else ""
+            lines.append(f"| {f['layer']} | {f['pos']} ({strings[f['pos']]!r}) | {f['feature']} | "
+                         f"{f['activation']:.2f} | {f['edge']:+.3f} | {label or ''} |")
+        lines.append("")
+        ivs = _ablation(top)
+        res = steerer.run(exp.prompt, ivs, top_k=5, generate=8)
+        p0, p1 = res.prob(answer, after=False), res.prob(answer)
+        fig = before_after_bars(cfg.out / "figures" / f"{_slug(exp.name)}-ablation.svg",
+                                f"Ablating the top {len(ivs)} answer features",
+                                [exp.answer], [p0], [p1])
+        lines += [f"**Ablation** of these {len(ivs)} features (×0 at their positions): "
+                  f"P({exp.answer!r}) {p0:.3f} → {p1:.3f}. Top after: "
+                  + ", ".join(f"{t.token!r} {t.prob:.3f}" for t in res.after[:5]) + ".",
+                  f"Continuation before: {res.continuation_before!r}; after: {res.continuation_after!r}.",
+                  "", f"![ablation](figures/{fig.name})", ""]
+        data["ablation"] = {"features": [(f["layer"], f["pos"], f["feature"]) for f in top],
+                            "p_before": p0, "p_after": p1, "top_after": [t.token for t in res.after[:5]]}
+    if exp.swap_prompt:
+        lines += _swap_section(exp, lm, steerer, answer, cfg, data)
+    if "ablation" in data and data["ablation"]["p_after"] > 0.8 * data["ablation"]["p_before"]:
+        lines.append("*Honest note:* ablating these features barely moves the answer: the "
+                     "answer is carried elsewhere (error nodes or many small features) in this "
+                     "transcoder.")
+    return "\n".join(lines) + "\n", data
+
+
+def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, data: dict) -> list[str]:
+    from cltrace.report.svg import before_after_bars
+
+    target = _token_id(lm, exp.swap_answer)
+    res = steerer.swap(exp.prompt, exp.swap_prompt, top_k=5, generate=8)
+    pa0, pa1 = res.prob(answer, after=False), res.prob(answer)
+    pb0, pb1 = res.prob(target, after=False), res.prob(target)
+    fig = before_after_bars(cfg.out / "figures" / f"{_slug(exp.name)}-swap.svg",
+                            f"Swap in the features of: {exp.swap_prompt}",
+                            [exp.answer, exp.swap_answer], [pa0, pb0], [pa1, pb1])
+    data["swap"] = {"source_prompt": exp.swap_prompt, "n_interventions": len(res.interventions),
+                    "p_answer": [pa0, pa1], "p_swap_answer": [pb0, pb1],
+                    "top_after": [t.token for t in res.after[:5]]}
+    changed = res.after and res.after[0].token_id == target
+    verdict = ("the top answer changes to the other concept's" if changed else
+               "the top answer does not change to the other concept's")
+    return [f"**Swap** ({len(res.interventions)} interventions: features distinctive of this prompt "
+            f"suppressed, those distinctive of `{exp.swap_prompt}` injected at the last position): "
+            f"P({exp.answer!r}) {pa0:.3f} → {pa1:.3f}, P({exp.swap_answer!r}) {pb0:.3f} → {pb1:.3f}; "
+            f"{verdict}. Top after: " + ", ".join(f"{t.token!r} {t.prob:.3f}" for t in res.after[:5]) + ".",
+            f"Continuation after: {res.continuation_after!r}.", "", f"![swap](figures/{fig.name})", ""]
+
+
+def trace_and_save(prompt: str, lm, tc, cfg: DemoConfig, slug: str) -> dict:
+    """Attribute, prune, score and save one prompt's graph (full + viewer JSON)."""
+    from cltrace.attribution.export import to_frontend_json, write_json
+    from cltrace.attribution.graph import AttributionConfig, attribute
+    from cltrace.attribution.prune import graph_scores, prune
+
+    start = time.perf_counter()
+    graph = attribute(lm, tc, prompt, AttributionConfig(max_feature_nodes=cfg.max_feature_nodes),
+                      transcoder_id=cfg.run_dir().name)
+    seconds = time.perf_counter() - start
+    pruned = prune(graph, 0.8, 0.98)
+    scores = {"unpruned": graph_scores(graph), "pruned": graph_scores(graph, pruned.node_mask)}
+    path = cfg.out / "graphs" / f"{slug}.json"
+    strings = dict(zip(graph.logit_tokens.tolist(), lm.token_strings(graph.logit_tokens.tolist())))
+    doc = to_frontend_json(graph, pruned, slug=slug, logit_strings=strings, scores=scores,
+                           node_threshold=0.8, edge_threshold=0.98)
+    write_json(doc, path)
+    graph.save(path.with_name(slug + ".graph.safetensors"))
+    return {"graph": graph, "json": path, "scores": scores, "seconds": seconds,
+            "n_nodes": graph.n_nodes, "n_edges": int((graph.adjacency != 0).sum()),
+            "pruned_nodes": len(doc["nodes"]), "pruned_links": len(doc["links"]), "strings": strings}
+
+
+def key_features(graph, answer_id: int, k: int) -> list[dict]:
+    """The k active features with the largest positive direct edge into the answer's logit."""
+    import torch
+
+    logits = graph.logit_tokens.tolist()
+    if answer_id not in logits:
+        return []
+    row = graph.adjacency[graph.logit_offset + logits.index(answer_id), :graph.n_features]
+    vals, idx = torch.topk(row, min(k, graph.n_features))
+    nodes = graph.nodes
+    return [{"layer": int(nodes.layer[i]), "pos": int(nodes.pos[i]), "feature": int(nodes.feature[i]),
+             "activation": float(nodes.activation[i]), "edge": float(v)}
+            for v, i in zip(vals.tolist(), idx.tolist()) if v > 0]
+
+
+def _ablation(features: list[dict]):
+    from cltrace.interventions.steer import Intervention
+
+    return [Intervention(f["layer"], f["feature"], (f["pos"],), "scale", 0.0) for f in features]
+
+
+def _logit_table(traced: dict, lm) -> str:
+    g = traced["graph"]
+    cells = [f"{traced['strings'][t]!r} {p:.3f}" for t, p in zip(g.logit_tokens.tolist(),
+                                                                 g.logit_probabilities.tolist())]
+    return "Top next tokens: " + ", ".join(cells) + "."
+
+
+def _token_id(lm, text: str) -> int:
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return int(ids[0])
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _header(cfg: DemoConfig, run_dir: Path, tc) -> str:
+    c = tc.cfg
+    metrics = ""
+    eval_path = run_dir / "eval.json"
+    if eval_path.exists():
+        metrics = f"\nEvaluation of the transcoder: see `{eval_path}`.\n"
+    return (f"# cltrace demo report\n\nModel `{cfg.model}`; transcoder `{run_dir.name}` "
+            f"({c.kind.upper()}, {c.n_layers} layers × {c.n_features} features, preset `{cfg.preset}`)."
+            f"\n{metrics}\nEvery number below was measured by this run. Graphs are in "
+            f"`{cfg.out / 'graphs'}`; `cltrace serve --graphs {cfg.out / 'graphs'}` browses them.\n\n")
