@@ -82,7 +82,8 @@ def main() -> None:
           f"bf16 {bf16 / 1e9:.0f} GFLOP/s, fp32 {fp32 / 1e9:.0f} GFLOP/s")
     runs = [("demo CLT 18x2048", 2048, 1024, False)]
     if not args.quick:
-        runs += [("demo CLT 18x2048", 2048, 1024, True), ("CLT 18x4096", 4096, 1024, False)]
+        runs += [("demo CLT 18x2048", 2048, 1024, True), ("CLT 18x4096", 4096, 1024, False),
+                 ("CLT 18x4096", 4096, 1024, True)]
     print(f"{'config':<18} {'batch':>5} {'decode':>6} {'tok/s':>7} {'s/step':>7} {'L0':>6} "
           f"{'GFLOP/s':>8} {'of bf16':>7}")
     for name, F, batch, dense in runs:

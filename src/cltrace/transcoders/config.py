@@ -155,16 +155,23 @@ class TrainConfig:
         return _from_dict(cls, data, "train config")
 
 
-# Presets. Costs measured on this 2-core CPU (see bench/bench_train.py):
-#   demo   gemma-3-270m, 18 x 2048 CLT, 300k tokens: harvest ~3 min + training ~10 min.
-#   small  gemma-3-270m, 18 x 4096 CLT, 2M tokens: hours on this CPU; minutes on one GPU.
-#   paper  18 x 16384 CLT, 50M tokens: GPU only.
+# Presets. Step costs measured with bench/bench_train.py on the 2-vCPU dev machine (AMD EPYC
+# with AVX512-bf16, no AMX; shared with other jobs, so ±50% between runs):
+#   18 x 2048 CLT, batch 1024: 13-30 s/step (35-76 tokens/s), sparse and dense decode alike.
+#   18 x 4096 CLT, batch 1024: 18-36 s/step (28-57 tokens/s).
+# So on this CPU:
+#   demo     gemma-3-270m, 18 x 1024 CLT, 50k tokens: sized for harvest + training within
+#            ~15 minutes on 2 cores; enough to exercise the pipeline, not a good transcoder.
+#   small    18 x 4096, 2M tokens: ~20 h on this CPU; minutes on one GPU.
+#   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(model="gemma-3-270m", n_features=2048, tokens=300_000, batch_size=1024),
+    "demo": dict(model="gemma-3-270m", n_features=1024, tokens=50_000, batch_size=1024, lr=1e-3,
+                 lambda_s_warmup_frac=0.5, dead_window_tokens=20_000, checkpoint_every=10),
     "small": dict(model="gemma-3-270m", n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(model="gemma-3-270m", n_features=16384, tokens=50_000_000, batch_size=4096,
                   dead_window_tokens=10_000_000, checkpoint_every=500),
-    "smollm2": dict(model="smollm2-135m", n_features=2048, tokens=300_000, batch_size=1024),
+    "smollm2": dict(model="smollm2-135m", n_features=1024, tokens=50_000, batch_size=1024, lr=1e-3,
+                    lambda_s_warmup_frac=0.5, dead_window_tokens=20_000, checkpoint_every=10),
 }
 
 

@@ -13,7 +13,7 @@ BOS attention sink the transcoder never saw) replaced by the transcoder's recons
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -164,4 +164,4 @@ def report(act: ActivationMetrics, rep: ReplacementMetrics | None = None) -> str
 
 
 __all__ = ["ActivationMetrics", "ReplacementMetrics", "evaluate_activations", "evaluate_replacement",
-           "replacement_patch", "zero_patch", "report", "asdict"]
+           "replacement_patch", "zero_patch", "report"]
