@@ -165,8 +165,8 @@ class TrainConfig:
 #   small    18 x 4096, 2M tokens: ~20 h on this CPU; minutes on one GPU.
 #   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(model="gemma-3-270m", n_features=1024, tokens=50_000, batch_size=1024, lr=1e-3,
-                 lambda_s_warmup_frac=0.5, dead_window_tokens=20_000, checkpoint_every=10),
+    "demo": dict(model="gemma-3-270m", n_features=1024, tokens=120_000, batch_size=2048, lr=2e-3,
+                 lambda_s_warmup_frac=0.5, dead_window_tokens=40_000, checkpoint_every=10),
     "small": dict(model="gemma-3-270m", n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(model="gemma-3-270m", n_features=16384, tokens=50_000_000, batch_size=4096,
                   dead_window_tokens=10_000_000, checkpoint_every=500),
