@@ -18,7 +18,9 @@ def register(subparsers) -> None:
                    help="tokens for the replacement-model metrics (0: skip them)")
     p.add_argument("--model", default=None, help="language model (default: the one the transcoder was trained on)")
     p.add_argument("--split", default="heldout", help="corpus split to evaluate on")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--text", nargs="+", metavar="PATH", default=None,
+                   help="evaluate on your own text files, folders or JSONL instead of the corpus")
+    p.add_argument("--json", default=None, help="where to write the metrics (default: RUN/eval.json)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=run)
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         batches = ActivationStore(args.store).iter_batches(1024, shuffle=False)
     else:
         model, hcfg = _model(model_name, device)
-        batches = _harvest(model, hcfg, args.split, args.tokens)
+        batches = _harvest(model, hcfg, args.split, args.tokens, args.text)
     act = evaluate_activations(tc, batches, max_tokens=args.tokens)
     rep = None
     if args.replacement_tokens:
@@ -58,14 +60,18 @@ def run(args: argparse.Namespace) -> int:
         from cltrace.activations.harvest import iter_contexts
         from cltrace.data.corpus import iter_documents
 
-        ctxs = iter_contexts(model, iter_documents(args.split), hcfg)
+        ctxs = iter_contexts(model, iter_documents(args.split, paths=args.text), hcfg)
         n_ctx = max(1, args.replacement_tokens // (hcfg.ctx_len - 2))
         ctxs = [c for c in itertools.islice(ctxs, n_ctx) if len(c) == hcfg.ctx_len]
         token_batches = [torch.tensor(ctxs[i:i + 8]) for i in range(0, len(ctxs), 8)]
+        if not token_batches:
+            raise CltraceError(f"the text holds no full {hcfg.ctx_len}-token context for the replacement metrics",
+                               hint="give more text, or --replacement-tokens 0")
         rep = evaluate_replacement(tc, model, token_batches)
     print(report(act, rep))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"activations": asdict(act),
+    out = Path(args.json) if args.json else (run_dir / "eval.json" if run_dir.is_dir() else None)
+    if out is not None:
+        out.write_text(json.dumps({"activations": asdict(act),
                                                "replacement": asdict(rep) if rep else None}, indent=2))
     return 0
 
@@ -81,8 +87,8 @@ def _model(name, device):
     return load_model(name, device=device, dtype=hcfg.torch_forward_dtype(device)), hcfg
 
 
-def _harvest(model, hcfg, split, tokens):
+def _harvest(model, hcfg, split, tokens, paths=None):
     from cltrace.activations.harvest import iter_activation_batches
     from cltrace.data.corpus import iter_documents
 
-    return iter_activation_batches(model, iter_documents(split), hcfg, batch_tokens=1024, max_tokens=tokens)
+    return iter_activation_batches(model, iter_documents(split, paths=paths), hcfg, batch_tokens=1024, max_tokens=tokens)

@@ -164,7 +164,8 @@ class Trainer:
 
     def train_step(self, x: Tensor, y: Tensor) -> StepMetrics:
         cfg, tc = self.cfg, self.tc
-        x, y = self.dist.local_batch(x.to(self.device), y.to(self.device))
+        # stored activations may be bf16; the master copy of the math is float32
+        x, y = self.dist.local_batch(x.to(self.device, torch.float32), y.to(self.device, torch.float32))
         lr, lam = lr_at(cfg, self.step), lambda_s_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
