@@ -223,7 +223,8 @@ def _block0_input(lm: LoadedModel, fn: Callable[[Tensor], Tensor]) -> Iterator[N
 
 
 def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | None = None,
-                    record_frozen: bool = False, length: int | None = None) -> ReplacementForward:
+                    record_frozen: bool = False, length: int | None = None,
+                    autocast_dtype: torch.dtype | None = None) -> ReplacementForward:
     """Run the real model on `tokens` (or its first `length` tokens) with the freezes installed.
 
     Args:
@@ -232,6 +233,7 @@ def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | 
         skip: the transcoder's skip term per layer (kept live in the graph), or None.
         record_frozen: also keep every attention pattern and norm scale (for `run_frozen`).
         length: run only this prefix of the prompt (targets before it see the same model).
+        autocast_dtype: run under autocast in this dtype (a faster, approximate backward).
     Returns:
         The live tensors (roots and leaves) and their detached values.
     """
@@ -270,7 +272,9 @@ def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | 
     fwd += [(lm.adapter.final_norm(lm.model), keep_final)]
     tokens = tokens.reshape(-1)[:length]
     batch = tokens.reshape(1, -1).to(lm.device)
-    with torch.enable_grad(), frozen_attention(record=record), lm.hooks(fwd), \
+    autocast = (torch.autocast(lm.device.type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+    with torch.enable_grad(), autocast, frozen_attention(record=record), lm.hooks(fwd), \
             _block0_input(lm, leaf_embed):
         lm.model.base_model(input_ids=batch, use_cache=False)
 

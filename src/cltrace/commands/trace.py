@@ -14,24 +14,25 @@ def register(subparsers) -> None:
     p.add_argument("--transcoder", required=True, metavar="RUN",
                    help="transcoder: a run name under the runs folder, or a directory")
     p.add_argument("--model", default=None,
-                   help="model name or path (default: the one the transcoder was trained on)")
+                   help="model name or path; None: the model the transcoder was trained on")
     p.add_argument("--max-feature-nodes", type=int, default=4096,
                    help="feature targets visited, most influential first (0: only logits)")
     p.add_argument("--output-target", action="append", default=None, metavar="TOKEN",
                    help="attribute this output token instead of the top logits (repeatable; "
                         "must be a single token, e.g. ' Austin' with its leading space)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="targets per backward pass (default: from free memory)")
+                   help="targets per backward pass; None: chosen from free memory")
     p.add_argument("--node-threshold", type=float, default=0.8,
                    help="keep the nodes carrying this fraction of influence on the logits")
     p.add_argument("--edge-threshold", type=float, default=0.98,
                    help="keep the edges carrying this fraction of influence")
-    p.add_argument("--bf16-edges", action="store_true",
-                   help="read edges with bfloat16 matmuls (faster on CPUs with AMX, ~3 digits)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 backward passes and edge read-out: about 1.6x faster on CPUs "
+                        "with AMX, edges accurate to about 1%% instead of exact")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=None, metavar="PATH",
-                   help="pruned JSON path (default: <graphs folder>/<slug>.json); the full graph "
-                        "is written next to it as <slug>.graph.safetensors")
+                   help="pruned JSON path; None: <graphs folder>/<slug of the prompt>.json. The "
+                        "full graph is written next to it as <slug>.graph.safetensors")
     p.add_argument("--open", action="store_true", help="open the viewer on the graphs folder")
     p.set_defaults(func=run)
 
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     targets = None if not args.output_target else tuple(single_token(lm, t) for t in args.output_target)
     cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
                             output_targets=targets,
-                            edge_dtype="bfloat16" if args.bf16_edges else "float32")
+                            edge_dtype="bfloat16" if args.bf16 else "float32",
+                            backward_dtype="bfloat16" if args.bf16 else "float32")
     start = time.perf_counter()
     graph = attribute(lm, transcoder, args.prompt, cfg, transcoder_id=tc_dir.name)
     seconds = time.perf_counter() - start
