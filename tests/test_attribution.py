@@ -59,7 +59,7 @@ def frozen_reference(lm, tc, tokens, zero_bos: bool):
     """The pieces an independent check needs: frozen cache, taps, features, skip."""
     skip = skip_function(tc)
     fwd = run_replacement(lm, tokens, skip=skip, record_frozen=True)
-    zero_first = zero_bos and int(tokens[0]) == lm.bos_token_id
+    zero_first = zero_bos and int(tokens[0]) in lm.tokenizer.all_special_ids
     feats = find_active_features(tc, fwd, skip, zero_first)
     rest = fwd.mlp_out_values.clone()                      # [n, L, d]: y - skip(x_true)
     if skip is not None:
@@ -227,6 +227,12 @@ def test_partial_graph_visits_most_influential_features_first():
     part = attribute(lm, tc, PROMPT, AttributionConfig(max_feature_nodes=12, batch_size=4,
                                                        update_interval=1, progress=False))
     assert part.n_features == 12 and full.n_features > 12
+    # the first batch is the 4 features with the largest direct influence on the logits
+    from cltrace.attribution.prune import normalize_rows
+    logit_rows = normalize_rows(full.adjacency[full.logit_offset:])
+    direct = (full.logit_probabilities @ logit_rows)[:full.n_features]
+    top4 = set(torch.argsort(direct, descending=True)[:4].tolist())
+    assert top4 <= set(part.selected_features.tolist())
     # the rows that were computed are exact: same edges as in the full graph
     sel = part.selected_features
     full_cols = torch.cat([sel, torch.arange(full.n_features, full.n_nodes)])

@@ -2,7 +2,7 @@
 
 ``attribute(lm, transcoder, prompt, cfg) -> Graph`` (METHOD.md §3):
 
-1. one batched forward of the local replacement model (`replacement.run_replacement`);
+1. one forward of the local replacement model (`replacement.run_replacement`, batch 1);
 2. transcoder activations from the recorded MLP inputs; active features, error vectors
    ``e_l = y_l - ŷ_l`` (``ŷ`` includes ``b_dec`` and the skip term), embeddings;
 3. logit targets: the top tokens until `desired_logit_prob` (at most `max_n_logits`) or the
@@ -10,8 +10,8 @@
    injected at the final-norm output of the last position (pre-softcap logits);
 4. backward passes: a batch of targets injects each target's direction (feature: its
    encoder column at (layer, pos); logit: as above) as the gradient of its input in one row
-   of the batch; one backward through the frozen model per batch (the forward is reused),
-   and the edges of every source are read at the gradient taps:
+   of the batch; one (vmapped) backward through the frozen model per batch, reusing the
+   forward, and the edges of every source are read at the gradient taps:
    ``A[t, feature s] = a_s Σ_{l_s<=l<l_t} W_dec[s, l_s→l] · g_t(l, pos_s)``,
    ``A[t, error (l,p)] = e_l[p] · g_t(l, p)``, ``A[t, token p] = x_0[p] · g_t(embed, p)``.
    Feature targets are visited in order of their current estimated influence on the logits
@@ -36,7 +36,8 @@ Speed (the backward passes are nearly all the cost):
 
 Bias terms: a target's value = Σ incoming edges + a constant that no node carries: its own
 encoder bias, decoder biases ``b_dec``, norm/attention biases, and — with `zero_bos` — the
-MLP outputs at the BOS position (circuit-tracer's default: no features or error at BOS).
+MLP outputs at position 0 when it is BOS or another special token (circuit-tracer: no features
+or error there).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class AttributionConfig:
     update_interval: int = 16                 # batches between re-rankings of feature influence
                                               # (circuit-tracer: 4 batches of 512 on a GPU)
     prefix_buckets: int = 8                   # prompt prefixes with their own forward (1: none)
-    zero_bos: bool = True                     # no features / error at a leading BOS (circuit-tracer)
+    zero_bos: bool = True                     # no features / error at a leading BOS or other
+                                              # special token (circuit-tracer's default)
     edge_dtype: Literal["float32", "bfloat16"] = "float32"  # precision of the edge read-out matmuls
     backward_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast backward,
                                               # ~2x faster with AMX, edges to ~1% (not exact)
@@ -573,6 +575,14 @@ def prepare_tokens(lm: LoadedModel, prompt: str | Sequence[int] | Tensor) -> Int
     return tokens
 
 
+def starts_with_special(lm: LoadedModel, tokens: Tensor) -> bool:
+    """Is the first token BOS or another special token (circuit-tracer's zero_bos rule)?"""
+    special = set(getattr(lm.tokenizer, "all_special_ids", None) or [])
+    if lm.bos_token_id is not None:
+        special.add(int(lm.bos_token_id))
+    return int(tokens[0]) in special
+
+
 def check_transcoder(lm: LoadedModel, transcoder) -> None:
     """The transcoder must have been made for this model's shape."""
     cfg = transcoder.cfg
@@ -632,12 +642,13 @@ def attribute(lm: LoadedModel, transcoder, prompt: str | Sequence[int] | Tensor,
     forwards = PrefixForwards(lm, tokens, skip, cfg.prefix_buckets,
                               torch.bfloat16 if cfg.backward_dtype == "bfloat16" else None)
     fwd = forwards.full                                        # its values define the graph
-    zero_first = cfg.zero_bos and lm.bos_token_id is not None and int(tokens[0]) == lm.bos_token_id
+    zero_first = cfg.zero_bos and starts_with_special(lm, tokens)
     feats = find_active_features(transcoder, fwd, skip, zero_first)
     logits = logit_targets(lm, fwd.final_values[-1], cfg)
     n_feat_targets = feats.n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, feats.n)
     dtype = torch.bfloat16 if cfg.edge_dtype == "bfloat16" else torch.float32
     reader = EdgeReader(feats, fwd.embed_values, dtype)
+    feats.decoders = [None] * L                                # the reader holds a scaled copy
     _check_memory(n_feat_targets + len(logits.tokens), reader.n_sources, n, free)
     state = _Traversal(reader.n_sources, n_feat_targets + len(logits.tokens), lm.device)
     bar = progress(total=n_feat_targets + len(logits.tokens), desc="attribution", unit="node",
