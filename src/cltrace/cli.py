@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cltrace import __version__
@@ -50,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory; use a shorter prompt, fewer tokens or a smaller batch",
+              file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug: say so in one line, keep the traceback for reports
+        if os.environ.get("CLTRACE_DEBUG"):
+            raise
+        print(f"internal error: {type(err).__name__}: {err}\n  hint: this is a bug in cltrace; "
+              "rerun with CLTRACE_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

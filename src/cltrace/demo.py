@@ -277,7 +277,7 @@ def key_features(graph, answer_id: int, k: int) -> list[dict]:
         return []
     row = graph.adjacency[graph.logit_offset + logits.index(answer_id), :graph.n_features]
     vals, idx = torch.topk(row, min(k, graph.n_features))
-    nodes = graph.nodes
+    nodes = graph.nodes()
     return [{"layer": int(nodes.layer[i]), "pos": int(nodes.pos[i]), "feature": int(nodes.feature[i]),
              "activation": float(nodes.activation[i]), "edge": float(v)}
             for v, i in zip(vals.tolist(), idx.tolist()) if v > 0]
