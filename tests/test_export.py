@@ -7,7 +7,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 
 from cltrace.attribution.export import (NEURONPEDIA_GRAPH_SCHEMA, to_frontend_json, validate,
                                         write_json)

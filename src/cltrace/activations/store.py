@@ -12,7 +12,8 @@ So every shard depends only on the corpus, the model, the config and its index, 
 interrupted harvest resumes by skipping the contexts of its complete shards (tokenising
 them again, but not running the model) and produces the same store as an uninterrupted run.
 
-Crash safety: a shard is written to `*.tmp`, flushed and renamed; then the manifest is
+Crash safety: a shard is written to a temporary file, flushed and renamed (leftovers of a
+killed run are removed on restart); then the manifest is
 rewritten the same way. A shard counts only if the manifest lists it with the right size
 and sha256; on restart anything else is regenerated.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from cltrace.activations.buffer import ActivationBatch, ShuffleBuffer, rebatch
 from cltrace.activations.harvest import (HarvestConfig, check_model, iter_contexts,
                                          iter_token_rows, limit_contexts, require_contexts)
 from cltrace.errors import CltraceError
+from cltrace.io import atomic_save_tensors, atomic_write_bytes
 from cltrace.models.loading import LoadedModel
 from cltrace.progress import progress
 
@@ -83,7 +84,7 @@ class Manifest:
 
     def save(self, folder: Path) -> None:
         data = asdict(self) | {"n_tokens": self.n_tokens}
-        _atomic_write(folder / MANIFEST, json.dumps(data, indent=1).encode())
+        atomic_write_bytes(folder / MANIFEST, json.dumps(data, indent=1).encode())
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
@@ -102,16 +103,6 @@ class Manifest:
         data.pop("n_tokens", None)
         data["shards"] = [ShardRecord(**s) for s in data["shards"]]
         return cls(**data)
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write via a temporary file, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -159,6 +150,8 @@ def write_store(model: LoadedModel, documents: Iterable[str], out: Path | str, n
     check_model(model, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.tmp"), *out.glob(".*.tmp")]:  # left by a killed run
+        stale.unlink(missing_ok=True)
     manifest = _start_or_resume(out, _new_manifest(model, cfg, n_tokens, shard_tokens, corpus))
     if manifest.n_tokens < n_tokens:
         contexts = require_contexts(iter_contexts(model, documents, cfg))
@@ -247,15 +240,10 @@ def _write_next_shard(model: LoadedModel, contexts: Iterator[list[int]], cfg: Ha
 
 
 def _save_shard(out: Path, index: int, acts: ActivationBatch, ctx_start: int, ctx_stop: int) -> ShardRecord:
-    from safetensors.torch import save_file
 
     name = f"shard_{index:05d}.safetensors"
-    tmp = out / (name + ".tmp")
-    save_file({"mlp_in": acts.mlp_in.contiguous(), "mlp_out": acts.mlp_out.contiguous()}, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / name)
-    path = out / name
+    path = atomic_save_tensors({"mlp_in": acts.mlp_in.contiguous(),
+                                "mlp_out": acts.mlp_out.contiguous()}, out / name)
     return ShardRecord(file=name, n_tokens=acts.n_tokens, bytes=path.stat().st_size,
                        sha256=_sha256(path), context_start=ctx_start, context_stop=ctx_stop)
 

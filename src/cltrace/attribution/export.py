@@ -17,14 +17,12 @@ written here from that structure, with short descriptions of our own.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from cltrace.attribution.graph import Graph
+from cltrace.io import atomic_write_json
 from cltrace.attribution.prune import GraphScores, PruneResult
 
 FEATURE_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
@@ -194,14 +192,4 @@ def validate(document: Mapping[str, Any], schema: Mapping[str, Any] | None = Non
 
 def write_json(document: Mapping[str, Any], path: str | Path) -> Path:
     """Write `document` to `path` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, ensure_ascii=False, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_json(dict(document), path, compact=True)

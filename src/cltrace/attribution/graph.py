@@ -45,8 +45,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -220,19 +218,10 @@ class Graph:
 
     def save(self, path: str | Path) -> Path:
         """Write the graph to `path` (safetensors, metadata as JSON in the header), atomically."""
-        from safetensors.torch import save_file
+        from cltrace.io import atomic_save_tensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(self._tensors(), tmp, metadata={"cltrace_graph": json.dumps(self._meta())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_save_tensors(self._tensors(), path,
+                                   metadata={"cltrace_graph": json.dumps(self._meta())})
 
     @classmethod
     def load(cls, path: str | Path) -> "Graph":

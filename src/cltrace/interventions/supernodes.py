@@ -21,9 +21,7 @@ agglomerative clustering that merges while the best pair's similarity is ≥ `th
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cltrace.interventions.steer import Intervention, Mode
+from cltrace.io import atomic_write_json
 
 SIDECAR_SUFFIX = ".supernodes.json"   # same as the viewer's (viewer/graphs.py)
 FEATURE_TYPES = {"cross layer transcoder", "feature"}  # Neuronpedia JSON / Graph node types
@@ -102,14 +101,9 @@ def load_supernodes(path: str | Path) -> list[Supernode]:
 
 def save_supernodes(graph_path: str | Path, groups: Sequence[Supernode], graph_name: str | None = None) -> Path:
     """Write groups atomically beside the graph, in the viewer's sidecar format."""
-    target = sidecar_path(graph_path)
     name = graph_name or Path(graph_path).name.removesuffix(".json")
-    payload = json.dumps({"graph": name, "supernodes": [g.to_dict() for g in groups]}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".supernodes-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(payload)
-    os.replace(tmp, target)
-    return target
+    return atomic_write_json({"graph": name, "supernodes": [g.to_dict() for g in groups]},
+                             sidecar_path(graph_path), indent=1)
 
 
 # -- automatic grouping --------------------------------------------------------------------

@@ -16,42 +16,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cltrace.errors import CltraceError
-
-
-def _atomic_replace(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
-                        metadata: dict[str, str] | None = None) -> None:
-    _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def atomic_write_json(data: Any, path: Path) -> None:
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
-    _atomic_replace(Path(path), write)
+from cltrace.io import atomic_save_tensors, atomic_write_json  # noqa: F401  (re-exported)
 
 
 def read_json(path: Path) -> Any:

@@ -9,14 +9,13 @@ inside its folder.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cltrace.io import atomic_write_json
 from cltrace.viewer.backend import GraphRef
 
 SIDECAR_SUFFIX = ".supernodes.json"
@@ -119,13 +118,8 @@ class GraphStore:
 
     def write_supernodes(self, graph: GraphRef, groups: list[dict]) -> Path:
         """Save groups atomically next to the graph (`<name>.supernodes.json`)."""
-        sidecar = sidecar_path(graph.path)
-        payload = json.dumps({"graph": graph.name, "supernodes": groups}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=sidecar.parent, prefix=".supernodes-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(payload)
-        os.replace(tmp, sidecar)
-        return sidecar
+        return atomic_write_json({"graph": graph.name, "supernodes": groups},
+                                 sidecar_path(graph.path), indent=1)
 
     @staticmethod
     def _inside(path: Path, folder: Path) -> bool:
