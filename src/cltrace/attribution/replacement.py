@@ -249,26 +249,17 @@ def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | 
         state["embed"] = h.detach().requires_grad_(True)
         return state["embed"]
 
-    def keep_in(layer: int):
-        def hook(_m, _i, output):
-            mlp_in[layer] = output
-        return hook
-
-    def tap_out(layer: int):
-        def hook(_m, _i, output):
-            live = skip(layer, mlp_in[layer]) if skip is not None else None
-            outs[layer] = output.detach()
-            rest = output.detach() if live is None else (output - live).detach()
-            taps[layer] = rest.requires_grad_(True)
-            return taps[layer] if live is None else taps[layer] + live
-        return hook
+    def tap_out(layer: int, output: Tensor) -> Tensor:
+        live = skip(layer, mlp_in[layer]) if skip is not None else None
+        outs[layer] = output.detach()
+        rest = output.detach() if live is None else (output - live).detach()
+        taps[layer] = rest.requires_grad_(True)
+        return taps[layer] if live is None else taps[layer] + live
 
     def keep_final(_m, _i, output):
         state["final"] = output
 
-    fwd = _frozen_norm_hooks(lm, record=record)
-    fwd += [(lm.adapter.mlp_in_module(b), keep_in(l)) for l, b in enumerate(lm.blocks)]
-    fwd += [(lm.adapter.mlp_out_module(b), tap_out(l)) for l, b in enumerate(lm.blocks)]
+    fwd = _frozen_norm_hooks(lm, record=record) + lm.mlp_hooks(mlp_in.__setitem__, tap_out)
     fwd += [(lm.adapter.final_norm(lm.model), keep_final)]
     tokens = tokens.reshape(-1)[:length]
     batch = tokens.reshape(1, -1).to(lm.device)
@@ -305,22 +296,13 @@ def run_frozen(lm: LoadedModel, tokens: Int[Tensor, "pos"], frozen: FrozenCache,
     mlp_in: list[Tensor | None] = [None] * L
     state: dict[str, Tensor] = {}
 
-    def keep_in(layer: int):
-        def hook(_m, _i, output):
-            mlp_in[layer] = output
-        return hook
-
-    def set_out(layer: int):
-        def hook(_m, _i, output):
-            return mlp_out(layer, mlp_in[layer]).to(output.dtype).reshape(output.shape)
-        return hook
+    def set_out(layer: int, output: Tensor) -> Tensor:
+        return mlp_out(layer, mlp_in[layer]).to(output.dtype).reshape(output.shape)
 
     def keep_final(_m, _i, output):
         state["final"] = output
 
-    fwd = _frozen_norm_hooks(lm, replay=frozen)
-    fwd += [(lm.adapter.mlp_in_module(b), keep_in(l)) for l, b in enumerate(lm.blocks)]
-    fwd += [(lm.adapter.mlp_out_module(b), set_out(l)) for l, b in enumerate(lm.blocks)]
+    fwd = _frozen_norm_hooks(lm, replay=frozen) + lm.mlp_hooks(mlp_in.__setitem__, set_out)
     fwd += [(lm.adapter.final_norm(lm.model), keep_final)]
     new_embed = embed.reshape(1, *embed.shape)
     with frozen_attention(replay=frozen), lm.hooks(fwd), \

@@ -140,6 +140,19 @@ class LoadedModel:
         stack = lambda store: torch.stack([store[l] for l in layers], dim=2)  # noqa: E731
         return Captured(stack(ins), stack(outs), logits)
 
+    def mlp_hooks(self, on_in: Callable[[int, Tensor], None],
+                  on_out: Callable[[int, Tensor], Tensor | None]) -> list[tuple[nn.Module, Callable]]:
+        """Forward hooks for every layer, for `hooks(...)`: on_in(layer, mlp_in) sees each MLP
+        input; on_out(layer, mlp_out) sees each MLP output and may return a replacement."""
+        def seen(layer: int):
+            return lambda _m, _i, output: on_in(layer, output)
+
+        def replaced(layer: int):
+            return lambda _m, _i, output: on_out(layer, output)
+
+        return ([(self.adapter.mlp_in_module(b), seen(l)) for l, b in enumerate(self.blocks)]
+                + [(self.adapter.mlp_out_module(b), replaced(l)) for l, b in enumerate(self.blocks)])
+
     @contextlib.contextmanager
     def patch_mlp_outputs(self, fn: MlpPatch) -> Iterator[None]:
         """Within the block, each layer's MLP output is replaced by fn(layer, mlp_in, mlp_out).
@@ -148,19 +161,8 @@ class LoadedModel:
         layers (a CLT closure accumulates each layer's feature activations).
         """
         current_in: dict[int, Tensor] = {}
-
-        def keep_in(layer: int):
-            def hook(_module, _inputs, output):
-                current_in[layer] = output
-            return hook
-
-        def replace_out(layer: int):
-            def hook(_module, _inputs, output):
-                return fn(layer, current_in.pop(layer), output)
-            return hook
-
-        fwd = [(self.adapter.mlp_in_module(b), keep_in(l)) for l, b in enumerate(self.blocks)]
-        fwd += [(self.adapter.mlp_out_module(b), replace_out(l)) for l, b in enumerate(self.blocks)]
+        fwd = self.mlp_hooks(current_in.__setitem__,
+                             lambda layer, out: fn(layer, current_in.pop(layer), out))
         with self.hooks(fwd):
             yield
 
