@@ -285,7 +285,7 @@ def skip_function(transcoder) -> SkipFn | None:
 
 @torch.no_grad()
 def find_active_features(transcoder, fwd: ReplacementForward, skip: SkipFn | None,
-                         zero_first: bool) -> ActiveFeatures:
+                         zero_first: bool, free: int | None = None) -> ActiveFeatures:
     """Encode the recorded MLP inputs, keep the non-zero activations, compute error vectors.
 
     The reconstruction ``ŷ_l' = Σ_{l<=l'} W_dec[l→l'] a_l + b_dec_l' + skip_l'(x_l')`` is
@@ -300,6 +300,8 @@ def find_active_features(transcoder, fwd: ReplacementForward, skip: SkipFn | Non
     L, n = x.shape[1], x.shape[0]
     counts = torch.bincount(layer, minlength=L).tolist()
     layer_start = [0] + torch.tensor(counts).cumsum(0).tolist()
+    if free is not None:
+        check_source_memory(transcoder, layer, pos, n, x.shape[-1], free)
     recon = transcoder.decoder_bias().detach().to(x.dtype).expand(n, L, -1).clone()  # [n, L, d]
     decoders: list[Tensor | None] = []
     for l in range(L):
@@ -319,6 +321,28 @@ def find_active_features(transcoder, fwd: ReplacementForward, skip: SkipFn | Non
     return ActiveFeatures(layer=layer, pos=pos, index=index, activation=acts[pos, layer, index],
                           pre_activation=pre[pos, layer, index], layer_start=layer_start,
                           errors=errors, decoders=decoders)
+
+
+def check_source_memory(transcoder, layer: Tensor, pos: Tensor, n_pos: int, d: int,
+                        free: int) -> None:
+    """Refuse, before gathering them, source decoders that cannot fit: the gathered rows
+    (one [T_l, d] block per active feature) plus the EdgeReader's per-position layout."""
+    L = transcoder.cfg.n_layers
+    need = 0
+    for l in range(L):
+        at = pos[layer == l]
+        if at.numel() == 0:
+            continue
+        k_max = int(torch.bincount(at, minlength=n_pos).max())
+        row = 4 * transcoder.cfg.n_targets(l) * d
+        need += row * (at.numel() + n_pos * k_max)
+    if need <= free * 0.85:
+        return
+    longest = max(1, int(n_pos * free * 0.85 / need))
+    raise CltraceError(
+        f"the {int(pos.numel()):,} active features of this {n_pos}-token prompt need about "
+        f"{need / 2**30:.1f} GiB of decoder vectors but only {free / 2**30:.1f} GiB is free",
+        f"use a prompt of at most about {longest} tokens with this transcoder on this machine")
 
 
 # --------------------------------------------------------------------------- edge read-out
@@ -359,10 +383,11 @@ class EdgeReader:
         k_max = int(counts.max())
         first = torch.cumsum(counts, 0) - counts                       # features sorted by pos
         slot = torch.arange(e - s, device=pos.device) - first[pos]
-        vecs = self.feats.decoders[l]                                   # [k, T, d]
-        vecs = vecs * self.feats.activation[s:e, None, None].to(vecs.dtype)
+        vecs = self.feats.decoders[l]                                   # [k, T, d], a gathered copy
+        vecs.mul_(self.feats.activation[s:e, None, None].to(vecs.dtype))
         dec = torch.zeros(self.n_pos, k_max, *vecs.shape[1:], dtype=self.dtype, device=vecs.device)
         dec[pos, slot] = vecs.to(self.dtype)
+        self.feats.decoders[l] = None                                   # freed as the layout grows
         self.dec.append(dec)
         self.gather.append(pos * k_max + slot)
         self.pos_end.append(torch.cumsum(counts, 0).cpu())
@@ -616,6 +641,30 @@ def _check_memory(n_rows: int, n_sources: int, n_pos: int, free: int) -> None:
             "--max-feature-nodes")
 
 
+def forward_memory(lm: LoadedModel, n_pos: int) -> int:
+    """Bytes the recorded forward (kept for the backward passes) needs for an n-token prompt:
+    per layer, eager attention's [heads, n, n] scores/weights and a few [n, d]-wide tensors."""
+    cfg = lm.model.config.get_text_config()
+    heads = int(getattr(cfg, "num_attention_heads", 8))
+    inner = int(getattr(cfg, "intermediate_size", None) or 4 * lm.d_model)
+    per_layer = 4 * (4 * heads * n_pos * n_pos + n_pos * (12 * lm.d_model + 4 * inner))
+    return lm.n_layers * per_layer
+
+
+def check_forward_memory(lm: LoadedModel, n_pos: int, free: int) -> None:
+    """A prompt whose recorded forward cannot fit is refused before anything is allocated."""
+    if forward_memory(lm, n_pos) <= free * 0.6:
+        return
+    lo, hi = 1, n_pos
+    while lo < hi:                                           # longest prompt that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if forward_memory(lm, mid) <= free * 0.6 else (lo, mid - 1)
+    raise CltraceError(
+        f"a {n_pos}-token prompt needs about {forward_memory(lm, n_pos) / 2**30:.1f} GiB for its "
+        f"forward pass but only {free / 2**30:.1f} GiB is free",
+        f"use a prompt of at most about {lo} tokens on this machine")
+
+
 def attribute(lm: LoadedModel, transcoder, prompt: str | Sequence[int] | Tensor,
               cfg: AttributionConfig | None = None, *, transcoder_id: str = "") -> Graph:
     """Build the attribution graph of `prompt` (METHOD.md §3). See the module docstring."""
@@ -626,13 +675,14 @@ def attribute(lm: LoadedModel, transcoder, prompt: str | Sequence[int] | Tensor,
     tokens = prepare_tokens(lm, prompt)
     n, L = int(tokens.numel()), lm.n_layers
     free = available_memory(lm.device)
+    check_forward_memory(lm, n, free)
     B = cfg.batch_size or choose_batch_size(lm, n, free)
     skip = skip_function(transcoder)
     forwards = PrefixForwards(lm, tokens, skip, cfg.prefix_buckets,
                               torch.bfloat16 if cfg.backward_dtype == "bfloat16" else None)
     fwd = forwards.full                                        # its values define the graph
     zero_first = cfg.zero_bos and starts_with_special(lm, tokens)
-    feats = find_active_features(transcoder, fwd, skip, zero_first)
+    feats = find_active_features(transcoder, fwd, skip, zero_first, free)
     logits = logit_targets(lm, fwd.final_values[-1], cfg)
     n_feat_targets = feats.n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, feats.n)
     dtype = torch.bfloat16 if cfg.edge_dtype == "bfloat16" else torch.float32
