@@ -177,24 +177,24 @@ def run_experiment(exp: Experiment, lm, tc, steerer, store, cfg: DemoConfig) -> 
 
     traced = trace_and_save(exp.prompt, lm, tc, cfg, slug=_slug(exp.name))
     answer = _token_id(lm, exp.answer)
-    top = key_features(traced["graph"], answer, cfg.ablate_top)
+    top = key_features(traced.graph, answer, cfg.ablate_top)
     lines = [f"## {exp.name}", "", f"*{exp.note}*", "",
              f"Prompt: `{exp.prompt}` — expected answer `{exp.answer!r}`.", "",
              _logit_table(traced, lm), "",
-             f"Graph: {traced['n_nodes']} nodes / {traced['n_edges']:,} edges before pruning, "
-             f"{traced['pruned_nodes']} nodes / {traced['pruned_links']:,} links after; "
-             f"replacement score {traced['scores']['unpruned'].replacement:.3f} "
-             f"(pruned {traced['scores']['pruned'].replacement:.3f}), completeness "
-             f"{traced['scores']['unpruned'].completeness:.3f} "
-             f"(pruned {traced['scores']['pruned'].completeness:.3f}); traced in {traced['seconds']:.1f} s. "
-             f"Open it in the viewer: `{traced['json'].name}`.", ""]
+             f"Graph: {traced.graph.n_nodes} nodes / {int((traced.graph.adjacency != 0).sum()):,} edges before pruning, "
+             f"{traced.n_json_nodes} nodes / {traced.n_json_links:,} links after; "
+             f"replacement score {traced.scores['unpruned'].replacement:.3f} "
+             f"(pruned {traced.scores['pruned'].replacement:.3f}), completeness "
+             f"{traced.scores['unpruned'].completeness:.3f} "
+             f"(pruned {traced.scores['pruned'].completeness:.3f}); traced in {traced.seconds:.1f} s. "
+             f"Open it in the viewer: `{traced.json_path.name}`.", ""]
     data: dict = {"name": exp.name, "prompt": exp.prompt, "answer": exp.answer,
-                  "graph": str(traced["json"]), "scores": {k: dataclasses.asdict(v) for k, v in traced["scores"].items()}}
+                  "graph": str(traced.json_path), "scores": {k: dataclasses.asdict(v) for k, v in traced.scores.items()}}
     if top:
         lines += ["Features with the strongest direct effect on the answer's logit:", "",
                   "| layer | position (token) | feature | activation | edge to answer | label |",
                   "|---|---|---|---|---|---|"]
-        strings = traced["graph"].token_strings
+        strings = traced.graph.token_strings
         for f in top:
             label = store.label(f["layer"], f["feature"]) if store else ""
             lines.append(f"| {f['layer']} | {f['pos']} ({strings[f['pos']]!r}) | {f['feature']} | "
@@ -245,27 +245,13 @@ def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, da
             f"Continuation after: {res.continuation_after!r}.", "", f"![swap](figures/{fig.name})", ""]
 
 
-def trace_and_save(prompt: str, lm, tc, cfg: DemoConfig, slug: str) -> dict:
+def trace_and_save(prompt: str, lm, tc, cfg: DemoConfig, slug: str):
     """Attribute, prune, score and save one prompt's graph (full + viewer JSON)."""
-    from cltrace.attribution.export import to_frontend_json, write_json
-    from cltrace.attribution.graph import AttributionConfig, attribute
-    from cltrace.attribution.prune import graph_scores, prune
+    from cltrace.attribution.graph import AttributionConfig
+    from cltrace.attribution.pipeline import trace_to_files
 
-    start = time.perf_counter()
-    graph = attribute(lm, tc, prompt, AttributionConfig(max_feature_nodes=cfg.max_feature_nodes),
-                      transcoder_id=cfg.run_dir().name)
-    seconds = time.perf_counter() - start
-    pruned = prune(graph, 0.8, 0.98)
-    scores = {"unpruned": graph_scores(graph), "pruned": graph_scores(graph, pruned.node_mask)}
-    path = cfg.out / "graphs" / f"{slug}.json"
-    strings = dict(zip(graph.logit_tokens.tolist(), lm.token_strings(graph.logit_tokens.tolist())))
-    doc = to_frontend_json(graph, pruned, slug=slug, logit_strings=strings, scores=scores,
-                           node_threshold=0.8, edge_threshold=0.98)
-    write_json(doc, path)
-    graph.save(path.with_name(slug + ".graph.safetensors"))
-    return {"graph": graph, "json": path, "scores": scores, "seconds": seconds,
-            "n_nodes": graph.n_nodes, "n_edges": int((graph.adjacency != 0).sum()),
-            "pruned_nodes": len(doc["nodes"]), "pruned_links": len(doc["links"]), "strings": strings}
+    return trace_to_files(lm, tc, prompt, AttributionConfig(max_feature_nodes=cfg.max_feature_nodes),
+                          cfg.out / "graphs" / f"{slug}.json", transcoder_id=cfg.run_dir().name)
 
 
 def key_features(graph, answer_id: int, k: int) -> list[dict]:
@@ -289,9 +275,9 @@ def _ablation(features: list[dict]):
     return [Intervention(f["layer"], f["feature"], (f["pos"],), "scale", 0.0) for f in features]
 
 
-def _logit_table(traced: dict, lm) -> str:
-    g = traced["graph"]
-    cells = [f"{traced['strings'][t]!r} {p:.3f}" for t, p in zip(g.logit_tokens.tolist(),
+def _logit_table(traced, lm) -> str:
+    g = traced.graph
+    cells = [f"{traced.logit_strings[t]!r} {p:.3f}" for t, p in zip(g.logit_tokens.tolist(),
                                                                  g.logit_probabilities.tolist())]
     return "Top next tokens: " + ", ".join(cells) + "."
 

@@ -38,13 +38,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
     from pathlib import Path
 
     from cltrace import paths
-    from cltrace.attribution.export import to_frontend_json, write_json
-    from cltrace.attribution.graph import AttributionConfig, attribute
-    from cltrace.attribution.prune import graph_scores, prune
+    from cltrace.attribution.graph import AttributionConfig
+    from cltrace.attribution.pipeline import trace_to_files
     from cltrace.errors import CltraceError
     from cltrace.models.loading import load_model
 
@@ -61,19 +59,11 @@ def run(args: argparse.Namespace) -> int:
                             output_targets=targets,
                             edge_dtype="bfloat16" if args.bf16 else "float32",
                             backward_dtype="bfloat16" if args.bf16 else "float32")
-    start = time.perf_counter()
-    graph = attribute(lm, transcoder, args.prompt, cfg, transcoder_id=tc_dir.name)
-    seconds = time.perf_counter() - start
-    pruned = prune(graph, args.node_threshold, args.edge_threshold)
-    scores = {"unpruned": graph_scores(graph), "pruned": graph_scores(graph, pruned.node_mask)}
     out = Path(args.out) if args.out else paths.graphs_dir() / f"{slugify(args.prompt)}.json"
-    strings = dict(zip(graph.logit_tokens.tolist(), lm.token_strings(graph.logit_tokens.tolist())))
-    doc = to_frontend_json(graph, pruned, slug=out.stem, logit_strings=strings, scores=scores,
-                           node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-    write_json(doc, out)
-    full_path = graph.save(out.with_name(out.stem + ".graph.safetensors"))
-    _report(graph, pruned, scores, strings, seconds, len(doc["nodes"]), len(doc["links"]))
-    print(f"graph:  {full_path}\npruned: {out}")
+    r = trace_to_files(lm, transcoder, args.prompt, cfg, out, transcoder_id=tc_dir.name,
+                       node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    _report(r.graph, r.pruned, r.scores, r.logit_strings, r.seconds, r.n_json_nodes, r.n_json_links)
+    print(f"graph:  {r.graph_path}\npruned: {out}")
     if args.open:
         _open_viewer(out.parent, model_name, tc_dir)
     return 0
