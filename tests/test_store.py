@@ -89,6 +89,19 @@ def test_reading_order_depends_on_seed(reference):
     assert not torch.equal(a, next(store.iter_batches(32, seed=1)).mlp_in)
 
 
+def test_several_epochs_visit_every_token_once_per_epoch_in_new_orders(reference):
+    store = ActivationStore(reference)
+    once = Counter(k for b in store.iter_batches(32, seed=5) for k in keys(b))
+    batches = list(store.iter_batches(32, seed=5, epochs=3))
+    assert all(b.n_tokens == 32 for b in batches[:-1])
+    seen = [k for b in batches for k in keys(b)]
+    assert Counter(seen) == Counter({k: 3 * n for k, n in once.items()})
+    n = store.n_tokens
+    assert seen[:n] != seen[n:2 * n] != seen[2 * n:]            # each pass reshuffled
+    with pytest.raises(CltraceError, match="epochs"):
+        store.iter_batches(32, epochs=0)
+
+
 def test_resume_after_kill_between_shards(lm, reference, tmp_path, monkeypatch):
     real_save = store_mod._save_shard
     calls = []

@@ -21,14 +21,13 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import torch
 
 from cltrace.activations.buffer import ActivationBatch, ShuffleBuffer, rebatch
 from cltrace.errors import CltraceError
+from cltrace.hardware import fast_dtype
 from cltrace.models.loading import LoadedModel
 from cltrace.progress import progress
 
@@ -103,18 +102,8 @@ class HarvestConfig:
 
 
 def default_forward_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bfloat16 on CUDA and on CPUs with AMX-bf16 (~3x faster than float32 there), else float32."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if _cpu_has_amx_bf16() else torch.float32
-
-
-@lru_cache(maxsize=1)
-def _cpu_has_amx_bf16() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    """bfloat16 on CUDA and on CPUs with fast bf16 matmuls (`cltrace.hardware`), else float32."""
+    return fast_dtype(device)
 
 
 def document_token_ids(model: LoadedModel, documents: Iterable[str]) -> Iterator[list[int]]:

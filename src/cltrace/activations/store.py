@@ -294,16 +294,23 @@ class ActivationStore:
         return ActivationBatch(tensors["mlp_in"], tensors["mlp_out"])
 
     def iter_batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0,
-                     drop_last: bool = False) -> Iterator[ActivationBatch]:
-        """Batches of `batch_tokens` tokens (storage dtype, CPU): one pass over the store.
+                     drop_last: bool = False, epochs: int = 1) -> Iterator[ActivationBatch]:
+        """Batches of `batch_tokens` tokens (storage dtype, CPU): `epochs` passes over the store.
 
         With `shuffle`, shards come in random order and tokens within each shard in random
-        order (seeded); memory is one shard plus one batch.
+        order, reshuffled every epoch (epoch e uses seed + e); batches run across epoch
+        boundaries. Memory is one shard plus one batch.
         """
+        if epochs < 1:
+            raise CltraceError(f"epochs must be >= 1, got {epochs}")
+        return rebatch((chunk for e in range(epochs) for chunk in self._epoch(shuffle, seed + e)),
+                       batch_tokens, drop_last)
+
+    def _epoch(self, shuffle: bool, seed: int) -> Iterator[ActivationBatch]:
         gen = torch.Generator().manual_seed(seed)
         n = len(self.manifest.shards)
         order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
-        return rebatch((self._shard_tokens(i, shuffle, gen) for i in order), batch_tokens, drop_last)
+        return (self._shard_tokens(i, shuffle, gen) for i in order)
 
     def _shard_tokens(self, index: int, shuffle: bool, gen: torch.Generator) -> ActivationBatch:
         acts = self.load_shard(index)

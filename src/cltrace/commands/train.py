@@ -76,12 +76,13 @@ def _batches(cfg, args, device):
         from cltrace.activations.store import ActivationStore
 
         store = ActivationStore(cfg.store)
-        if store.n_tokens < cfg.tokens:
-            print(f"note: the store holds {store.n_tokens:,} tokens, fewer than --tokens {cfg.tokens:,}: "
-                  f"training stops when it runs out")
         if store.layers != list(range(len(store.layers))):
             raise CltraceError(f"{cfg.store} holds layers {store.layers}; a transcoder needs all of them")
-        return (store.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True),
+        epochs = -(-cfg.tokens // max(store.n_tokens, 1))
+        if epochs > 1:
+            print(f"note: the store holds {store.n_tokens:,} tokens, fewer than --tokens {cfg.tokens:,}: "
+                  f"{epochs} passes over it, reshuffled each time")
+        return (store.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epochs=epochs),
                 len(store.layers), store.d_model)
     from cltrace.activations.harvest import HarvestConfig, iter_activation_batches
     from cltrace.data.corpus import iter_documents

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from cltrace.errors import CltraceError
+from cltrace.hardware import cpu_has_fast_bf16
 from cltrace.progress import progress
 from cltrace.transcoders.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from cltrace.transcoders.config import TrainConfig
@@ -51,17 +52,6 @@ class StepMetrics(NamedTuple):
     preact: float
     lr: float
     lambda_s: float
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX-bf16: bf16 matmuls run 2-6x faster than fp32 on this CPU. (AVX512-bf16 alone is
-    not enough: on an AMD EPYC with it, a bf16-autocast CLT step ran at 199 tokens/s against
-    345 in fp32, the casts costing more than the matmuls gain.)"""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

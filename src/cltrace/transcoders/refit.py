@@ -1,0 +1,127 @@
+"""Least-squares decoder refit: the best decoder for a fixed encoder, in closed form.
+
+With the encoder (and so every activation) fixed, the decoder part of the loss is an ordinary
+ridge regression per target layer t, on the features of the layers that write to t
+(CLT: layers 0..t; PLT: layer t), all in normalised scale:
+
+    min_{W, b}  Σ_n ||a_n[≤t] · W + b - ỹ_{n,t}||² + ρ · ||W||²
+
+Centre activations and targets (b absorbs the means), accumulate the Gram matrix
+G = Σ (a - ā)ᵀ(a - ā) over the features of all layers, ordered layer by layer, and
+C = Σ (a - ā)ᵀ(ỹ - ȳ). For a CLT the features feeding target t are a leading block of that
+order, and the Cholesky factor of a leading block of G is the leading block of G's factor, so
+one factorisation serves every target: W_t = solve(chol(G + ρI)[:k_t, :k_t], C[:k_t, t]).
+
+Sums are kept in float64 over float32 products, so the result does not depend on how the
+tokens are batched. A feature that never fired gets a zero row (ridge) and keeps its old
+decoder; the sparsity penalty, thresholds and encoder are untouched, so L0 is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from cltrace.errors import CltraceError
+from cltrace.progress import progress
+from cltrace.transcoders.model import Transcoder
+
+
+class RefitStats:
+    """Running sums for the regression: G [L·F, L·F], C [L·F, L, d], means, counts."""
+
+    def __init__(self, tc: Transcoder):
+        L, F, d = tc.cfg.n_layers, tc.cfg.n_features, tc.cfg.d_model
+        dev = tc.b_dec.device
+        self.plt = tc.cfg.kind == "plt"
+        k = F if self.plt else L * F
+        self.G = torch.zeros((L, F, F) if self.plt else (k, k), dtype=torch.float64, device=dev)
+        self.C = torch.zeros(L, F, d, dtype=torch.float64, device=dev) if self.plt else \
+            torch.zeros(k, L, d, dtype=torch.float64, device=dev)
+        self.sum_a = torch.zeros(L, F, dtype=torch.float64, device=dev)
+        self.sum_y = torch.zeros(L, d, dtype=torch.float64, device=dev)
+        self.fired = torch.zeros(L, F, dtype=torch.bool, device=dev)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, acts: Tensor, yn: Tensor) -> None:
+        """acts [L, N, F], normalised targets yn [L, N, d] (both float32)."""
+        L, N, F = acts.shape
+        self.n += N
+        self.sum_a += acts.sum(1).double()
+        self.sum_y += yn.sum(1).double()
+        self.fired |= (acts > 0).any(1)
+        if self.plt:
+            self.G += torch.bmm(acts.transpose(1, 2), acts).double()
+            self.C += torch.bmm(acts.transpose(1, 2), yn).double()
+            return
+        flat = acts.transpose(0, 1).reshape(N, L * F)                  # [N, L·F], layer-major
+        self.G += (flat.T @ flat).double()
+        self.C += (flat.T @ yn.transpose(0, 1).reshape(N, -1)).double().view(L * F, L, -1)
+
+
+@torch.no_grad()
+def refit_decoder(tc: Transcoder, batches: Iterable, *, max_tokens: int, ridge: float = 1e-3,
+                  desc: str = "refit") -> int:
+    """Replace `tc`'s decoders and b_dec by the ridge least-squares fit on up to `max_tokens`
+    tokens of `batches` (`.mlp_in, .mlp_out` [B, L, d], raw scale). `ridge` is relative to
+    the mean diagonal of the Gram matrix. Returns the tokens used."""
+    if tc.W_skip is not None:
+        raise CltraceError("refit_decoder does not handle skip transcoders")
+    stats = RefitStats(tc)
+    bar = progress(total=max_tokens, desc=desc, unit="tok")
+    for batch in batches:
+        x = batch.mlp_in[: max_tokens - stats.n].to(tc.b_dec.device, torch.float32)
+        y = batch.mlp_out[: max_tokens - stats.n].to(tc.b_dec.device, torch.float32)
+        xn, yn = tc._normalise(x, tc.in_scale), tc._normalise(y, tc.out_scale)
+        stats.add(tc._activate(tc._encode(xn), tc.log_threshold.exp()[:, None, :]), yn)
+        bar.update(x.shape[0])
+        if stats.n >= max_tokens:
+            break
+    bar.close()
+    if stats.n < 2:
+        raise CltraceError("refit_decoder needs at least 2 tokens")
+    _solve(tc, stats, ridge)
+    return stats.n
+
+
+def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
+    L, F, d = tc.cfg.n_layers, tc.cfg.n_features, tc.cfg.d_model
+    n = s.n
+    mean_a, mean_y = s.sum_a / n, s.sum_y / n                              # [L, F], [L, d]
+    if s.plt:
+        G = s.G - n * mean_a[:, :, None] * mean_a[:, None, :]              # centred, [L, F, F]
+        C = s.C - n * mean_a[:, :, None] * mean_y[:, None, :]              # [L, F, d]
+        G = G + _ridge(G, ridge)
+        W = torch.cholesky_solve(C, torch.linalg.cholesky(G))               # [L, F, d]
+        for l in range(L):
+            keep = s.fired[l]
+            tc.W_dec[l][keep, 0] = W[l][keep].to(tc.W_dec[l].dtype)
+        b = mean_y - torch.einsum("lf,lfd->ld", mean_a, W)
+        tc.b_dec.copy_(b.to(tc.b_dec.dtype))
+        return
+    flat_mean = mean_a.reshape(-1)                                          # [L·F]
+    G = s.G - n * torch.outer(flat_mean, flat_mean)
+    C = s.C - n * flat_mean[:, None, None] * mean_y[None]                   # [L·F, L, d]
+    chol = torch.linalg.cholesky(G + _ridge(G, ridge))
+    fired = s.fired.reshape(-1)
+    for t in range(L):
+        k = (t + 1) * F
+        W = torch.cholesky_solve(C[:k, t], chol[:k, :k])                   # [k, d]
+        for l in range(t + 1):
+            rows = W[l * F:(l + 1) * F]
+            keep = fired[l * F:(l + 1) * F]
+            tc.W_dec[l][keep, t - l] = rows[keep].to(tc.W_dec[l].dtype)
+        tc.b_dec[t] = (mean_y[t] - flat_mean[:k] @ W).to(tc.b_dec.dtype)
+
+
+def _ridge(G: Tensor, ridge: float) -> Tensor:
+    """ρ·I with ρ = ridge × mean diagonal (per matrix), plus a floor for silent features."""
+    diag = G.diagonal(dim1=-2, dim2=-1)
+    rho = ridge * diag.mean(-1, keepdim=True).clamp_min(1e-12)
+    return torch.diag_embed((rho + 1e-9).expand_as(diag))
+
+
+__all__ = ["refit_decoder", "RefitStats"]
