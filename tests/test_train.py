@@ -11,7 +11,8 @@ import torch
 from cltrace.errors import CltraceError
 from cltrace.transcoders.config import TrainConfig, preset
 from cltrace.transcoders.model import Transcoder
-from cltrace.transcoders.train import Trainer, lambda_s_at, lr_at, synthetic_batches, train
+from cltrace.transcoders.train import (SyntheticBatch, Trainer, lambda_s_at, lr_at, synthetic_batches,
+                                      train)
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 L, D = 3, 32
@@ -49,6 +50,23 @@ def test_learns_sparse_teacher(tmp_path):
     assert torch.allclose(back(x).recon, result.transcoder(x).recon, atol=1e-5)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == cfg.n_steps
+
+
+def test_refit_after_training_lowers_held_out_error_and_is_saved(tmp_path):
+    cfg = config(tokens=64 * 30)
+    plain = train(cfg, data(), L, D, tmp_path / "plain").transcoder
+    refit = train(config(tokens=64 * 30, refit_tokens=64 * 20), data(), L, D, tmp_path / "refit")
+    later = list(data(70))[60:]                                   # same teacher, unseen tokens
+    held = SyntheticBatch(torch.cat([b.mlp_in for b in later]), torch.cat([b.mlp_out for b in later]))
+
+    def err(tc):
+        return (tc(held.mlp_in).recon - held.mlp_out).pow(2).sum().item()
+
+    assert err(refit.transcoder) < 0.8 * err(plain)
+    back = Transcoder.load(tmp_path / "refit" / "transcoder")
+    assert err(back) == pytest.approx(err(refit.transcoder), rel=1e-5)
+    with pytest.raises(CltraceError, match="skip"):
+        config(refit_tokens=64, skip=True)
 
 
 class Killed(Exception):

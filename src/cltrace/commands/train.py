@@ -11,10 +11,13 @@ def register(subparsers) -> None:
     p = add_parser(subparsers, "train",
                    "Train a cross-layer or per-layer transcoder on a model's MLP activations "
                    "(from a harvested store, or harvested on the fly); resumable")
-    p.add_argument("--preset", default="demo", help="demo | small | paper | smollm2 (see docs)")
+    p.add_argument("--preset", default="demo", help="demo | session | small | paper | smollm2 (see transcoders/config.py)")
     p.add_argument("--model", default=None, help="bundled model name or transformers folder (default: the preset's)")
     p.add_argument("--kind", choices=["clt", "plt"], default=None, help="cross-layer or per-layer (default: clt)")
     p.add_argument("--skip", action="store_true", help="add a linear skip connection (skip transcoder)")
+    p.add_argument("--activation", choices=["jumprelu", "topk"], default=None,
+                   help="JumpReLU with learned thresholds, or TopK (default: the preset's)")
+    p.add_argument("--topk", type=int, default=None, help="k active features per layer and token (TopK)")
     p.add_argument("--features", type=int, default=None, help="features per layer (default: the preset's)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="tokens per optimizer step")
@@ -22,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--lambda-s", type=float, default=None, help="sparsity penalty λ_S")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="auto: bf16 autocast on CUDA or bf16-capable CPUs")
+    p.add_argument("--refit-tokens", type=int, default=None,
+                   help="after training, refit the decoder by least squares on this many tokens (0 = off)")
     p.add_argument("--store", default=None,
                    help="activation store from `cltrace harvest` (default: harvest on the fly from the corpus)")
     p.add_argument("--split", default="train", help="corpus split when harvesting on the fly")
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = preset(args.preset, model=args.model, kind=args.kind, n_features=args.features,
                  tokens=args.tokens, batch_size=args.batch, lr=args.lr, lambda_s=args.lambda_s,
-                 precision=args.precision, store=args.store, skip=args.skip or None)
+                 precision=args.precision, store=args.store, skip=args.skip or None,
+                 refit_tokens=args.refit_tokens, activation=args.activation, topk=args.topk)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     slug = cfg.model.rstrip("/").split("/")[-1]
     out = args.out or paths.runs_dir() / f"{slug}-{cfg.kind}-{cfg.n_features}"

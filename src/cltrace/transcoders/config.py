@@ -112,6 +112,9 @@ class TrainConfig:
     seed: int = 0
     context_len: int = 128                           # harvest: tokens per context
     store: str | None = None                         # activation store to read (None = harvest on the fly)
+    refit_tokens: int = 0                            # after training, refit the decoder by least squares
+                                                     # on this many further tokens (0 = off; refit.py)
+    refit_ridge: float = 1e-3                        # ridge, relative to the mean Gram diagonal
 
     def __post_init__(self):
         positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
@@ -134,6 +137,11 @@ class TrainConfig:
             raise CltraceError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.checkpoint_every < 0:
             raise CltraceError("checkpoint_every must be >= 0")
+        if self.refit_tokens < 0 or not self.refit_ridge > 0:
+            raise CltraceError("refit_tokens must be >= 0 and refit_ridge > 0")
+        if self.refit_tokens and self.skip:
+            raise CltraceError("the least-squares refit does not handle skip transcoders",
+                               hint="set refit_tokens=0 for --skip")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise CltraceError("grad_clip must be > 0 or None")
 
@@ -167,6 +175,9 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(model="gemma-3-270m", n_features=1024, tokens=120_000, batch_size=2048, lr=2e-3,
                  lambda_s_warmup_frac=0.5, dead_window_tokens=40_000, checkpoint_every=10),
+    "session": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=1_200_000,
+                    batch_size=1024, lr=2e-3, checkpoint_every=100, dead_window_tokens=200_000,
+                    refit_tokens=50_000),
     "small": dict(model="gemma-3-270m", n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(model="gemma-3-270m", n_features=16384, tokens=50_000_000, batch_size=4096,
                   dead_window_tokens=10_000_000, checkpoint_every=500),
@@ -181,6 +192,8 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
         raise CltraceError(f"unknown preset {name!r}", hint=f"choose one of {sorted(PRESETS)}")
     values = dict(PRESETS[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("activation", "jumprelu") == "jumprelu" and overrides.get("topk") is None:
+        values.pop("topk", None)                 # a TopK preset switched to JumpReLU
     return TrainConfig(**values)
 
 

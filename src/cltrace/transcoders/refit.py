@@ -57,9 +57,14 @@ class RefitStats:
             self.G += torch.bmm(acts.transpose(1, 2), acts).double()
             self.C += torch.bmm(acts.transpose(1, 2), yn).double()
             return
+        # only the blocks that matter: G's lower block triangle (mirrored in _solve) and, for
+        # layer l's features, the targets t >= l they write to: about half the products
         flat = acts.transpose(0, 1).reshape(N, L * F)                  # [N, L·F], layer-major
-        self.G += (flat.T @ flat).double()
-        self.C += (flat.T @ yn.transpose(0, 1).reshape(N, -1)).double().view(L * F, L, -1)
+        ys = yn.transpose(0, 1)                                        # [N, L, d]
+        for l in range(L):
+            rows = slice(l * F, (l + 1) * F)
+            self.G[rows, : (l + 1) * F] += (acts[l].T @ flat[:, : (l + 1) * F]).double()
+            self.C[rows, l:] += (acts[l].T @ ys[:, l:].reshape(N, -1)).double().view(F, L - l, -1)
 
 
 @torch.no_grad()
@@ -103,9 +108,14 @@ def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
         tc.b_dec.copy_(b.to(tc.b_dec.dtype))
         return
     flat_mean = mean_a.reshape(-1)                                          # [L·F]
-    G = s.G - n * torch.outer(flat_mean, flat_mean)
+    G = s.G.tril_()                         # in place: [L·F, L·F] float64 is large (2.7 GB at 18k)
+    G += G.tril(-1).T                                                       # mirror the lower half
+    G.addr_(flat_mean, flat_mean, alpha=-n)                                 # centre
     C = s.C - n * flat_mean[:, None, None] * mean_y[None]                   # [L·F, L, d]
-    chol = torch.linalg.cholesky(G + _ridge(G, ridge))
+    diag = G.diagonal()
+    diag += ridge * diag.mean().clamp_min(1e-12) + 1e-9
+    chol = torch.linalg.cholesky(G)
+    del G, s.G
     fired = s.fired.reshape(-1)
     for t in range(L):
         k = (t + 1) * F
@@ -118,7 +128,8 @@ def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
 
 
 def _ridge(G: Tensor, ridge: float) -> Tensor:
-    """ρ·I with ρ = ridge × mean diagonal (per matrix), plus a floor for silent features."""
+    """ρ·I with ρ = ridge × mean diagonal (per matrix), plus a floor for silent features
+    (the CLT branch of `_solve` does the same in place)."""
     diag = G.diagonal(dim1=-2, dim2=-1)
     rho = ridge * diag.mean(-1, keepdim=True).clamp_min(1e-12)
     return torch.diag_embed((rho + 1e-9).expand_as(diag))

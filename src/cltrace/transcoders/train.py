@@ -239,8 +239,20 @@ class Trainer:
         if self.step and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
             self.save_checkpoint()
         rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+        if cfg.refit_tokens and self.step >= cfg.n_steps:
+            self._refit(it)
         self._save_final()
         return TrainResult(self.tc, history, self.n_dead, rate)
+
+    def _refit(self, it: Iterator) -> None:
+        """Least-squares decoder on the next refit_tokens tokens (refit.py); one process only."""
+        from cltrace.transcoders.refit import refit_decoder
+
+        if type(self.dist) is not Distributed:
+            self.log("note: the decoder refit runs in single-process training only; skipped")
+            return
+        n = refit_decoder(self.tc, it, max_tokens=self.cfg.refit_tokens, ridge=self.cfg.refit_ridge)
+        self.log(f"decoder refit by least squares on {n:,} tokens")
 
     def _init_from(self, it: Iterator) -> Iterator:
         """Peek at batches until init_tokens, initialise from them, hand them back."""
