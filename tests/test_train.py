@@ -69,6 +69,18 @@ def test_refit_after_training_lowers_held_out_error_and_is_saved(tmp_path):
         config(refit_tokens=64, skip=True)
 
 
+def test_topk_run_ends_as_a_jumprelu_transcoder_with_the_same_l0():
+    cfg = config(tokens=64 * 30, activation="topk", topk=6, jumprelu_after_topk=True, refit_tokens=64 * 8)
+    tc = train(cfg, data(), L, D).transcoder
+    assert tc.cfg.activation == "jumprelu" and tc.cfg.topk is None
+    x = torch.cat([b.mlp_in for b in list(data(80))[70:]])
+    l0 = (tc(x).acts > 0).float().sum(-1).mean(0)                      # per layer, unseen tokens
+    assert ((l0 > 6 * 0.6) & (l0 < 6 * 1.5)).all(), l0
+    assert tc.log_threshold.exp().min() > 0
+    with pytest.raises(CltraceError, match="topk"):
+        config(jumprelu_after_topk=True)
+
+
 class Killed(Exception):
     pass
 

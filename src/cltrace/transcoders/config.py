@@ -115,6 +115,9 @@ class TrainConfig:
     refit_tokens: int = 0                            # after training, refit the decoder by least squares
                                                      # on this many further tokens (0 = off; refit.py)
     refit_ridge: float = 1e-3                        # ridge, relative to the mean Gram diagonal
+    jumprelu_after_topk: bool = False                # TopK: end as a JumpReLU transcoder with per-layer
+                                                     # thresholds keeping L0 = k (refit.py), so it can be
+                                                     # intervened on; before the refit
 
     def __post_init__(self):
         positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
@@ -142,6 +145,8 @@ class TrainConfig:
         if self.refit_tokens and self.skip:
             raise CltraceError("the least-squares refit does not handle skip transcoders",
                                hint="set refit_tokens=0 for --skip")
+        if self.jumprelu_after_topk and self.activation != "topk":
+            raise CltraceError("jumprelu_after_topk needs activation='topk'")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise CltraceError("grad_clip must be > 0 or None")
 
@@ -173,11 +178,12 @@ class TrainConfig:
 #   small    18 x 4096, 2M tokens: ~20 h on this CPU; minutes on one GPU.
 #   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(model="gemma-3-270m", n_features=1024, tokens=120_000, batch_size=2048, lr=2e-3,
-                 lambda_s_warmup_frac=0.5, dead_window_tokens=40_000, checkpoint_every=10),
+    "demo": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=120_000,
+                 batch_size=1024, lr=2e-3, dead_window_tokens=40_000, checkpoint_every=20,
+                 refit_tokens=16_384, jumprelu_after_topk=True),
     "session": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=1_200_000,
                     batch_size=1024, lr=2e-3, checkpoint_every=100, dead_window_tokens=200_000,
-                    refit_tokens=50_000),
+                    refit_tokens=50_000, jumprelu_after_topk=True),
     "small": dict(model="gemma-3-270m", n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(model="gemma-3-270m", n_features=16384, tokens=50_000_000, batch_size=4096,
                   dead_window_tokens=10_000_000, checkpoint_every=500),

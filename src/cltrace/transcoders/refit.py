@@ -1,4 +1,12 @@
-"""Least-squares decoder refit: the best decoder for a fixed encoder, in closed form.
+"""Closed-form finishing steps after gradient training.
+
+`topk_to_jumprelu`: a TopK transcoder trains fast and never needs a sparsity coefficient,
+but a feature's TopK activation depends on the whole layer, which interventions and the
+attribution's per-feature linearisation do not allow. It becomes a JumpReLU transcoder with
+one threshold per layer, the (1 - k/F) quantile of that layer's pre-activations over a token
+sample, so the mean L0 stays k (the inference rule of BatchTopK SAEs).
+
+`refit_decoder`: least-squares decoder refit, the best decoder for a fixed encoder.
 
 With the encoder (and so every activation) fixed, the decoder part of the loss is an ordinary
 ridge regression per target layer t, on the features of the layers that write to t
@@ -19,6 +27,7 @@ decoder; the sparsity penalty, thresholds and encoder are untouched, so L0 is un
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -27,6 +36,22 @@ from torch import Tensor
 from cltrace.errors import CltraceError
 from cltrace.progress import progress
 from cltrace.transcoders.model import Transcoder
+
+
+@torch.no_grad()
+def topk_to_jumprelu(tc: Transcoder, x: Tensor) -> list[float]:
+    """Make a TopK transcoder a JumpReLU one in place, calibrated on raw MLP inputs x [N, L, d]
+    (N·F values per layer; a few thousand tokens are plenty). Returns the thresholds θ_l."""
+    cfg = tc.cfg
+    if cfg.activation != "topk":
+        raise CltraceError(f"topk_to_jumprelu needs a TopK transcoder, this one is {cfg.activation}")
+    pre = tc._encode(tc._normalise(x.to(tc.b_enc.device, torch.float32), tc.in_scale))   # [L, N, F]
+    L, N, F = pre.shape
+    rank = max(1, N * F - N * cfg.topk)           # kthvalue is 1-based: N·k values lie above it
+    theta = torch.stack([pre[l].flatten().kthvalue(rank).values for l in range(L)]).clamp_min(1e-4)
+    tc.log_threshold.copy_(theta.log()[:, None].expand(L, F))
+    tc.cfg = dataclasses.replace(cfg, activation="jumprelu", topk=None)
+    return theta.tolist()
 
 
 class RefitStats:
@@ -135,4 +160,4 @@ def _ridge(G: Tensor, ridge: float) -> Tensor:
     return torch.diag_embed((rho + 1e-9).expand_as(diag))
 
 
-__all__ = ["refit_decoder", "RefitStats"]
+__all__ = ["refit_decoder", "RefitStats", "topk_to_jumprelu"]

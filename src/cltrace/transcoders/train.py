@@ -239,20 +239,34 @@ class Trainer:
         if self.step and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
             self.save_checkpoint()
         rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
-        if cfg.refit_tokens and self.step >= cfg.n_steps:
-            self._refit(it)
+        if self.step >= cfg.n_steps and (cfg.refit_tokens or cfg.jumprelu_after_topk):
+            self._finish(it)
         self._save_final()
         return TrainResult(self.tc, history, self.n_dead, rate)
 
-    def _refit(self, it: Iterator) -> None:
-        """Least-squares decoder on the next refit_tokens tokens (refit.py); one process only."""
-        from cltrace.transcoders.refit import refit_decoder
+    def _finish(self, it: Iterator) -> None:
+        """Closed-form steps on the next batches (refit.py): TopK -> JumpReLU, then the
+        least-squares decoder. Single-process training only."""
+        from cltrace.transcoders.refit import refit_decoder, topk_to_jumprelu
 
         if type(self.dist) is not Distributed:
-            self.log("note: the decoder refit runs in single-process training only; skipped")
+            self.log("note: the closed-form finishing steps run in single-process training only; skipped")
             return
-        n = refit_decoder(self.tc, it, max_tokens=self.cfg.refit_tokens, ridge=self.cfg.refit_ridge)
-        self.log(f"decoder refit by least squares on {n:,} tokens")
+        if self.cfg.jumprelu_after_topk and self.tc.cfg.activation == "topk":
+            sample, n = [], 0
+            for batch in it:
+                sample.append(batch.mlp_in)
+                n += batch.mlp_in.shape[0]
+                if n >= self.cfg.init_tokens:
+                    break
+            if not sample:
+                raise CltraceError("no data left to calibrate the JumpReLU thresholds")
+            theta = topk_to_jumprelu(self.tc, torch.cat(sample)[: self.cfg.init_tokens])
+            self.log(f"TopK -> JumpReLU on {min(n, self.cfg.init_tokens):,} tokens: per-layer thresholds "
+                     + ", ".join(f"{t:.3g}" for t in theta))
+        if self.cfg.refit_tokens:
+            n = refit_decoder(self.tc, it, max_tokens=self.cfg.refit_tokens, ridge=self.cfg.refit_ridge)
+            self.log(f"decoder refit by least squares on {n:,} tokens")
 
     def _init_from(self, it: Iterator) -> Iterator:
         """Peek at batches until init_tokens, initialise from them, hand them back."""
