@@ -163,6 +163,19 @@ def test_swap_injects_the_other_prompts_activations(setup):
     assert (res.logits_after - res.logits_before).abs().max() > 0
 
 
+def test_swap_sweep_scores_every_grid_point_as_a_direct_run_would(setup):
+    lm, tc, st = setup
+    target = int(lm.tokenize(" Austin")[0, -1])
+    trials = st.swap_sweep(PROMPT, OTHER, target, n_autos=(2, 6), scales=(1.0, 3.0))
+    same_len = st.tokens(PROMPT).shape[1] == st.tokens(OTHER).shape[1]
+    assert len(trials) == 4 * (2 if same_len else 1)
+    assert [t.p_target for t in trials] == sorted((t.p_target for t in trials), reverse=True)
+    for t in trials[:2]:
+        direct = st.run(PROMPT, t.interventions, top_k=1)
+        assert t.p_target == pytest.approx(direct.prob(target), rel=1e-5, abs=1e-9)
+        assert t.top_id == direct.after[0].token_id
+
+
 def test_distinctive_features_and_positions():
     a = torch.zeros(2, 2, 3)
     b = torch.zeros(1, 2, 3)

@@ -223,26 +223,44 @@ def run_experiment(exp: Experiment, lm, tc, steerer, store, cfg: DemoConfig) -> 
 
 
 def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, data: dict) -> list[str]:
+    """Swap in the other prompt's distinctive features: every point of a small grid (how many
+    features, how strongly, at the last position or position by position), best one shown."""
     from cltrace.report.svg import before_after_bars
 
     target = _token_id(lm, exp.swap_answer)
-    res = steerer.swap(exp.prompt, exp.swap_prompt, top_k=5, generate=8)
+    trials = steerer.swap_sweep(exp.prompt, exp.swap_prompt, target)
+    best = trials[0]
+    res = steerer.run(exp.prompt, best.interventions, top_k=5, generate=8)
     pa0, pa1 = res.prob(answer, after=False), res.prob(answer)
     pb0, pb1 = res.prob(target, after=False), res.prob(target)
     fig = before_after_bars(cfg.out / "figures" / f"{_slug(exp.name)}-swap.svg",
                             f"Swap in the features of: {exp.swap_prompt}",
                             [exp.answer, exp.swap_answer], [pa0, pb0], [pa1, pb1])
-    data["swap"] = {"source_prompt": exp.swap_prompt, "n_interventions": len(res.interventions),
+    flipped = [t for t in trials if t.top_id == target]
+    data["swap"] = {"source_prompt": exp.swap_prompt, "best": _trial_dict(best),
                     "p_answer": [pa0, pa1], "p_swap_answer": [pb0, pb1],
-                    "top_after": [t.token for t in res.after[:5]]}
-    changed = res.after and res.after[0].token_id == target
-    verdict = ("the top answer changes to the other concept's" if changed else
-               "the top answer does not change to the other concept's")
-    return [f"**Swap** ({len(res.interventions)} interventions: features distinctive of this prompt "
-            f"suppressed, those distinctive of `{exp.swap_prompt}` injected at the last position): "
-            f"P({exp.answer!r}) {pa0:.3f} → {pa1:.3f}, P({exp.swap_answer!r}) {pb0:.3f} → {pb1:.3f}; "
-            f"{verdict}. Top after: " + ", ".join(f"{t.token!r} {t.prob:.3f}" for t in res.after[:5]) + ".",
-            f"Continuation after: {res.continuation_after!r}.", "", f"![swap](figures/{fig.name})", ""]
+                    "top_after": [t.token for t in res.after[:5]],
+                    "grid": [_trial_dict(t) for t in trials], "n_flipped": len(flipped)}
+    verdict = (f"the top answer becomes {exp.swap_answer!r} in {len(flipped)} of {len(trials)} settings"
+               if flipped else f"the top answer does not become {exp.swap_answer!r} in any of the "
+               f"{len(trials)} settings")
+    lines = [f"**Swap**: features distinctive of this prompt are suppressed at every position and "
+             f"those distinctive of `{exp.swap_prompt}` injected (at the last position, or position by "
+             f"position), on a grid of {len(trials)} settings; {verdict}. Best setting "
+             f"({best.n_interventions} interventions: {best.n_auto} features each way, injected "
+             f"×{best.inject_scale:g}, {best.where}): P({exp.answer!r}) {pa0:.3f} → {pa1:.3f}, "
+             f"P({exp.swap_answer!r}) {pb0:.3f} → {pb1:.3f}. Top after: "
+             + ", ".join(f"{t.token!r} {t.prob:.3f}" for t in res.after[:5]) + ".",
+             f"Continuation after: {res.continuation_after!r}.", "", f"![swap](figures/{fig.name})", "",
+             "| features each way | injected × | where | P(" + exp.swap_answer.strip() + ") | top token |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {t.n_auto} | {t.inject_scale:g} | {t.where} | {t.p_target:.3f} | {t.top!r} |" for t in trials]
+    return lines + [""]
+
+
+def _trial_dict(t) -> dict:
+    return {"n_auto": t.n_auto, "inject_scale": t.inject_scale, "where": t.where,
+            "n_interventions": t.n_interventions, "p_target": t.p_target, "top": t.top}
 
 
 def trace_and_save(prompt: str, lm, tc, cfg: DemoConfig, slug: str):

@@ -84,10 +84,10 @@ def _batches(cfg, args, device):
         store = ActivationStore(cfg.store)
         if store.layers != list(range(len(store.layers))):
             raise CltraceError(f"{cfg.store} holds layers {store.layers}; a transcoder needs all of them")
-        epochs = -(-cfg.tokens // max(store.n_tokens, 1))
+        epochs = -(-cfg.tokens_needed // max(store.n_tokens, 1))
         if epochs > 1:
-            print(f"note: the store holds {store.n_tokens:,} tokens, fewer than --tokens {cfg.tokens:,}: "
-                  f"{epochs} passes over it, reshuffled each time")
+            print(f"note: the store holds {store.n_tokens:,} tokens, fewer than the {cfg.tokens_needed:,} "
+                  f"this run reads: {epochs} passes over it, reshuffled each time")
         return (store.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epochs=epochs),
                 len(store.layers), store.d_model)
     from cltrace.activations.harvest import HarvestConfig, iter_activation_batches
@@ -98,5 +98,5 @@ def _batches(cfg, args, device):
     model = load_model(cfg.model, device=device, dtype=hcfg.torch_forward_dtype(device))
     docs = iter_documents(args.split)
     batches = iter_activation_batches(model, docs, hcfg, batch_tokens=cfg.batch_size,
-                                      max_tokens=cfg.tokens, drop_last=True)
+                                      max_tokens=cfg.tokens_needed, drop_last=True)
     return batches, model.n_layers, model.d_model

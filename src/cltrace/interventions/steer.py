@@ -319,8 +319,7 @@ class Steerer:
         chosen automatically: the `n_auto` strongest features active on one prompt and
         nowhere on the other (see `distinctive_features`).
         """
-        tok_a, tok_b = self.tokens(prompt), self.tokens(source_prompt)
-        acts_a, acts_b = self.activations(tok_a), self.activations(tok_b)    # [n, L, F]
+        acts_a, acts_b = self.prompt_activations(prompt), self.prompt_activations(source_prompt)
         if suppress is None:
             suppress = distinctive_features(acts_a[1:], acts_b[1:], n_auto)
         if inject is None:
@@ -339,6 +338,51 @@ class Steerer:
         """`run` with `swap_interventions(prompt, source_prompt, **kwargs)`."""
         ivs = self.swap_interventions(prompt, source_prompt, **kwargs)
         return self.run(prompt, ivs, top_k=top_k, generate=generate)
+
+    def swap_sweep(self, prompt: str, source_prompt: str, target_id: int, *,
+                   n_autos: Sequence[int] = (10, 30, 100), scales: Sequence[float] = (1.0, 2.0, 4.0),
+                   wheres: Sequence[Literal["last", "same"]] = ("last", "same")) -> list[SwapTrial]:
+        """Every automatic swap on the grid n_auto × inject_scale × where, scored by the
+        probability of `target_id` (the other prompt's answer) after the swap; best first.
+        `where="same"` is skipped when the prompts differ in length."""
+        n_a, n_b = self.prompt_activations(prompt).shape[0], self.prompt_activations(source_prompt).shape[0]
+        tokens = self.tokens(prompt)
+        trials = []
+        for where in wheres:
+            if where == "same" and n_a != n_b:
+                continue
+            for n_auto in n_autos:
+                for scale in scales:
+                    ivs = self.swap_interventions(prompt, source_prompt, n_auto=n_auto,
+                                                  inject_scale=scale, where=where)
+                    probs = torch.softmax(self.logits(tokens, ivs)[0, -1].float(), -1)
+                    top = int(probs.argmax())
+                    trials.append(SwapTrial(n_auto, scale, where, len(ivs), float(probs[target_id]),
+                                            top, self.model.decode([top]), ivs))
+        return sorted(trials, key=lambda t: -t.p_target)
+
+    def prompt_activations(self, prompt: str) -> Float[Tensor, "pos layer features"]:
+        """`activations` of a prompt, remembered for the last few prompts."""
+        cache = self.__dict__.setdefault("_acts_cache", {})
+        if prompt not in cache:
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[prompt] = self.activations(self.tokens(prompt))
+        return cache[prompt]
+
+
+@dataclass
+class SwapTrial:
+    """One point of `Steerer.swap_sweep`."""
+
+    n_auto: int
+    inject_scale: float
+    where: str
+    n_interventions: int
+    p_target: float            # probability of the other prompt's answer after the swap
+    top_id: int                # the top next token after the swap
+    top: str
+    interventions: list[Intervention]
 
 
 def distinctive_features(acts: Float[Tensor, "pos layer features"],

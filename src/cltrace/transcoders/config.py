@@ -154,6 +154,12 @@ class TrainConfig:
     def n_steps(self) -> int:
         return self.tokens // self.batch_size
 
+    @property
+    def tokens_needed(self) -> int:
+        """Training tokens plus those the closed-form finishing steps read after them."""
+        return (self.n_steps * self.batch_size + (self.init_tokens if self.jumprelu_after_topk else 0)
+                + self.refit_tokens)
+
     def transcoder_config(self, n_layers: int, d_model: int) -> TranscoderConfig:
         return TranscoderConfig(n_layers=n_layers, d_model=d_model, n_features=self.n_features,
                                 kind=self.kind, skip=self.skip, activation=self.activation,

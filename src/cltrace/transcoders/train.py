@@ -260,11 +260,16 @@ class Trainer:
                 if n >= self.cfg.init_tokens:
                     break
             if not sample:
-                raise CltraceError("no data left to calibrate the JumpReLU thresholds")
+                self.log("note: no data left to turn TopK into JumpReLU; the transcoder stays TopK")
+                return
             theta = topk_to_jumprelu(self.tc, torch.cat(sample)[: self.cfg.init_tokens])
             self.log(f"TopK -> JumpReLU on {min(n, self.cfg.init_tokens):,} tokens: per-layer thresholds "
                      + ", ".join(f"{t:.3g}" for t in theta))
-        if self.cfg.refit_tokens:
+        first = next(it, None) if self.cfg.refit_tokens else None
+        if self.cfg.refit_tokens and first is None:
+            self.log("note: no data left for the decoder refit; skipped")
+        elif self.cfg.refit_tokens:
+            it = itertools.chain([first], it)
             n = refit_decoder(self.tc, it, max_tokens=self.cfg.refit_tokens, ridge=self.cfg.refit_ridge)
             self.log(f"decoder refit by least squares on {n:,} tokens")
 
