@@ -34,6 +34,7 @@ class Experiment:
         swap_prompt: a prompt about another concept whose features are swapped in, or None.
         swap_answer: the answer the swap should produce.
         note: what the experiment shows in the paper.
+        subject: the word whose features carry the concept (their table is in the report).
     """
 
     name: str
@@ -42,18 +43,21 @@ class Experiment:
     swap_prompt: str | None = None
     swap_answer: str | None = None
     note: str = ""
+    subject: str | None = None
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("Two-hop recall", "Fact: the currency of the country whose capital is Tokyo is the",
                " yen", "Fact: the currency of the country whose capital is Paris is the", " euro",
-               "Tokyo → Japan → yen: the intermediate country features are swapped for France's."),
+               "Tokyo → Japan → yen: the intermediate country features are swapped for France's.",
+               subject="Tokyo"),
     Experiment("Sport of an athlete", "Michael Jordan plays the sport of", " basketball",
                "Tiger Woods plays the sport of", " golf",
-               "The athlete's features drive the sport; swapping in another athlete changes it."),
+               "The athlete's features drive the sport; swapping in another athlete changes it.",
+               subject="Jordan"),
     Experiment("Antonyms", 'The opposite of "hot" is "', "cold",
                'The opposite of "big" is "', "small",
-               "An 'opposite' operation applied to the adjective's features."),
+               "An 'opposite' operation applied to the adjective's features.", subject="hot"),
 )
 
 
@@ -213,6 +217,8 @@ def run_experiment(exp: Experiment, lm, tc, steerer, store, cfg: DemoConfig) -> 
                   "", f"![ablation](figures/{fig.name})", ""]
         data["ablation"] = {"features": [(f["layer"], f["pos"], f["feature"]) for f in top],
                             "p_before": p0, "p_after": p1, "top_after": [t.token for t in res.after[:5]]}
+    if exp.subject:
+        lines += _subject_section(exp, traced.graph, store, data)
     if exp.swap_prompt:
         lines += _swap_section(exp, lm, steerer, answer, cfg, data)
     if "ablation" in data and data["ablation"]["p_after"] > 0.8 * data["ablation"]["p_before"]:
@@ -220,6 +226,35 @@ def run_experiment(exp: Experiment, lm, tc, steerer, store, cfg: DemoConfig) -> 
                      "answer is carried elsewhere (error nodes or many small features) in this "
                      "transcoder.")
     return "\n".join(lines) + "\n", data
+
+
+def _subject_section(exp: Experiment, graph, store, data: dict, k: int = 8) -> list[str]:
+    """The features at the subject word's (last) token, ranked by their total direct effect
+    on the rest of the graph (Σ |outgoing edges|): where the concept enters."""
+    strings = graph.token_strings
+    hits = [p for p, t in enumerate(strings) if exp.subject.strip().lower() in t.strip().lower() and t.strip()]
+    if not hits:
+        return []
+    pos = hits[-1]
+    nodes = graph.nodes()
+    at = (nodes.pos[:graph.n_features] == pos).nonzero().flatten()
+    if at.numel() == 0:
+        return []
+    out = graph.adjacency[:, at].abs().sum(0)
+    order = out.argsort(descending=True)[:k]
+    rows = []
+    for j in order.tolist():
+        i = int(at[j])
+        layer, feat = int(nodes.layer[i]), int(nodes.feature[i])
+        rows.append({"layer": layer, "feature": feat, "activation": float(nodes.activation[i]),
+                     "out_effect": float(out[j]), "label": (store.label(layer, feat) if store else "") or ""})
+    data["subject_features"] = {"pos": pos, "token": strings[pos], "features": rows}
+    lines = [f"Features at {strings[pos]!r} (position {pos}) with the largest direct effect on the rest "
+             f"of the graph (Σ |outgoing edges|):", "",
+             "| layer | feature | activation | Σ\|out\| | label |", "|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['feature']} | {r['activation']:.2f} | {r['out_effect']:.3f} | {r['label']} |"
+              for r in rows]
+    return lines + [""]
 
 
 def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, data: dict) -> list[str]:
