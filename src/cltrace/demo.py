@@ -69,6 +69,7 @@ class DemoConfig:
     preset: str = "demo"                   # training preset (see transcoders/config.py)
     run: str | None = None                 # run folder; default <runs>/demo-<model>-clt
     feature_tokens: int = 60_000           # held-out tokens scanned for the feature store
+    eval_tokens: int = 10_000              # held-out tokens for `cltrace eval` (a tenth for the replacement)
     max_feature_nodes: int = 1024          # feature targets per graph
     ablate_top: int = 10                   # features ablated in the ablation experiments
     out: Path = field(default_factory=lambda: paths.home() / "demo")
@@ -112,6 +113,11 @@ def run_demo(cfg: DemoConfig) -> Path:
         if (run_dir / "checkpoint.json").exists():
             args.append("--resume")
         _call(cli, args)
+
+    if not (run_dir / "eval.json").exists():
+        step(f"evaluation on held-out text -> {run_dir / 'eval.json'}")
+        _call(cli, ["eval", str(run_dir), "--tokens", str(cfg.eval_tokens), "--replacement-tokens",
+                    str(cfg.eval_tokens // 10), "--model", cfg.model])
 
     db = run_dir / "features.sqlite"
     step(f"feature store ({cfg.feature_tokens:,} held-out tokens) in {db}")
@@ -349,7 +355,13 @@ def _header(cfg: DemoConfig, run_dir: Path, tc) -> str:
     metrics = ""
     eval_path = run_dir / "eval.json"
     if eval_path.exists():
-        metrics = f"\nEvaluation of the transcoder: see `{eval_path}`.\n"
+        ev = json.loads(eval_path.read_text())
+        a, r = ev["activations"], ev.get("replacement") or {}
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        metrics = (f"\nHeld-out quality (`{eval_path}`): normalised MSE {mean(a['nmse']):.3f}, L0 "
+                   f"{mean(a['l0']):.1f} per layer, dead {sum(a['dead']) / (c.n_layers * c.n_features):.1%}"
+                   + (f"; replacement model: top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl']:.2f}, "
+                      f"CE loss recovered {r['ce_recovered']:.2f}" if r else "") + ".\n")
     return (f"# cltrace demo report\n\nModel `{cfg.model}`; transcoder `{run_dir.name}` "
             f"({c.kind.upper()}, {c.n_layers} layers × {c.n_features} features, preset `{cfg.preset}`)."
             f"\n{metrics}\nEvery number below was measured by this run. Graphs are in "

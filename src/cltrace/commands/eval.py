@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     print(report(act, rep))
     out = Path(args.json) if args.json else (run_dir / "eval.json" if run_dir.is_dir() else None)
     if out is not None:
-        out.write_text(json.dumps({"activations": asdict(act),
-                                               "replacement": asdict(rep) if rep else None}, indent=2))
+        from cltrace.io import atomic_write_json
+
+        atomic_write_json({"activations": asdict(act), "replacement": asdict(rep) if rep else None}, out)
     return 0
 
 
@@ -83,7 +84,7 @@ def _model(name, device):
 
     if not name:
         raise CltraceError("the transcoder does not say which model it was trained on", hint="pass --model")
-    hcfg = HarvestConfig(ctx_len=128)
+    hcfg = HarvestConfig(ctx_len=128, forward_dtype="float32")   # metrics of the exact model, not bf16
     return load_model(name, device=device, dtype=hcfg.torch_forward_dtype(device)), hcfg
 
 
