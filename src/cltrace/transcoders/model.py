@@ -18,6 +18,7 @@ Loss per token (averaged over tokens), in normalised space:
     + λ_S Σ_{l,i} tanh(c · ||W_dec_{l,i}|| · a_{l,i})
     + λ_P Σ_{l,i} ReLU(θ_{l,i} - pre_{l,i}) · ||W_dec_{l,i}||
 where ||W_dec_{l,i}|| is the norm of feature i's decoder vectors over all its targets.
+TopK transcoders train on the reconstruction term alone (k fixes L0; there is no θ).
 
 Decoding is sparse where it pays: per source layer, only the (token, feature) pairs that are
 active, or that fall inside the STE window so θ needs their gradient, are decoded, with an
@@ -279,8 +280,9 @@ class Transcoder(nn.Module):
         mse = (recon - yn.float()).pow(2).sum() / n_tokens
         norms = self.decoder_norms()[:, None, :]                   # [L, 1, F]
         zero = mse.new_zeros(())
-        sparsity = torch.tanh(c * norms * acts).sum() / n_tokens if lambda_s else zero
-        preact = (F.relu(theta - pre) * norms).sum() / n_tokens if lambda_p else zero
+        jump = self.cfg.activation == "jumprelu"      # TopK fixes L0 itself and has no θ
+        sparsity = torch.tanh(c * norms * acts).sum() / n_tokens if lambda_s and jump else zero
+        preact = (F.relu(theta - pre) * norms).sum() / n_tokens if lambda_p and jump else zero
         loss = mse + lambda_s * sparsity + lambda_p * preact
         return LossOutput(loss, mse, sparsity, preact, acts.detach(), recon.detach(), yn)
 
