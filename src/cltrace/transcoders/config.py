@@ -187,7 +187,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=120_000,
                  batch_size=1024, lr=2e-3, dead_window_tokens=40_000, checkpoint_every=20,
                  refit_tokens=16_384, jumprelu_after_topk=True),
-    "session": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=1_200_000,
+    "session": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=700_000,
                     batch_size=1024, lr=2e-3, checkpoint_every=100, dead_window_tokens=200_000,
                     refit_tokens=50_000, jumprelu_after_topk=True),
     "small": dict(model="gemma-3-270m", n_features=4096, tokens=2_000_000, batch_size=2048),
