@@ -7,7 +7,7 @@ The heuristic (offline, no language model):
   it; when two tokens together do, both ("Texas/Dallas"); otherwise the commonest one with
   a trailing "…" to say the contexts are mixed.
 - *writes*: the token the feature's decoder most promotes through the unembedding, appended
-  as "→ Austin".
+  as "→ Austin" (the store passes the promoted tokens that occur in the scanned text first).
 
 So a feature firing on "Texas" that promotes "Austin" is labelled `Texas → Austin`.
 User labels (set with `cltrace feature RUN L:I --label ...`) always take precedence; they are

@@ -744,10 +744,16 @@ def write_auto_labels(store: FeatureStore) -> int:
             f"SELECT id, tokens FROM contexts WHERE id IN ({','.join('?' * len(part))})", part)})
     vocab = dict(conn.execute("SELECT id, text FROM vocab"))
     effects = {int(i): np.frombuffer(b, "<i4")[: len(b) // 16] for i, b in conn.execute("SELECT id, data FROM effects")}
+    # a label names a promoted token that occurs in the scanned text, when one of the top ones does
+    # (Gemma's 262k vocabulary lets rare foreign sub-words top the raw list of a weak feature)
+    seen: set[int] = set()
+    for (blob,) in conn.execute("SELECT tokens FROM contexts"):
+        seen.update(np.frombuffer(blob, "<i4").tolist())
     labels = []
     for fid, top in tops:
         active = [vocab.get(int(ctx_tokens[loc // n][loc % n]), "") for _, loc in top if loc // n in ctx_tokens]
-        promoted = [vocab.get(int(t), "") for t in effects.get(fid, ())]
+        ids = [int(t) for t in effects.get(fid, ())]
+        promoted = [vocab.get(t, "") for t in ([t for t in ids if t in seen] or ids)]
         labels.append((fid, auto_label(active, promoted) if top else DEAD_LABEL))
     with store.transaction() as c:
         c.execute("DELETE FROM auto_labels")
