@@ -177,14 +177,13 @@ class TrainConfig:
         return _from_dict(cls, data, "train config")
 
 
-# Presets. Step costs measured with bench/bench_train.py on the 2-vCPU dev machine (AMD EPYC
-# with AVX512-bf16, no AMX; shared with other jobs, so ±50% between runs):
-#   18 x 2048 CLT, batch 1024: 13-30 s/step (35-76 tokens/s), sparse and dense decode alike.
-#   18 x 4096 CLT, batch 1024: 18-36 s/step (28-57 tokens/s).
-# So on this CPU:
-#   demo     gemma-3-270m, 18 x 1024 CLT, 50k tokens: sized for harvest + training within
-#            ~15 minutes on 2 cores; enough to exercise the pipeline, not a good transcoder.
-#   small    18 x 4096, 2M tokens: ~20 h on this CPU; minutes on one GPU.
+# Presets, on the 2-core dev machine (AMD EPYC, AVX512-bf16, bf16 autocast; README for the
+# measured tables). An 18 x 1024 TopK CLT step of 1024 tokens takes about 3.5 s (~300 tokens/s).
+#   demo     18 x 1024 TopK CLT, 120k tokens harvested on the fly, then TopK -> JumpReLU and a
+#            least-squares decoder refit: harvest + training within ~15 minutes.
+#   session  the same on 700k tokens (a 400k-token store read twice), 50k-token refit: ~45
+#            minutes; the transcoder of the README's quality table and example report.
+#   small    18 x 4096 JumpReLU, 2M tokens: hours on this CPU; minutes on one GPU.
 #   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=120_000,
