@@ -3,8 +3,9 @@
 `topk_to_jumprelu`: a TopK transcoder trains fast and never needs a sparsity coefficient,
 but a feature's TopK activation depends on the whole layer, which interventions and the
 attribution's per-feature linearisation do not allow. It becomes a JumpReLU transcoder with
-one threshold per layer, the (1 - k/F) quantile of that layer's pre-activations over a token
-sample, so the mean L0 stays k (the inference rule of BatchTopK SAEs).
+one threshold per layer, chosen on a token sample so that as many pre-activations exceed it
+as TopK kept active (positive among the k largest): the mean L0 stays the same (the
+inference rule of BatchTopK SAEs).
 
 `refit_decoder`: least-squares decoder refit, the best decoder for a fixed encoder.
 
@@ -41,14 +42,18 @@ from cltrace.transcoders.model import Transcoder
 @torch.no_grad()
 def topk_to_jumprelu(tc: Transcoder, x: Tensor) -> list[float]:
     """Make a TopK transcoder a JumpReLU one in place, calibrated on raw MLP inputs x [N, L, d]
-    (N·F values per layer; a few thousand tokens are plenty). Returns the thresholds θ_l."""
+    (N·F values per layer; a few thousand tokens are plenty). Returns the thresholds θ_l
+    (floored at 1e-4: θ must be positive)."""
     cfg = tc.cfg
     if cfg.activation != "topk":
         raise CltraceError(f"topk_to_jumprelu needs a TopK transcoder, this one is {cfg.activation}")
     pre = tc._encode(tc._normalise(x.to(tc.b_enc.device, torch.float32), tc.in_scale))   # [L, N, F]
     L, N, F = pre.shape
-    rank = max(1, N * F - N * cfg.topk)           # kthvalue is 1-based: N·k values lie above it
-    theta = torch.stack([pre[l].flatten().kthvalue(rank).values for l in range(L)]).clamp_min(1e-4)
+    # TopK's L0 is the number of *positive* values among each token's k largest (ReLU after
+    # TopK); θ_l is chosen so that as many of the layer's N·F pre-activations lie above it
+    n_active = (pre.topk(cfg.topk, dim=-1).values > 0).sum(dim=(1, 2))                # [L]
+    theta = torch.stack([pre[l].flatten().kthvalue(max(1, N * F - int(n_active[l]))).values
+                         for l in range(L)]).clamp_min(1e-4)
     tc.log_threshold.copy_(theta.log()[:, None].expand(L, F))
     tc.cfg = dataclasses.replace(cfg, activation="jumprelu", topk=None)
     return theta.tolist()
