@@ -79,9 +79,11 @@ def test_topk_run_ends_as_a_jumprelu_transcoder_with_the_same_l0():
     assert topk.cfg.activation == "jumprelu" and topk.cfg.topk is None and min(thetas) > 0
     l0_jump = (topk(x).acts > 0).float().sum(-1).mean(0)
     torch.testing.assert_close(l0_jump, l0_topk, rtol=0.25, atol=0.5)
-    full = train(config(tokens=64 * 30, activation="topk", topk=6, jumprelu_after_topk=True,
-                        refit_tokens=64 * 8), data(), L, D).transcoder
+    logs = []
+    full = train(config(tokens=64 * 30, activation="topk", topk=6, jumprelu_after_topk=True, init_tokens=128,
+                        refit_tokens=64 * 8), data(30 + 2 + 8), L, D, log=logs.append).transcoder
     assert full.cfg.activation == "jumprelu"
+    assert any("on 512 tokens" in line for line in logs), logs    # no batch lost after training
     with pytest.raises(CltraceError, match="topk"):
         config(jumprelu_after_topk=True)
 

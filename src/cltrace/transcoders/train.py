@@ -219,8 +219,9 @@ class Trainer:
                        disable=None if self.dist.is_main else True)
         t0, tokens0 = time.perf_counter(), self.tokens
         try:
-            for batch in it:
-                if self.step >= cfg.n_steps:
+            while self.step < cfg.n_steps:          # fetch no batch beyond the budget: the
+                batch = next(it, None)               # finishing steps read the next ones
+                if batch is None:
                     break
                 m = self.train_step(batch.mlp_in, batch.mlp_out)
                 history.append(m)
