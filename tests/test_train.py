@@ -126,6 +126,10 @@ def test_resume_refuses_other_settings(tmp_path):
     other = config(checkpoint_every=4, tokens=64 * 4, lr=1e-2)
     with pytest.raises(CltraceError, match="other settings"):
         train(other, data(), L, D, tmp_path / "run", resume=True)
+    refinished = config(checkpoint_every=4, tokens=64 * 4, refit_tokens=128)   # finishing may change
+    logs = []
+    train(refinished, data(), L, D, tmp_path / "run", resume=True, log=logs.append)
+    assert any("refit" in line for line in logs)
 
 
 def test_schedules():

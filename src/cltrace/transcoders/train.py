@@ -39,6 +39,9 @@ from cltrace.transcoders.config import TrainConfig
 from cltrace.transcoders.model import Transcoder
 
 POINTER = "checkpoint.json"
+# settings of the closed-form steps after training: they may change on --resume (the
+# trajectory does not depend on them), e.g. to redo the finishing of a finished run
+FINISHING_FIELDS = frozenset({"refit_tokens", "refit_ridge", "jumprelu_after_topk"})
 
 
 class StepMetrics(NamedTuple):
@@ -327,9 +330,9 @@ class Trainer:
         directory = self.dist.checkpoint_dir(self.run_dir, step)
         state, extra = load_checkpoint(directory, self.tc, self.optimizer)
         saved = TrainConfig.from_dict(state["train_config"])
-        if saved != self.cfg:
-            diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
-                    if getattr(self.cfg, k) != v}
+        diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
+                if getattr(self.cfg, k) != v and k not in FINISHING_FIELDS}
+        if diff:
             raise CltraceError(f"{directory}: the checkpoint was trained with other settings {diff}",
                                hint="resume with the same options, or choose a new --out")
         self.step, self.tokens, self.n_dead = state["step"], state["tokens"], state["n_dead"]
