@@ -27,7 +27,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import itertools
-    import json
     from dataclasses import asdict
     from pathlib import Path
 

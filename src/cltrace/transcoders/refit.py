@@ -123,7 +123,7 @@ def refit_decoder(tc: Transcoder, batches: Iterable, *, max_tokens: int, ridge: 
 
 
 def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
-    L, F, d = tc.cfg.n_layers, tc.cfg.n_features, tc.cfg.d_model
+    L, F = tc.cfg.n_layers, tc.cfg.n_features
     n = s.n
     mean_a, mean_y = s.sum_a / n, s.sum_y / n                              # [L, F], [L, d]
     if s.plt:
