@@ -145,6 +145,8 @@ def test_schedules():
 def test_presets_and_checks():
     assert preset("demo").model == "gemma-3-270m"
     assert preset("demo", n_features=512).n_features == 512
+    switched = preset("demo", activation="jumprelu")           # TopK preset, JumpReLU asked for
+    assert switched.activation == "jumprelu" and switched.topk is None and not switched.jumprelu_after_topk
     with pytest.raises(CltraceError, match="unknown preset"):
         preset("nope")
     with pytest.raises(CltraceError):

@@ -355,11 +355,12 @@ def _header(cfg: DemoConfig, run_dir: Path, tc) -> str:
     metrics = ""
     eval_path = run_dir / "eval.json"
     if eval_path.exists():
+        from cltrace.transcoders.evaluate import ActivationMetrics
+
         ev = json.loads(eval_path.read_text())
-        a, r = ev["activations"], ev.get("replacement") or {}
-        mean = lambda v: sum(v) / len(v)  # noqa: E731
-        metrics = (f"\nHeld-out quality (`{eval_path}`): normalised MSE {mean(a['nmse']):.3f}, L0 "
-                   f"{mean(a['l0']):.1f} per layer, dead {sum(a['dead']) / (c.n_layers * c.n_features):.1%}"
+        a, r = ActivationMetrics(**ev["activations"]).summary(), ev.get("replacement") or {}
+        metrics = (f"\nHeld-out quality (`{eval_path}`): normalised MSE {a['nmse']:.3f}, L0 "
+                   f"{a['l0']:.1f} per layer, dead {a['dead'] / (c.n_layers * c.n_features):.1%}"
                    + (f"; replacement model: top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl']:.2f}, "
                       f"CE loss recovered {r['ce_recovered']:.2f}" if r else "") + ".\n")
     return (f"# cltrace demo report\n\nModel `{cfg.model}`; transcoder `{run_dir.name}` "

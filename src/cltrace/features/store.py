@@ -736,19 +736,12 @@ def write_auto_labels(store: FeatureStore) -> int:
     layout = RecordLayout(int(store.meta["top_k"]), int(store.meta["n_bins"]) * int(store.meta["per_bin"]))
     conn = store.conn
     tops = [(int(fid), layout.unpack(blob)[0]) for fid, blob in conn.execute("SELECT id, data FROM features")]
-    needed = sorted({loc // n for _, top in tops for _, loc in top})
-    ctx_tokens: dict[int, np.ndarray] = {}
-    for s in range(0, len(needed), 500):
-        part = needed[s:s + 500]
-        ctx_tokens.update({int(i): np.frombuffer(b, "<i4") for i, b in conn.execute(
-            f"SELECT id, tokens FROM contexts WHERE id IN ({','.join('?' * len(part))})", part)})
+    ctx_tokens = {int(i): np.frombuffer(b, "<i4") for i, b in conn.execute("SELECT id, tokens FROM contexts")}
     vocab = dict(conn.execute("SELECT id, text FROM vocab"))
     effects = {int(i): np.frombuffer(b, "<i4")[: len(b) // 16] for i, b in conn.execute("SELECT id, data FROM effects")}
     # a label names a promoted token that occurs in the scanned text, when one of the top ones does
     # (Gemma's 262k vocabulary lets rare foreign sub-words top the raw list of a weak feature)
-    seen: set[int] = set()
-    for (blob,) in conn.execute("SELECT tokens FROM contexts"):
-        seen.update(np.frombuffer(blob, "<i4").tolist())
+    seen = set(np.unique(np.concatenate(list(ctx_tokens.values()))).tolist()) if ctx_tokens else set()
     labels = []
     for fid, top in tops:
         active = [vocab.get(int(ctx_tokens[loc // n][loc % n]), "") for _, loc in top if loc // n in ctx_tokens]

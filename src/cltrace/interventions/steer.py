@@ -180,6 +180,7 @@ class Steerer:
         p = next(iter(transcoder.parameters()), None) if hasattr(transcoder, "parameters") else None
         self.tc_device = p.device if p is not None else torch.device("cpu")
         self.tc_dtype = p.dtype if p is not None else torch.float32
+        self._acts_cache: dict[str, Tensor] = {}      # prompt -> activations (prompt_activations)
 
     # -- features of a prompt --------------------------------------------------------------
     def tokens(self, prompt: str) -> Int[Tensor, "1 pos"]:
@@ -363,7 +364,7 @@ class Steerer:
 
     def prompt_activations(self, prompt: str) -> Float[Tensor, "pos layer features"]:
         """`activations` of a prompt, remembered for the last few prompts."""
-        cache = self.__dict__.setdefault("_acts_cache", {})
+        cache = self._acts_cache
         if prompt not in cache:
             if len(cache) >= 8:
                 cache.pop(next(iter(cache)))

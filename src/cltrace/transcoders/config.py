@@ -202,14 +202,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+TOPK_ONLY = ("topk", "jumprelu_after_topk")      # settings that only mean something for TopK
+
+
 def preset(name: str, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a named preset, with fields overridden (None values ignored)."""
     if name not in PRESETS:
         raise CltraceError(f"unknown preset {name!r}", hint=f"choose one of {sorted(PRESETS)}")
     values = dict(PRESETS[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("activation", "jumprelu") == "jumprelu" and overrides.get("topk") is None:
-        values.pop("topk", None)                 # a TopK preset switched to JumpReLU
+    if values.get("activation", "jumprelu") == "jumprelu":   # a TopK preset switched to JumpReLU:
+        for key in TOPK_ONLY:                                  # drop its TopK-only settings
+            if overrides.get(key) is None:
+                values.pop(key, None)
     return TrainConfig(**values)
 
 

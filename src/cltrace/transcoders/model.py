@@ -278,11 +278,12 @@ class Transcoder(nn.Module):
         acts = self._activate(pre, theta)
         recon = self._decode(acts, xn, self._candidates(pre, theta), reduce=reduce)
         mse = (recon - yn.float()).pow(2).sum() / n_tokens
-        norms = self.decoder_norms()[:, None, :]                   # [L, 1, F]
         zero = mse.new_zeros(())
         jump = self.cfg.activation == "jumprelu"      # TopK fixes L0 itself and has no θ
-        sparsity = torch.tanh(c * norms * acts).sum() / n_tokens if lambda_s and jump else zero
-        preact = (F.relu(theta - pre) * norms).sum() / n_tokens if lambda_p and jump else zero
+        use_s, use_p = bool(lambda_s) and jump, bool(lambda_p) and jump
+        norms = self.decoder_norms()[:, None, :] if use_s or use_p else None      # [L, 1, F]
+        sparsity = torch.tanh(c * norms * acts).sum() / n_tokens if use_s else zero
+        preact = (F.relu(theta - pre) * norms).sum() / n_tokens if use_p else zero
         loss = mse + lambda_s * sparsity + lambda_p * preact
         return LossOutput(loss, mse, sparsity, preact, acts.detach(), recon.detach(), yn)
 

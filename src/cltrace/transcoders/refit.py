@@ -129,7 +129,7 @@ def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
     if s.plt:
         G = s.G - n * mean_a[:, :, None] * mean_a[:, None, :]              # centred, [L, F, F]
         C = s.C - n * mean_a[:, :, None] * mean_y[:, None, :]              # [L, F, d]
-        G = G + _ridge(G, ridge)
+        _add_ridge_(G, ridge)
         W = torch.cholesky_solve(C, torch.linalg.cholesky(G))               # [L, F, d]
         for l in range(L):
             keep = s.fired[l]
@@ -142,8 +142,7 @@ def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
     G += G.tril(-1).T                                                       # mirror the lower half
     G.addr_(flat_mean, flat_mean, alpha=-n)                                 # centre
     C = s.C - n * flat_mean[:, None, None] * mean_y[None]                   # [L·F, L, d]
-    diag = G.diagonal()
-    diag += ridge * diag.mean().clamp_min(1e-12) + 1e-9
+    _add_ridge_(G, ridge)
     chol = torch.linalg.cholesky(G)
     del G, s.G
     fired = s.fired.reshape(-1)
@@ -157,12 +156,11 @@ def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
         tc.b_dec[t] = (mean_y[t] - flat_mean[:k] @ W).to(tc.b_dec.dtype)
 
 
-def _ridge(G: Tensor, ridge: float) -> Tensor:
-    """ρ·I with ρ = ridge × mean diagonal (per matrix), plus a floor for silent features
-    (the CLT branch of `_solve` does the same in place)."""
+def _add_ridge_(G: Tensor, ridge: float) -> None:
+    """G += ρ·I in place (per matrix of a batch), ρ = ridge × mean diagonal, plus a floor for
+    silent features."""
     diag = G.diagonal(dim1=-2, dim2=-1)
-    rho = ridge * diag.mean(-1, keepdim=True).clamp_min(1e-12)
-    return torch.diag_embed((rho + 1e-9).expand_as(diag))
+    diag += ridge * diag.mean(-1, keepdim=True).clamp_min(1e-12) + 1e-9
 
 
 __all__ = ["refit_decoder", "RefitStats", "topk_to_jumprelu"]

@@ -257,17 +257,13 @@ class Trainer:
             self.log("note: the closed-form finishing steps run in single-process training only; skipped")
             return
         if self.cfg.jumprelu_after_topk and self.tc.cfg.activation == "topk":
-            sample, n = [], 0
-            for batch in it:
-                sample.append(batch.mlp_in)
-                n += batch.mlp_in.shape[0]
-                if n >= self.cfg.init_tokens:
-                    break
+            sample = _take_tokens(it, self.cfg.init_tokens)
             if not sample:
                 self.log("note: no data left to turn TopK into JumpReLU; the transcoder stays TopK")
                 return
-            theta = topk_to_jumprelu(self.tc, torch.cat(sample)[: self.cfg.init_tokens])
-            self.log(f"TopK -> JumpReLU on {min(n, self.cfg.init_tokens):,} tokens: per-layer thresholds "
+            x = torch.cat([b.mlp_in for b in sample])[: self.cfg.init_tokens]
+            theta = topk_to_jumprelu(self.tc, x)
+            self.log(f"TopK -> JumpReLU on {x.shape[0]:,} tokens: per-layer thresholds "
                      + ", ".join(f"{t:.3g}" for t in theta))
         first = next(it, None) if self.cfg.refit_tokens else None
         if self.cfg.refit_tokens and first is None:
@@ -279,13 +275,7 @@ class Trainer:
 
     def _init_from(self, it: Iterator) -> Iterator:
         """Peek at batches until init_tokens, initialise from them, hand them back."""
-        seen, n = [], 0
-        while n < self.cfg.init_tokens:
-            batch = next(it, None)
-            if batch is None:
-                break
-            seen.append(batch)
-            n += batch.mlp_in.shape[0]
+        seen = _take_tokens(it, self.cfg.init_tokens)
         if not seen:
             raise CltraceError("no training data: the batch stream is empty")
         x = torch.cat([b.mlp_in for b in seen])[: self.cfg.init_tokens].to(self.device)
@@ -347,6 +337,18 @@ class Trainer:
             return
         full.save(self.run_dir / "transcoder")
         atomic_write_json(self.cfg.to_dict(), self.run_dir / "train_config.json")
+
+
+def _take_tokens(it: Iterator, n_tokens: int) -> list:
+    """The next batches of `it` until they hold at least `n_tokens` tokens (fewer if it ends)."""
+    taken, n = [], 0
+    while n < n_tokens:
+        batch = next(it, None)
+        if batch is None:
+            break
+        taken.append(batch)
+        n += batch.mlp_in.shape[0]
+    return taken
 
 
 def _pointer(run_dir: Path) -> int | None:
