@@ -193,8 +193,21 @@ class Steerer:
             return self.tc.activate(self.tc.encode(x))
 
     # -- planning --------------------------------------------------------------------------
+    def check(self, interventions: Sequence[Intervention]) -> None:
+        """CltraceError naming the valid range when a layer or feature index does not exist."""
+        n_layers = self.model.n_layers
+        for iv in interventions:
+            if not 0 <= iv.layer < n_layers:
+                raise CltraceError(f"layer {iv.layer} is out of range: layers are 0-{n_layers - 1}",
+                                   "feature ids read layer:feature, e.g. 3:1022")
+            n_features = int(self.tc.encoder_bias(iv.layer).shape[0])
+            if not 0 <= iv.feature < n_features:
+                raise CltraceError(f"feature {iv.feature} is out of range: layer {iv.layer} has "
+                                   f"features 0-{n_features - 1}", "feature ids read layer:feature, e.g. 3:1022")
+
     def plan(self, interventions: Sequence[Intervention]) -> dict[int, _LayerPlan]:
         """Group interventions by layer; ops sharing (mode, value, positions) act together."""
+        self.check(interventions)
         by_layer: dict[int, list[Intervention]] = {}
         for iv in interventions:
             by_layer.setdefault(iv.layer, []).append(iv)

@@ -1,7 +1,8 @@
 """Supernodes: named groups of graph features ("Texas", "say a capital"), made by hand or suggested.
 
-By hand: a JSON file, either `{name: [node ids]}` or the viewer's sidecar
-`{"graph": ..., "supernodes": [{"name": ..., "node_ids": [...]}]}`, saved beside the graph as
+By hand: a supernode file (`cltrace.supernode_file`, the one format the viewer also reads
+and writes), either `{name: [node ids]}` or the sidecar
+`{"graph": ..., "supernodes": [{"name": ..., "node_ids": [...]}]}` saved beside the graph as
 `<graph>.supernodes.json` (`save_supernodes` writes the sidecar form). Feature node ids are
 `{layer}_{feature}_{pos}`; other nodes (errors, embeddings, logits) are ignored when
 intervening. Logit ids have the same shape (`{n_layers+1}_{token}_{pos}`), so graph JSON is
@@ -20,7 +21,6 @@ agglomerative clustering that merges while the best pair's similarity is ≥ `th
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -30,9 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from cltrace.interventions.steer import Intervention, Mode
-from cltrace.io import atomic_write_json
+from cltrace.supernode_file import (SIDECAR_SUFFIX, parse_supernodes, read_supernodes, sidecar_path,
+                                    write_supernodes)
 
-SIDECAR_SUFFIX = ".supernodes.json"   # same as the viewer's (viewer/graphs.py)
 FEATURE_TYPES = {"cross layer transcoder", "feature"}  # Neuronpedia JSON / Graph node types
 _FEATURE_ID = re.compile(r"^(\d+)_(\d+)_(\d+)$")
 
@@ -75,20 +75,7 @@ class Supernode:
 
 def supernodes_from_json(data: Any) -> list[Supernode]:
     """Accepts `{name: [ids]}`, `{"supernodes": [{name, node_ids}]}` or `[{name, node_ids}]`."""
-    if isinstance(data, dict) and "supernodes" in data:
-        data = data["supernodes"]
-    if isinstance(data, dict):
-        return [Supernode(str(k), [str(i) for i in v]) for k, v in data.items()]
-    if isinstance(data, list):
-        return [Supernode(str(g["name"]), [str(i) for i in g["node_ids"]]) for g in data]
-    raise ValueError("a supernode file holds {name: [node ids]} or {'supernodes': [...]}")
-
-
-def sidecar_path(graph_path: str | Path) -> Path:
-    """`graphs/x.json` -> `graphs/x.supernodes.json`."""
-    p = Path(graph_path)
-    stem = p.name[: -len(".json")] if p.name.endswith(".json") else p.name
-    return p.with_name(stem + SIDECAR_SUFFIX)
+    return [Supernode(g["name"], g["node_ids"]) for g in parse_supernodes(data)]
 
 
 def load_supernodes(path: str | Path) -> list[Supernode]:
@@ -96,14 +83,13 @@ def load_supernodes(path: str | Path) -> list[Supernode]:
     p = Path(path)
     if not p.name.endswith(SIDECAR_SUFFIX) and sidecar_path(p).is_file():
         p = sidecar_path(p)
-    return supernodes_from_json(json.loads(p.read_text(encoding="utf-8")))
+    return [Supernode(g["name"], g["node_ids"]) for g in read_supernodes(p)]
 
 
-def save_supernodes(graph_path: str | Path, groups: Sequence[Supernode], graph_name: str | None = None) -> Path:
+def save_supernodes(graph_path: str | Path, groups: Sequence[Supernode],
+                    graph_name: str | None = None) -> Path:
     """Write groups atomically beside the graph, in the viewer's sidecar format."""
-    name = graph_name or Path(graph_path).name.removesuffix(".json")
-    return atomic_write_json({"graph": name, "supernodes": [g.to_dict() for g in groups]},
-                             sidecar_path(graph_path), indent=1)
+    return write_supernodes(graph_path, [g.to_dict() for g in groups], graph_name)
 
 
 # -- automatic grouping --------------------------------------------------------------------

@@ -50,6 +50,12 @@ def error_response(status: int, message: str) -> Response:
     return json_response({"error": message, "status": status}, status)
 
 
+def internal_error(err: BaseException) -> Response:
+    """A 500 reply for an exception no handler expected (a bug in cltrace)."""
+    return error_response(500, f"internal error: {type(err).__name__}: {err} "
+                               "(a bug in cltrace; the server keeps running)")
+
+
 class ViewerApp:
     """Routes requests to the graph store and the back-end."""
 
@@ -73,7 +79,8 @@ class ViewerApp:
 
     def handle(self, method: str, path: str, query: dict[str, list[str]],
                body: bytes = b"") -> Response:
-        """Dispatch; errors become JSON `{error, status}` responses."""
+        """Dispatch; errors become JSON `{error, status}` responses (a bug: 500, never a
+        dropped connection)."""
         allowed = []
         for route_method, pattern, handler in self.routes:
             match = pattern.fullmatch(path)
@@ -90,6 +97,10 @@ class ViewerApp:
                 return error_response(400, str(err))
             except BackendError as err:
                 return error_response(err.status, err.message)
+            except RecursionError:
+                return error_response(400, "the request is nested too deeply")
+            except Exception as err:  # a bug: answer it, and keep serving
+                return internal_error(err)
         if allowed:
             methods = ", ".join(sorted(set(allowed)))
             return error_response(405, f"{method} not allowed here; use {methods}")
@@ -117,7 +128,7 @@ class ViewerApp:
 
     # -- graphs -----------------------------------------------------------------------------
     def list_graphs(self, **_: Any) -> Response:
-        graphs = [self.store.summary(n).to_json() for n in self.store.names()]
+        graphs = [s.to_json() for s in self.store.summaries()]
         return json_response({"graphs": graphs, "folders": [str(f) for f in self.store.folders]})
 
     def get_graph(self, name: str, **_: Any) -> Response:

@@ -3,7 +3,10 @@
 A graph's name is its path relative to the graph folder that holds it, without `.json`
 (`fact/dallas` for `<folder>/fact/dallas.json`). Names are checked before any file access:
 no `..`, no absolute paths, no backslashes; the resolved path (symlinks followed) must stay
-inside its folder.
+inside its folder. The listing never fails because of one file: a file whose name is not
+servable, or that is not a graph, is listed with an `error` saying why.
+
+Supernode sidecars use the one supernode file format (`cltrace.supernode_file`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cltrace.io import atomic_write_json
+from cltrace.supernode_file import (SIDECAR_SUFFIX, SupernodeFileError, parse_supernodes,
+                                    sidecar_path, write_supernodes)
 from cltrace.viewer.backend import GraphRef
 
-SIDECAR_SUFFIX = ".supernodes.json"
-_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ +=,@-]*$")
+_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ +=,@()-]*$")
+NAME_CHARS = "letters, digits, spaces and . _ - + = , @ ( )"
 MAX_NAME_LEN = 255
 
 
@@ -51,7 +55,7 @@ def check_name(name: str) -> None:
         raise GraphError("graph name is empty or too long", 400)
     parts = name.split("/")
     if any(not _NAME_PART.match(p) or p in (".", "..") or ".." in p for p in parts):
-        raise GraphError(f"invalid graph name {name!r}", 400)
+        raise GraphError(f"invalid graph name {name!r}: rename the file using {NAME_CHARS}", 400)
 
 
 class GraphStore:
@@ -64,6 +68,10 @@ class GraphStore:
 
     def names(self) -> list[str]:
         """Every graph name, first folder wins on duplicates, sorted."""
+        return sorted(self._files())
+
+    def _files(self) -> dict[str, Path]:
+        """Graph name -> file, for every graph file (servable name or not)."""
         seen: dict[str, Path] = {}
         for folder in self.folders:
             for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
@@ -72,7 +80,7 @@ class GraphStore:
                 name = path.relative_to(folder).with_suffix("").as_posix()
                 if name not in seen and self._inside(path.resolve(), folder):
                     seen[name] = path
-        return sorted(seen)
+        return seen
 
     def path(self, name: str) -> Path:
         """The resolved file for `name`; GraphError 400 for a bad name, 404 if absent."""
@@ -96,12 +104,22 @@ class GraphStore:
                 self._cache[path] = cached
         return GraphRef(name=name, path=path, data=cached[1])
 
+    def summaries(self) -> list[GraphSummary]:
+        """One summary per graph file, sorted by name; a bad file's summary carries `error`."""
+        return [self._summary(name, path) for name, path in sorted(self._files().items())]
+
     def summary(self, name: str) -> GraphSummary:
-        size = self.path(name).stat().st_size
+        return self._summary(name, self.path(name))
+
+    def _summary(self, name: str, path: Path) -> GraphSummary:
         try:
+            size = path.stat().st_size
             data = self.load(name).data
         except GraphError as err:
-            return GraphSummary(name, None, None, None, size, error=err.message)
+            return GraphSummary(name, None, None, None, _size(path), error=err.message)
+        except OSError as err:
+            return GraphSummary(name, None, None, None, _size(path),
+                                error=f"cannot read {path.name}: {err.strerror or err}")
         return GraphSummary(name, data["metadata"].get("prompt"), len(data["nodes"]),
                             len(data["links"]), size)
 
@@ -111,23 +129,27 @@ class GraphStore:
         if sidecar.is_symlink() or not sidecar.is_file():  # never follow a link out
             return None
         try:
-            saved = json.loads(sidecar.read_text(encoding="utf-8"))
-            return list(saved["supernodes"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise GraphError(f"unreadable supernode file {sidecar.name}: {err}", 422)
+            text = sidecar.read_text(encoding="utf-8")
+            return parse_supernodes(json.loads(text), where=sidecar.name)
+        except SupernodeFileError as err:
+            raise GraphError(f"unreadable supernode file {sidecar.name}: {err.message}", 422) from None
+        except (ValueError, RecursionError) as err:
+            raise GraphError(f"unreadable supernode file {sidecar.name}: {err}", 422) from None
 
     def write_supernodes(self, graph: GraphRef, groups: list[dict]) -> Path:
         """Save groups atomically next to the graph (`<name>.supernodes.json`)."""
-        return atomic_write_json({"graph": graph.name, "supernodes": groups},
-                                 sidecar_path(graph.path), indent=1)
+        return write_supernodes(graph.path, groups, graph_name=graph.name)
 
     @staticmethod
     def _inside(path: Path, folder: Path) -> bool:
         return path == folder or folder in path.parents
 
 
-def sidecar_path(graph_path: Path) -> Path:
-    return graph_path.with_name(graph_path.name[: -len(".json")] + SIDECAR_SUFFIX)
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def parse_graph(path: Path) -> dict:
@@ -136,6 +158,8 @@ def parse_graph(path: Path) -> dict:
         data = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as err:
         raise GraphError(f"{path.name} is not valid JSON: {err}", 422)
+    except RecursionError:
+        raise GraphError(f"{path.name} is nested too deeply to be a graph", 422) from None
     if not isinstance(data, dict):
         raise GraphError(f"{path.name}: top level is not an object", 422)
     for key, kind in (("metadata", dict), ("nodes", list), ("links", list)):

@@ -47,7 +47,12 @@ class ModelBackend:
                             positions=None if i.pos is None else (i.pos,))
                for i in request.interventions]
         with self._lock:
-            result = self.steerer.run(prompt, ivs, top_k=TOP_K, generate=request.generate)
+            try:
+                result = self.steerer.run(prompt, ivs, top_k=TOP_K, generate=request.generate)
+            except CltraceError as err:  # an index out of range: the message names the ranges
+                raise BackendError(err.message, status=400) from err
+            except ValueError as err:     # positions outside the prompt
+                raise BackendError(str(err), status=400) from err
         return result.to_dict()
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from cltrace.viewer.api import Response, ViewerApp, error_response
+from cltrace.viewer.api import Response, ViewerApp, error_response, internal_error
 from cltrace.viewer.backend import NullBackend, ViewerBackend
 from cltrace.viewer.graphs import GraphStore
 from cltrace.viewer.validation import MAX_BODY_BYTES
@@ -74,19 +74,28 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
+        """Every request gets a reply: an unexpected exception becomes a JSON 500."""
+        try:
+            response = self._respond(method)
+        except Exception as err:
+            self.close_connection = True
+            response = internal_error(err)
+        self._send(response)
+
+    def _respond(self, method: str) -> Response:
         if not self.server.host_allowed(self.headers.get("Host")):
-            return self._send(error_response(403, "unexpected Host header"))
+            return error_response(403, "unexpected Host header")
         body = b""
         if method == "POST":
             body_or_error = self._read_body()
             if isinstance(body_or_error, Response):
-                return self._send(body_or_error)
+                return body_or_error
             body = body_or_error
         url = urlsplit(self.path)
         path = unquote(url.path)
         if "\x00" in path:
-            return self._send(error_response(400, "invalid path"))
-        self._send(self.server.app.handle(method, path, parse_qs(url.query), body))
+            return error_response(400, "invalid path")
+        return self.server.app.handle(method, path, parse_qs(url.query), body)
 
     def _read_body(self) -> bytes | Response:
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()

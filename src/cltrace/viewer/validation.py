@@ -28,6 +28,8 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise BadRequest(f"body is not valid JSON: {err}")
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data
