@@ -20,14 +20,12 @@ import math
 import pytest
 import torch
 
-from tiny import FAMILIES, tiny_model
-
-from cltrace.attribution.graph import (AttributionConfig, Graph, attribute, find_active_features,
-                                       skip_function)
+from cltrace.attribution.graph import AttributionConfig, Graph, attribute, find_active_features, skip_function
 from cltrace.attribution.replacement import run_frozen, run_replacement
 from cltrace.errors import CltraceError
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
+from tiny import FAMILIES, tiny_model
 
 PROMPT = "Fact : the capital of the state containing Dallas is"
 KINDS = ("clt", "plt", "skip")
@@ -282,10 +280,10 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_prompt_too_large_for_memory_names_a_length(monkeypatch):
-    import cltrace.attribution.graph as graph_mod
+    import cltrace.attribution.build as build_mod
 
     lm = tiny_model("llama")
     tc = make_transcoder(lm, "clt")
-    monkeypatch.setattr(graph_mod, "available_memory", lambda device: 200_000)
+    monkeypatch.setattr(build_mod, "available_memory", lambda device: 200_000)
     with pytest.raises(CltraceError, match=r"at most about \d+ tokens"):
         attribute(lm, tc, PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=4))

@@ -6,8 +6,10 @@
     doc = to_frontend_json(graph, kept, slug="texas", logit_strings={...})
 """
 
+from cltrace.attribution.build import attribute
+from cltrace.attribution.config import AttributionConfig
 from cltrace.attribution.export import to_frontend_json, validate, write_json
-from cltrace.attribution.graph import AttributionConfig, Graph, NodeTable, attribute
+from cltrace.attribution.graph import Graph, NodeTable
 from cltrace.attribution.prune import GraphScores, PruneResult, graph_scores, prune
 
 __all__ = ["AttributionConfig", "Graph", "NodeTable", "attribute", "prune", "PruneResult",
