@@ -1,0 +1,161 @@
+"""Many feature interventions on one prompt, one batch row each, on the real model.
+
+`Steerer` (interventions/steer.py) applies one set of interventions to every batch row. Validation
+and swap searches run dozens of different sets on the same prompt, so here each batch row gets
+its own list of `Edit`s, with the same semantics as `Steerer` (METHOD.md §6):
+
+- unconstrained (``constrain=False``): at an edit's layer l the feature's activation ``a`` is
+  computed from the row's *current* MLP input (JumpReLU of its encoder row), the new value is
+  ``a·value`` (scale) or ``value`` (set), and ``Δa · W_dec[l→l']`` is added to the real MLP output of
+  every layer l' ≥ l; the rest of the model runs on normally;
+- constrained (``constrain=True``, Steerer's ``constrain_until = n_layers - 1``): every MLP output
+  is clamped to its clean value plus the edited features' decoder writes, with ``Δa`` taken from
+  the clean activations; attention and norms still run live.
+
+Only the last position's logits are computed, pre-softcap (the graph's logit nodes are
+pre-softcap), from the final norm's output and the unembedding; `probabilities` applies the
+model's softcap (if any) and the softmax. Parity with `Steerer` is tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from cltrace.models.loading import Captured, LoadedModel
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Scale or set feature (layer, feature) at one prompt position (negative: from the end)."""
+
+    layer: int
+    pos: int
+    feature: int
+    mode: Literal["scale", "set"] = "scale"
+    value: float = 0.0
+
+
+def _device_tc(transcoder) -> tuple[torch.device, torch.dtype]:
+    p = next(iter(transcoder.parameters()), None) if hasattr(transcoder, "parameters") else None
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+class _Plan:
+    """The edits of a batch grouped by layer: row, position, feature, mode flag and value per edit."""
+
+    def __init__(self, transcoder, rows: Sequence[Sequence[Edit]], n_pos: int, device: torch.device):
+        self.by_layer: dict[int, tuple[Tensor, ...]] = {}
+        flat = [(b, e) for b, row in enumerate(rows) for e in row]
+        for layer in sorted({e.layer for _, e in flat}):
+            sel = [(b, e) for b, e in flat if e.layer == layer]
+            row = torch.tensor([b for b, _ in sel], device=device)
+            pos = torch.tensor([e.pos % n_pos for _, e in sel], device=device)
+            feat = torch.tensor([e.feature for _, e in sel], device=device)
+            is_set = torch.tensor([e.mode == "set" for _, e in sel], device=device)
+            value = torch.tensor([float(e.value) for _, e in sel], device=device)
+            self.by_layer[layer] = (row, pos, feat, is_set, value)
+        self.tc = transcoder
+
+    def writes(self, layer: int, x: Float[Tensor, "batch pos d"], pending: dict[int, Tensor]) -> None:
+        """Queue Δa · W_dec[layer→l'] of this layer's edits (activations from MLP input x)."""
+        if layer not in self.by_layer:
+            return
+        row, pos, feat, is_set, value = self.by_layer[layer]
+        w_enc = self.tc.encoder_weight(layer)[:, feat]  # [d, k]
+        pre = (x[row, pos].to(w_enc.dtype) * w_enc.T).sum(-1) + self.tc.encoder_bias(layer)[feat]
+        a = pre * (pre > self.tc.threshold(layer)[feat])
+        delta = torch.where(is_set, value, a * value) - a  # [k]
+        dec = self.tc.decoder_weight(layer)[feat] * delta[:, None, None]  # [k, T, d]
+        for t in range(dec.shape[1]):
+            buf = pending.setdefault(layer + t, x.new_zeros(x.shape))
+            buf.index_put_((row, pos), dec[:, t].to(buf.dtype), accumulate=True)
+
+
+@torch.no_grad()
+def last_logits(lm: LoadedModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
+    """Pre-softcap logits at the last position (final-norm output through the unembedding)."""
+    state: dict[str, Tensor] = {}
+
+    def keep(_m, _i, output):
+        state["final"] = output[:, -1]
+
+    with lm.hooks([(lm.adapter.final_norm(lm.model), keep)]):
+        lm.run(tokens, with_logits=False)
+    unembed = lm.adapter.unembed(lm.model)
+    return unembed(state["final"].to(unembed.weight.dtype)).float()
+
+
+def probabilities(lm: LoadedModel, logits: Float[Tensor, "... vocab"]) -> Float[Tensor, "... vocab"]:
+    """Next-token probabilities from pre-softcap logits (the model's softcap applied)."""
+    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.softmax(torch.tanh(logits / cap) * cap if cap else logits, dim=-1)
+
+
+@torch.no_grad()
+def run_edits(
+    lm: LoadedModel,
+    transcoder,
+    tokens: Int[Tensor, "1 pos"],
+    rows: Sequence[Sequence[Edit]],
+    *,
+    constrain: bool = False,
+    batch_size: int = 16,
+    clean: Captured | None = None,
+) -> Float[Tensor, "row vocab"]:
+    """Last-position pre-softcap logits of `tokens` with each row's edits applied (one row each).
+
+    Args:
+        lm, transcoder: the model and a JumpReLU transcoder.
+        tokens: the prompt, [1, n].
+        rows: one list of edits per output row (an empty list: the clean run).
+        constrain: constrained patching over every layer (see the module docstring).
+        batch_size: rows per forward.
+        clean: `lm.capture(tokens)` if already computed (constrained mode needs it).
+    """
+    if constrain and clean is None:
+        clean = lm.capture(tokens)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        out.append(_run_chunk(lm, transcoder, tokens, chunk, constrain, clean))
+    return torch.cat(out) if out else torch.zeros(0, lm.vocab_size)
+
+
+def _run_chunk(
+    lm: LoadedModel,
+    transcoder,
+    tokens: Tensor,
+    rows: Sequence[Sequence[Edit]],
+    constrain: bool,
+    clean: Captured | None,
+) -> Tensor:
+    B, n = len(rows), tokens.shape[1]
+    device, _ = _device_tc(transcoder)
+    plan = _Plan(transcoder, rows, n, device)
+    pending: dict[int, Tensor] = {}
+
+    def patch(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+        if layer == 0:
+            pending.clear()
+        if constrain:
+            x = clean.mlp_in[:, :, layer].expand(B, -1, -1)
+            base = clean.mlp_out[:, :, layer].to(mlp_out.dtype).expand(B, -1, -1)
+        else:
+            x, base = mlp_in, mlp_out
+        plan.writes(layer, x.to(device), pending)
+        delta = pending.pop(layer, None)
+        return base if delta is None else base + delta.to(base.device, base.dtype)
+
+    with lm.patch_mlp_outputs(patch):
+        return last_logits(lm, tokens.expand(B, -1))
+
+
+def demeaned(logits: Float[Tensor, "... vocab"], token_id: int) -> Float[Tensor, "..."]:
+    """A token's logit minus the mean logit over the vocabulary (the graph's logit value)."""
+    return logits[..., token_id] - logits.mean(-1)
