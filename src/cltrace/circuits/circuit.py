@@ -28,18 +28,18 @@ _JSON_NAMES = {"predicted": "predicted_effect", "measured": "measured_effect"}
 class CircuitNode:
     """One supernode of a circuit."""
 
-    id: str                          # "sn0", "sn1", ...; "emb:<pos>" for embeddings; "logit" for the answer
-    name: str                        # readable name from member labels, e.g. "Tokyo · Japan → Japanese"
+    id: str  # "sn0", "sn1", ...; "emb:<pos>" for embeddings; "logit" for the answer
+    name: str  # readable name from member labels, e.g. "Tokyo · Japan → Japanese"
     kind: NodeKind
-    node_ids: list[str]              # member frontend node ids (attribution/export.py)
-    positions: list[int]             # token positions covered, sorted
-    layers: tuple[int, int] | None   # (min, max) layer of the member features; None for non-features
-    evidence: list[str]              # label evidence words (read side and write side)
-    influence_share: float           # share of the graph's logit influence carried by the members
-    predicted: float | None = None   # graph-predicted change of the answer's logit when ablated
-    measured: float | None = None    # measured change of the answer's logit on the real model
+    node_ids: list[str]  # member frontend node ids (attribution/export.py)
+    positions: list[int]  # token positions covered, sorted
+    layers: tuple[int, int] | None  # (min, max) layer of the member features; None for non-features
+    evidence: list[str]  # label evidence words (read side and write side)
+    influence_share: float  # share of the graph's logit influence carried by the members
+    predicted: float | None = None  # graph-predicted change of the answer's logit when ablated
+    measured: float | None = None  # measured change of the answer's logit on the real model
     measured_prob: float | None = None  # answer probability after the ablation
-    failed: bool | None = None       # prediction failed (sign wrong or far off)
+    failed: bool | None = None  # prediction failed (sign wrong or far off)
 
     def __post_init__(self):
         if self.kind not in NODE_KINDS:
@@ -91,9 +91,10 @@ class Circuit:
     transcoder: str
     nodes: list[CircuitNode]
     edges: list[CircuitEdge]
-    influence_share: float           # share of total logit influence the feature supernodes carry
+    influence_share: float  # share of total logit influence the feature supernodes carry
     faithfulness: dict[str, float | int | None] = field(
-        default_factory=lambda: {k: None for k in FAITHFULNESS_KEYS})
+        default_factory=lambda: {k: None for k in FAITHFULNESS_KEYS}
+    )
     stats: dict[str, Any] = field(default_factory=dict)
 
     def node(self, node_id: str) -> CircuitNode:
@@ -109,10 +110,13 @@ class Circuit:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,
-            "prompt": self.prompt, "tokens": list(self.tokens),
-            "answer": self.answer, "answer_id": int(self.answer_id),
+            "prompt": self.prompt,
+            "tokens": list(self.tokens),
+            "answer": self.answer,
+            "answer_id": int(self.answer_id),
             "answer_prob": float(self.answer_prob),
-            "model": self.model, "transcoder": self.transcoder,
+            "model": self.model,
+            "transcoder": self.transcoder,
             "influence_share": float(self.influence_share),
             "faithfulness": dict(self.faithfulness),
             "supernodes": [n.to_dict() for n in self.nodes],
@@ -123,17 +127,25 @@ class Circuit:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Circuit":
         if d.get("version") != FORMAT_VERSION:
-            raise CltraceError(f"circuit format {d.get('version')!r} is not supported",
-                               f"this cltrace reads version {FORMAT_VERSION}; re-run `cltrace trace --circuit`")
+            raise CltraceError(
+                f"circuit format {d.get('version')!r} is not supported",
+                f"this cltrace reads version {FORMAT_VERSION}; re-run `cltrace trace --circuit`",
+            )
         try:
             return cls(
-                prompt=d["prompt"], tokens=list(d["tokens"]), answer=d["answer"],
-                answer_id=int(d["answer_id"]), answer_prob=float(d["answer_prob"]),
-                model=d["model"], transcoder=d["transcoder"],
+                prompt=d["prompt"],
+                tokens=list(d["tokens"]),
+                answer=d["answer"],
+                answer_id=int(d["answer_id"]),
+                answer_prob=float(d["answer_prob"]),
+                model=d["model"],
+                transcoder=d["transcoder"],
                 nodes=[CircuitNode.from_dict(n) for n in d["supernodes"]],
                 edges=[CircuitEdge.from_dict(e) for e in d["edges"]],
                 influence_share=float(d["influence_share"]),
-                faithfulness=dict(d.get("faithfulness") or {}), stats=dict(d.get("stats") or {}))
+                faithfulness=dict(d.get("faithfulness") or {}),
+                stats=dict(d.get("stats") or {}),
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise CltraceError(f"not a cltrace circuit document ({err!r})") from None
 

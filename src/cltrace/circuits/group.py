@@ -1,0 +1,443 @@
+"""Automatic supernodes: group a pruned graph's features that play one role (METHOD.md §7).
+
+Signals, for every pair of feature nodes i, j kept by pruning (each in [0, 1]):
+
+- position gate g: 1 at the same token position, `span_factor` at adjacent positions (a
+  multi-token subject such as " New York"); features further apart never share a group (their
+  similarity is a large negative number, so no average reaches the threshold);
+- layers: exp(-|l_i - l_j| / (layer_scale · n_layers));
+- decoder direction: cosine of the total decoder writes Σ_{l'} W_dec_{l→l'} (clipped at 0);
+- edge profile: mean cosine (clipped at 0) of three signed profiles in the pruned graph: the
+  inputs summed by source slot, the outputs summed by target slot (slot = (layer, position)
+  for features and errors, the position for embeddings, each logit), and the outputs to each
+  node;
+- label evidence: Jaccard overlap of the members' label words (read side and write side
+  kept apart), when labels are available.
+
+  sim(i, j) = g · Σ_k w_k s_k / Σ_k w_k   (over the signals available)
+
+Average-linkage agglomerative clustering merges while the best pair's similarity is at least
+`threshold`. The groups are then ranked by the logit influence they carry (prune's node
+influence, as a share of the influence of all feature and error nodes); those carrying at
+least `min_share` are kept, at most `max_groups` (the `min_groups` strongest are kept even
+below the share). The rest is dropped and its share reported. Nothing depends on the prompt.
+
+Names come from the evidence most members share ("Tokyo · Japan → Japanese": read side
+before the arrow, write side after); without evidence, from the position's token, the
+position and the layers ("' Tokyo' @5 L2-6").
+
+`suggest_supernodes` runs the same grouping on a graph JSON document (the viewer's), so the
+viewer's suggestions and the circuits are one implementation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cltrace.errors import CltraceError
+from cltrace.interventions.supernodes import (
+    FeatureNode,
+    GraphView,
+    agglomerate,
+    cosine_matrix,
+    decoder_directions,
+    graph_view,
+    parse_feature_id,
+)
+
+_ERROR_ID = re.compile(r"^err_(\d+)_(\d+)$")
+_EMBED_ID = re.compile(r"^E_(-?\d+)_(\d+)$")
+FORBIDDEN = -1e9  # similarity of pairs that must never share a group
+_SPLIT = re.compile(r"\s*(?:·|/|,|;|\|)\s*")
+
+
+@dataclass
+class GroupConfig:
+    """How features are grouped into supernodes (module docstring)."""
+
+    threshold: float = 0.5  # merge while the average similarity is at least this
+    span_factor: float = 0.6  # position gate for adjacent positions (0: one position only)
+    layer_scale: float = 0.15  # layer similarity decays over this fraction of the layers
+    w_layer: float = 1.0  # weights of the signals
+    w_decoder: float = 1.0
+    w_edges: float = 2.0
+    w_labels: float = 1.0
+    min_share: float = 0.02  # keep groups carrying at least this share of influence ...
+    max_groups: int = 12  # ... at most this many ...
+    min_groups: int = 3  # ... and at least this many (the strongest), when there are
+    max_evidence: int = 6  # evidence words kept per group
+
+    def __post_init__(self):
+        if not 0.0 <= self.span_factor <= 1.0:
+            raise CltraceError(f"span_factor must be in [0, 1], got {self.span_factor}")
+        if self.layer_scale <= 0:
+            raise CltraceError(f"layer_scale must be > 0, got {self.layer_scale}")
+        if min(self.w_layer, self.w_decoder, self.w_edges, self.w_labels) < 0:
+            raise CltraceError("signal weights must be >= 0")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise CltraceError(f"min_share must be in [0, 1], got {self.min_share}")
+        if self.max_groups < 1 or self.min_groups < 0 or self.min_groups > self.max_groups:
+            raise CltraceError(
+                f"need 0 <= min_groups <= max_groups and max_groups >= 1, got "
+                f"{self.min_groups} and {self.max_groups}"
+            )
+
+
+# --------------------------------------------------------------------------- label evidence
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Words of one label: what the feature reads (fires on) and what it writes (promotes)."""
+
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+
+    def words(self) -> set[str]:
+        return {f"r:{w.lower()}" for w in self.reads} | {f"w:{w.lower()}" for w in self.writes}
+
+    def __bool__(self) -> bool:
+        return bool(self.reads or self.writes)
+
+
+def parse_label(label: str | None) -> Evidence:
+    """`"Tokyo · Japan/Osaka → Japanese"` -> reads {Tokyo, Japan, Osaka}, writes {Japanese}.
+
+    Labels that say nothing (empty, "(never active)", "(too broad …)") give no evidence; a
+    trailing "…" (mixed contexts) is dropped from the word.
+    """
+    if not label or label.lstrip().startswith("(") or "too broad" in label.lower():
+        return Evidence()
+    reads, _, writes = label.partition("→")
+
+    def words(part: str) -> frozenset[str]:
+        parts = (re.sub(r"\s*\(.*?\)\s*", " ", w).strip().strip("…").strip() for w in _SPLIT.split(part))
+        return frozenset(w for w in parts if w and w not in ("∅", "␣"))
+
+    return Evidence(words(reads), words(writes))
+
+
+def feature_evidence(store, feats: Sequence[FeatureNode]) -> dict[tuple[int, int], Evidence]:
+    """Label evidence of each (layer, feature) from a feature store; {} without a store.
+
+    Uses the store's structured evidence when it offers it (`label_evidence(keys)` returning
+    {key: (reads, writes)}), else parses `store.labels(keys)`.
+    """
+    if store is None or not feats:
+        return {}
+    keys = list(dict.fromkeys((f.layer, f.feature) for f in feats))
+    if hasattr(store, "label_evidence"):
+        found = store.label_evidence(keys)
+        return {k: Evidence(frozenset(r), frozenset(w)) for k, (r, w) in found.items()}
+    return {k: parse_label(v) for k, v in store.labels(keys).items()}
+
+
+def jaccard_matrix(sets: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """[m, m] Jaccard overlaps and an [m, m] mask of the pairs where both sets are non-empty."""
+    vocab = {w: k for k, w in enumerate(sorted(set().union(*sets)))} if sets else {}
+    X = np.zeros((len(sets), max(1, len(vocab))))
+    for i, s in enumerate(sets):
+        for w in s:
+            X[i, vocab[w]] = 1.0
+    inter = X @ X.T
+    sizes = X.sum(1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    both = (sizes[:, None] > 0) & (sizes[None, :] > 0)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), both
+
+
+# --------------------------------------------------------------------------- features of a view
+
+
+@dataclass
+class FeatureSet:
+    """The feature nodes of a (pruned) graph view, with what the signals need."""
+
+    view: GraphView
+    rows: np.ndarray  # indices into view.node_ids of the feature nodes
+    feats: list[FeatureNode]
+    influence: np.ndarray  # [m] logit influence of each feature
+    total_influence: float  # of every feature and error node (share denominator)
+    n_layers: int
+    evidence: list[Evidence] = field(default_factory=list)
+    decoder_dirs: np.ndarray | None = None  # [m, d]
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.view.node_ids[r] for r in self.rows]
+
+    @property
+    def layers(self) -> np.ndarray:
+        return np.array([f.layer for f in self.feats], dtype=np.int64)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.array([f.pos for f in self.feats], dtype=np.int64)
+
+
+def node_slot(node_id: str, is_feature: bool) -> tuple:
+    """Where a node sits: features and errors by (layer, pos), embeddings by pos, logits by id."""
+    if is_feature:
+        f = parse_feature_id(node_id)
+        return ("lp", f.layer, f.pos)
+    m = _ERROR_ID.match(node_id)
+    if m:
+        return ("lp", int(m.group(1)), int(m.group(2)))
+    m = _EMBED_ID.match(node_id)
+    if m:
+        return ("emb", int(m.group(2)))
+    return ("node", node_id)
+
+
+def _feature_flags(view: GraphView) -> list[bool]:
+    rows, _ = view.feature_rows()
+    flags = [False] * len(view.node_ids)
+    for r in rows.tolist():
+        flags[r] = True
+    return flags
+
+
+def edge_similarity(view: GraphView, rows: np.ndarray) -> np.ndarray:
+    """[m, m] mean of the clipped cosines of the three edge profiles (module docstring)."""
+    flags = _feature_flags(view)
+    slots = [node_slot(i, f) for i, f in zip(view.node_ids, flags)]
+    index = {s: k for k, s in enumerate(dict.fromkeys(slots))}
+    S = np.zeros((len(slots), len(index)), dtype=np.float64)
+    S[np.arange(len(slots)), [index[s] for s in slots]] = 1.0
+    adj = view.adjacency.astype(np.float64)
+    inputs, outputs = adj[rows, :], adj[:, rows].T  # [m, n] each
+    sims = [cosine_matrix(inputs @ S), cosine_matrix(outputs @ S), cosine_matrix(outputs)]
+    return np.mean([np.clip(s, 0.0, 1.0) for s in sims], axis=0)
+
+
+def similarity(fs: FeatureSet, cfg: GroupConfig) -> np.ndarray:
+    """[m, m] combined similarity of the feature nodes (module docstring)."""
+    pos, lay = fs.positions, fs.layers
+    dp = np.abs(pos[:, None] - pos[None, :])
+    gate = np.where(dp == 0, 1.0, np.where(dp == 1, cfg.span_factor, 0.0))
+    scale = cfg.layer_scale * max(fs.n_layers, 1)
+    num = cfg.w_layer * np.exp(-np.abs(lay[:, None] - lay[None, :]) / scale)
+    den = np.full_like(num, cfg.w_layer)
+    num = num + cfg.w_edges * edge_similarity(fs.view, fs.rows)
+    den = den + cfg.w_edges
+    if fs.decoder_dirs is not None and len(fs.decoder_dirs):
+        num = num + cfg.w_decoder * np.clip(cosine_matrix(fs.decoder_dirs), 0.0, 1.0)
+        den = den + cfg.w_decoder
+    if fs.evidence and cfg.w_labels > 0:
+        jac, both = jaccard_matrix([e.words() for e in fs.evidence])
+        num = num + cfg.w_labels * np.where(both, jac, 0.0)
+        den = den + cfg.w_labels * both  # only where both have labels
+    return np.where(gate > 0, gate * num / np.maximum(den, 1e-12), FORBIDDEN)
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+@dataclass
+class FeatureGroup:
+    """One automatic supernode: member feature ids, the share of influence, evidence, name."""
+
+    node_ids: list[str]
+    members: list[int]  # indices into the FeatureSet
+    share: float
+    evidence: list[str]  # "reads" words, then "→ writes" words, most shared first
+    name: str
+    positions: list[int]
+    layers: tuple[int, int]
+
+
+@dataclass
+class Grouping:
+    """The kept groups (strongest first) and what was left out."""
+
+    groups: list[FeatureGroup]
+    n_features: int  # feature nodes in the pruned graph
+    grouped_share: float  # Σ share of the kept groups
+    dropped_share: float  # share of the pruned graph's features in no kept group
+    n_clusters: int  # clusters before the influence selection
+
+
+def group_features(
+    fs: FeatureSet, cfg: GroupConfig | None = None, token_strings: Sequence[str] | None = None
+) -> Grouping:
+    """Cluster the features, keep the groups carrying enough influence, name them."""
+    cfg = cfg or GroupConfig()
+    m = len(fs.feats)
+    if m == 0:
+        return Grouping([], 0, 0.0, 0.0, 0)
+    clusters = agglomerate(similarity(fs, cfg), cfg.threshold) if m > 1 else [[0]]
+    denom = max(fs.total_influence, 1e-30)
+    shares = [float(fs.influence[c].sum()) / denom for c in clusters]
+    order = sorted(range(len(clusters)), key=lambda k: -shares[k])
+    keep = [
+        k
+        for n, k in enumerate(order)
+        if n < cfg.max_groups and (shares[k] >= cfg.min_share or n < cfg.min_groups) and shares[k] > 0
+    ]
+    groups = [_make_group(fs, clusters[k], shares[k], cfg, token_strings) for k in keep]
+    total = float(fs.influence.sum()) / denom
+    grouped = sum(shares[k] for k in keep)
+    return Grouping(groups, m, grouped, max(0.0, total - grouped), len(clusters))
+
+
+def _make_group(
+    fs: FeatureSet, members: list[int], share: float, cfg: GroupConfig, token_strings: Sequence[str] | None
+) -> FeatureGroup:
+    feats = [fs.feats[k] for k in members]
+    positions = sorted({f.pos for f in feats})
+    layers = (min(f.layer for f in feats), max(f.layer for f in feats))
+    weights = fs.influence[members]
+    evidence = shared_evidence(
+        [fs.evidence[k] for k in members] if fs.evidence else [], weights, cfg.max_evidence
+    )
+    name = group_name(evidence, positions, layers, token_strings)
+    return FeatureGroup([fs.ids[k] for k in members], list(members), share, evidence, name, positions, layers)
+
+
+def shared_evidence(evidence: Sequence[Evidence], weights: np.ndarray, limit: int) -> list[str]:
+    """Words the members share, most influence-weighted support first: reads, then "→ writes".
+
+    A word counts when members carrying at least a third of the labelled members' influence
+    (and at least two members when more than two are labelled) have it; a lone labelled
+    feature's words all count.
+    """
+    labelled = [(e, float(w)) for e, w in zip(evidence, weights) if e]
+    if not labelled:
+        return []
+    total = sum(w for _, w in labelled) or 1.0
+    need_members = 2 if len(labelled) > 2 else 1
+    out: list[str] = []
+    for side in ("reads", "writes"):
+        support: Counter[str] = Counter()
+        count: Counter[str] = Counter()
+        spelling: dict[str, str] = {}
+        for e, w in labelled:
+            for word in getattr(e, side):
+                key = word.lower()
+                support[key] += w / total
+                count[key] += 1
+                spelling.setdefault(key, word)
+        ranked = [k for k, s in support.most_common() if s >= 1 / 3 and count[k] >= need_members]
+        budget = limit - len(out) if side == "writes" else max(1, limit - 2)
+        out += [("→ " if side == "writes" else "") + spelling[k] for k in ranked[:budget]]
+    return out
+
+
+def group_name(
+    evidence: Sequence[str],
+    positions: Sequence[int],
+    layers: tuple[int, int],
+    token_strings: Sequence[str] | None,
+) -> str:
+    """ "Tokyo · Japan → Japanese" from the evidence, else "' Tokyo' @5 L2-6"."""
+    reads = [w for w in evidence if not w.startswith("→ ")][:3]
+    writes = [w[2:] for w in evidence if w.startswith("→ ")][:2]
+    if reads or writes:
+        name = " · ".join(reads)
+        return f"{name} → {' · '.join(writes)}".strip() if writes else name
+    span = layer_label(layers)
+    at = f"@{positions[0]}" if len(positions) == 1 else f"@{positions[0]}-{positions[-1]}"
+    if token_strings is None:
+        return f"{at} {span}"
+    text = "".join(token_strings[p] for p in positions if 0 <= p < len(token_strings))
+    return f"{text!r} {at} {span}"
+
+
+# --------------------------------------------------------------------------- front ends
+
+
+def feature_set(
+    view: GraphView,
+    influence: np.ndarray,
+    n_layers: int,
+    *,
+    transcoder=None,
+    store=None,
+    labels: Mapping[tuple[int, int], str] | None = None,
+    total_influence: float | None = None,
+) -> FeatureSet:
+    """The feature nodes of `view` with their influence (`influence`: one value per view node).
+
+    Share denominator: `total_influence`, by default the influence of every feature and error
+    node of the view.
+    """
+    rows, feats = view.feature_rows()
+    flags = _feature_flags(view)
+    middle = [k for k, nid in enumerate(view.node_ids) if flags[k] or _ERROR_ID.match(nid)]
+    total = float(np.asarray(influence)[middle].sum()) if middle else 0.0
+    total = total if total_influence is None else float(total_influence)
+    if labels is not None:
+        found = {(f.layer, f.feature): parse_label(labels.get((f.layer, f.feature))) for f in feats}
+    else:
+        found = feature_evidence(store, feats)
+    evidence = [found.get((f.layer, f.feature), Evidence()) for f in feats] if found else []
+    dirs = decoder_directions(transcoder, feats) if transcoder is not None and feats else None
+    return FeatureSet(
+        view, rows, feats, np.asarray(influence, dtype=np.float64)[rows], total, n_layers, evidence, dirs
+    )
+
+
+def graph_feature_set(graph, pruned, *, transcoder=None, store=None) -> FeatureSet:
+    """A FeatureSet of an attribution `Graph` and its `PruneResult` (influence from prune).
+
+    Share denominator: every feature and error node of the unpruned graph, so the shares of
+    the groups, of the features left out and of the errors add up to at most 1.
+    """
+    view = graph_view(graph, pruned)
+    keep = pruned.node_mask.nonzero().squeeze(1).cpu().numpy()
+    infl = pruned.node_influence.detach().cpu().double().numpy()
+    total = float(infl[: graph.token_offset].sum())
+    return feature_set(
+        view, infl[keep], graph.n_layers, transcoder=transcoder, store=store, total_influence=total
+    )
+
+
+def json_influence(data: Mapping[str, Any], view: GraphView) -> np.ndarray:
+    """Logit influence of each node of a graph JSON document, computed on its own links
+    (prune's definition, the logit nodes weighted by their `token_prob`)."""
+    import torch
+
+    from cltrace.attribution.prune import influence, normalize_rows
+
+    probs = {
+        str(n["node_id"]): float(n.get("token_prob") or 0.0)
+        for n in data.get("nodes", [])
+        if n.get("feature_type") == "logit"
+    }
+    w = torch.tensor([probs.get(i, 0.0) for i in view.node_ids], dtype=torch.float64)
+    A = torch.as_tensor(view.adjacency, dtype=torch.float64)
+    return influence(normalize_rows(A), w).numpy()
+
+
+def suggest_supernodes(
+    data: Mapping[str, Any], *, transcoder=None, store=None, cfg: GroupConfig | None = None
+) -> list[dict]:
+    """Suggested supernodes of a graph JSON document: [{"name", "node_ids"}], as the viewer's
+    supernode sidecar holds them. Labels from `store`, else from the nodes' `clerp`s."""
+    view = graph_view(dict(data))
+    meta = data.get("metadata", {})
+    layers = [f.layer for f in view.feature_rows()[1]]
+    n_layers = max(layers) + 1 if layers else 1
+    labels = None
+    if store is None:
+        labels = {
+            (f.layer, f.feature): str(n.get("clerp") or "")
+            for n in data.get("nodes", [])
+            if (f := parse_feature_id(n.get("node_id", "")))
+        }
+    fs = feature_set(
+        view, json_influence(data, view), n_layers, transcoder=transcoder, store=store, labels=labels
+    )
+    tokens = meta.get("prompt_tokens")
+    return [{"name": g.name, "node_ids": g.node_ids} for g in group_features(fs, cfg, tokens).groups]
+
+
+def layer_label(layers: tuple[int, int]) -> str:
+    """(2, 6) -> "L2-6"; (3, 3) -> "L3"."""
+    return f"L{layers[0]}" if layers[0] == layers[1] else f"L{layers[0]}-{layers[1]}"
