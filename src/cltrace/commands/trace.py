@@ -33,6 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, metavar="PATH",
                    help="pruned JSON path; None: <graphs folder>/<slug of the prompt>.json. The "
                         "full graph is written next to it as <slug>.graph.safetensors")
+    p.add_argument("--qk", action="store_true",
+                   help="explain the heads of the pruned graph's strongest attention edges (QK "
+                        "attribution, in the JSON as qk_tracing_results)")
+    p.add_argument("--qk-node", action="append", default=None, metavar="ID",
+                   help="QK attribution for this node's strongest heads instead (repeatable; "
+                        "e.g. 12_621_7)")
+    p.add_argument("--qk-edges", type=int, default=8, help="attention edges explained by --qk")
     p.add_argument("--open", action="store_true", help="open the viewer on the graphs folder")
     p.set_defaults(func=run)
 
@@ -64,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
                        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     _report(r.graph, r.pruned, r.scores, r.logit_strings, r.seconds, r.n_json_nodes, r.n_json_links)
     print(f"graph:  {r.graph_path}\npruned: {out}")
+    if args.qk or args.qk_node:
+        from cltrace.attribution.qk_graph import report_qk
+
+        report_qk(lm, transcoder, r, node_ids=args.qk_node, max_edges=args.qk_edges)
     if args.open:
         _open_viewer(out.parent, model_name, tc_dir)
     return 0
