@@ -60,7 +60,7 @@ def test_unsupported_architecture_is_a_clear_error():
     from cltrace.errors import CltraceError
     from cltrace.models.adapters import adapter_for
 
-    with pytest.raises(CltraceError, match="unsupported architecture 'bert'"):
+    with pytest.raises(CltraceError, match="unsupported model_type 'bert'; supported: gemma2, "):
         adapter_for(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=8,
                                                num_attention_heads=2, intermediate_size=8)))
 

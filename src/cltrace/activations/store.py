@@ -15,7 +15,8 @@ them again, but not running the model) and produces the same store as an uninter
 Crash safety: a shard is written to a temporary file, flushed and renamed (leftovers of a
 killed run are removed on restart); then the manifest is
 rewritten the same way. A shard counts only if the manifest lists it with the right size
-and sha256; on restart anything else is regenerated.
+and sha256; on restart anything else is regenerated (and said so). A disk that fills up
+mid-harvest is a CltraceError saying to free space and rerun: the complete shards stay.
 
 Reading (`ActivationStore.iter_batches`) visits shards in random order and tokens within a
 shard in random order: memory is one shard plus one batch.
@@ -23,12 +24,15 @@ shard in random order: memory is one shard plus one batch.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -127,12 +131,37 @@ def check_disk_space(folder: Path, n_tokens: int, bytes_per_token: int) -> None:
         raise CltraceError(
             f"not enough disk space in {folder}: need ~{need / 1e9:.2f} GB for {n_tokens:,} tokens, "
             f"{free / 1e9:.2f} GB free; use --tokens fewer or another --out",
-            "the shards written so far are complete: rerun the same command to continue")
+            "the shards written so far are complete: rerun the same command with --resume to continue")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError (or a library error wrapping one) saying the disk or quota is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "os error 28" in str(err)
+
+
+@contextlib.contextmanager
+def disk_full_is_a_user_error(out: Path) -> Iterator[None]:
+    """Turn a full disk inside the block into a CltraceError (the store stays resumable)."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise CltraceError(f"disk full while writing the store in {out} ({err})",
+                           "free space and rerun the same command with --resume to continue: "
+                           "the shards written so far are complete and kept") from err
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def write_store(model: LoadedModel, documents: Iterable[str], out: Path | str, n_tokens: int,
                 cfg: HarvestConfig, *, shard_tokens: int = 8192,
-                corpus: dict[str, Any] | None = None) -> ActivationStore:
+                corpus: dict[str, Any] | None = None,
+                log: Callable[[str], None] = _stderr) -> ActivationStore:
     """Harvest `n_tokens` tokens of `documents` into a store at `out`, resuming if it exists.
 
     Args:
@@ -143,16 +172,26 @@ def write_store(model: LoadedModel, documents: Iterable[str], out: Path | str, n
         cfg: harvest settings; `buffer_tokens` is unused (shards are the shuffle unit).
         shard_tokens: tokens per shard, rounded down to whole contexts.
         corpus: what the documents are (split, paths, ...), recorded in the manifest.
+        log: where notes go (resuming, shards redone); stderr by default.
 
     Raises:
-        CltraceError: empty corpus, not enough disk, or `out` holds a different harvest.
+        CltraceError: empty corpus, not enough disk (before or during the harvest), or `out`
+            holds a different harvest.
     """
     check_model(model, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.tmp"), *out.glob(".*.tmp")]:  # left by a killed run
         stale.unlink(missing_ok=True)
-    manifest = _start_or_resume(out, _new_manifest(model, cfg, n_tokens, shard_tokens, corpus))
+    with disk_full_is_a_user_error(out):
+        fresh = _new_manifest(model, cfg, n_tokens, shard_tokens, corpus)
+        return _fill(model, documents, out, _start_or_resume(out, fresh, log), cfg)
+
+
+def _fill(model: LoadedModel, documents: Iterable[str], out: Path, manifest: Manifest,
+          cfg: HarvestConfig) -> ActivationStore:
+    """Harvest shards until the manifest's target (or the end of the documents)."""
+    n_tokens = manifest.target_tokens
     if manifest.n_tokens < n_tokens:
         contexts = require_contexts(iter_contexts(model, documents, cfg))
         _skip(contexts, manifest.shards[-1].context_stop if manifest.shards else 0)
@@ -169,6 +208,14 @@ def write_store(model: LoadedModel, documents: Iterable[str], out: Path | str, n
     return ActivationStore(out)
 
 
+def remove_store(folder: Path) -> None:
+    """Delete a store's own files (manifest, shards, temporary files), nothing else in `folder`."""
+    folder = Path(folder)
+    for path in [folder / MANIFEST, *folder.glob("shard_*.safetensors"), *folder.glob("*.tmp"),
+                 *folder.glob(".*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
 def _new_manifest(model: LoadedModel, cfg: HarvestConfig, n_tokens: int, shard_tokens: int,
                   corpus: dict[str, Any] | None) -> Manifest:
     per_shard = max(1, shard_tokens // cfg.tokens_per_context) * cfg.tokens_per_context
@@ -180,7 +227,7 @@ def _new_manifest(model: LoadedModel, cfg: HarvestConfig, n_tokens: int, shard_t
                     config=config, corpus=dict(corpus or {}), shards=[])
 
 
-def _start_or_resume(out: Path, fresh: Manifest) -> Manifest:
+def _start_or_resume(out: Path, fresh: Manifest, log: Callable[[str], None] = _stderr) -> Manifest:
     """The manifest to continue: `fresh` for a new store, else the old one minus bad shards."""
     if not (out / MANIFEST).exists():
         if any(out.glob("shard_*.safetensors")):
@@ -191,7 +238,15 @@ def _start_or_resume(out: Path, fresh: Manifest) -> Manifest:
     if old.identity() != json.loads(json.dumps(fresh.identity())):
         raise CltraceError(f"{out} holds a different harvest (model, layers, config or corpus differ)",
                            "use another --out, or the same settings to continue it")
-    old.shards = _valid_prefix(out, old.shards)
+    listed = old.shards
+    old.shards = _valid_prefix(out, listed)
+    if len(old.shards) < len(listed):
+        bad, redo = listed[len(old.shards)].file, len(listed) - len(old.shards)
+        log(f"note: {bad} is missing, truncated or corrupt (size or sha256 differ from the manifest): "
+            f"harvesting it{f' and the {redo - 1} shards after it' if redo > 1 else ''} again")
+    if old.shards:
+        log(f"continuing the store in {out}: {old.n_tokens:,} tokens in {len(old.shards)} complete "
+            "shards are kept")
     short_tail = old.shards and old.shards[-1].n_tokens < old.tokens_per_shard
     if short_tail and fresh.target_tokens > old.n_tokens:
         old.shards.pop()  # rebuilt with more tokens (or identically if the corpus ends there)
@@ -287,10 +342,10 @@ class ActivationStore:
             tensors = load_file(str(self.folder / rec.file))
         except Exception as err:  # safetensors raises its own error types
             raise CltraceError(f"cannot read {self.folder / rec.file}: {err}",
-                               "rerun `cltrace harvest` with the same --out to rebuild it") from err
+                               "rerun `cltrace harvest --resume` with the same --out to rebuild it") from err
         if tensors["mlp_in"].shape[0] != rec.n_tokens:
             raise CltraceError(f"{rec.file} holds {tensors['mlp_in'].shape[0]} tokens, the manifest says "
-                               f"{rec.n_tokens}", "rerun `cltrace harvest` with the same --out")
+                               f"{rec.n_tokens}", "rerun `cltrace harvest --resume` with the same --out")
         return ActivationBatch(tensors["mlp_in"], tensors["mlp_out"])
 
     def iter_batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0,

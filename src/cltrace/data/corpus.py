@@ -14,10 +14,14 @@ The corpus is written into a sibling temporary folder and renamed into place at 
 so a half-written corpus is never taken as whole.
 
 Readers: `iter_documents(split, sources, paths)`, `corpus_ready()`, `ensure_corpus()`.
+`iter_documents(paths=...)` is the one reader of the user's text (`--text` of every command):
+it refuses binary files (a NUL byte, or over MAX_INVALID_UTF8 of the bytes not UTF-8) and
+warns when a few bytes are not UTF-8.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -47,6 +51,8 @@ SHUFFLE_SEED = 0
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl"}
+MAX_INVALID_UTF8 = 0.10   # a user file with a larger share of non-UTF-8 bytes is taken as binary
+SNIFF_BYTES = 1 << 20     # how much of a JSONL file is checked (text files are checked whole)
 _TOOLS = {"npm": "npm", "pip": "pip", "apt": "apt-get"}
 
 
@@ -428,15 +434,34 @@ def _iter_file(path: Path) -> Iterator[str]:
     """A .jsonl file's "text" fields, or a text file as one document (chunked on blank
     lines when it is longer than CHUNK_CHARS)."""
     if path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as f:
+            check_text_bytes(path, f.read(SNIFF_BYTES))
         yield from _iter_jsonl(path)
         return
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = check_text_bytes(path, path.read_bytes())
     yield from chunk_paragraphs(blank_line_paragraphs(text))
+
+
+def check_text_bytes(path: Path, data: bytes) -> str:
+    """`data` (the start of `path`, or all of it) decoded as UTF-8; CltraceError when it looks
+    binary (a NUL byte, or over MAX_INVALID_UTF8 of it undecodable), a warning for a few bad bytes."""
+    hint = "give UTF-8 text files (.txt, .md) or JSONL with a \"text\" field"
+    if b"\x00" in data:
+        raise CltraceError(f"{path} is a binary file (it contains NUL bytes), not text", hint)
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+    bad = text.count("\ufffd")
+    if bad > MAX_INVALID_UTF8 * max(len(data), 1):
+        raise CltraceError(f"{path} is a binary file, not text: {bad:,} of its {len(data):,} bytes "
+                           "are not valid UTF-8", hint + "; convert other encodings with iconv")
+    if bad:
+        print(f"warning: {bad:,} bytes of {path} are not valid UTF-8 and are read as \ufffd",
+              file=sys.stderr)
+    return text
 
 
 def _iter_jsonl(path: Path) -> Iterator[str]:
     """Non-empty "text" fields of a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

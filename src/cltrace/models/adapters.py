@@ -141,11 +141,15 @@ ADAPTERS: dict[str, FamilyAdapter] = {
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:
     """The adapter for a transformers CausalLM, or a clear error for an unsupported one."""
-    model_type = getattr(model.config, "model_type", None)
+    return adapter_for_type(getattr(model.config, "model_type", None))
+
+
+def adapter_for_type(model_type: str | None) -> FamilyAdapter:
+    """The adapter for a config's `model_type`; CltraceError naming the supported ones if none."""
     if model_type not in ADAPTERS:
         raise CltraceError(
-            f"unsupported architecture {model_type!r}",
-            f"cltrace supports {', '.join(sorted(ADAPTERS))}; add a FamilyAdapter in "
-            "cltrace/models/adapters.py for another family",
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}",
+            "use a model of a supported family, or add a FamilyAdapter in "
+            "cltrace/models/adapters.py for another one",
         )
     return ADAPTERS[model_type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -21,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from cltrace.errors import CltraceError
-from cltrace.models.adapters import FamilyAdapter, adapter_for
+from cltrace.models.adapters import FamilyAdapter, adapter_for, adapter_for_type
 
 #: fn(layer, mlp_in [B, n, d], mlp_out [B, n, d]) -> new mlp_out [B, n, d]
 MlpPatch = Callable[[int, Tensor, Tensor], Tensor]
@@ -196,14 +197,12 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu",
 def load_model_dir(path: Path, *, name: str, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load model + tokenizer from a transformers directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # cltrace shows its own progress
 
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in _supported():
-        adapter_for(_Stub(config))  # raises the unsupported-architecture error
+    adapter_for_type(config_model_type(path))  # before transformers, which may not know it
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
@@ -221,12 +220,12 @@ def from_pretrained_objects(model: nn.Module, tokenizer: object, name: str = "in
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model))
 
 
-class _Stub:
-    def __init__(self, config):
-        self.config = config
-
-
-def _supported() -> set[str]:
-    from cltrace.models.adapters import ADAPTERS
-
-    return set(ADAPTERS)
+def config_model_type(path: Path) -> str | None:
+    """`model_type` from a transformers folder's config.json (None when it has none)."""
+    config = Path(path) / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CltraceError(f"cannot read {config}: {err}",
+                           "pass the folder that save_pretrained() wrote") from err
+    return data.get("model_type") if isinstance(data, dict) else None
