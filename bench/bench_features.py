@@ -60,9 +60,9 @@ def load_pieces(args):
 
     lm = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     if args.run:
-        from cltrace.commands.features import load_transcoder, resolve_run
+        from cltrace.runs import load_transcoder
 
-        return lm, load_transcoder(resolve_run(args.run), args.device), f"{args.model} + run {args.run}"
+        return lm, load_transcoder(args.run, args.device), f"{args.model} + run {args.run}"
     from cltrace.transcoders.config import TranscoderConfig
     from cltrace.transcoders.model import Transcoder
 

@@ -50,9 +50,10 @@ def test_feature_command_prints_and_labels(pieces, tmp_path, capsys):
 
 def test_intervene_command(pieces, tmp_path, monkeypatch, capsys):
     lm, tc = pieces
-    import cltrace.commands.features as features_cmd
+    from cltrace import runs
 
-    monkeypatch.setattr(features_cmd, "load_model_and_transcoder", lambda *a, **k: (lm, tc, tmp_path, "tiny"))
+    loaded = runs.LoadedRun(runs.Run(tmp_path, tmp_path, "cltrace"), lm, tc, "tiny", "cpu")
+    monkeypatch.setattr(runs, "open_run", lambda *a, **k: loaded)
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"Texas": ["0_1_2", "1_3_2", "4_9_0"]}))
     argv = ["intervene", "the capital of Texas is", "--transcoder", "x", "--scale", "0:3=0",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cltrace import paths
-from cltrace.errors import CltraceError
+from cltrace.models import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
 class DemoConfig:
     """What `cltrace demo` runs."""
 
-    model: str = "gemma-3-270m"            # bundled model name or transformers folder
+    model: str = DEFAULT_MODEL             # bundled model name or transformers folder
     preset: str = "demo"                   # training preset (see transcoders/config.py)
     run: str | None = None                 # run folder; default <runs>/demo-<model>-clt
     feature_tokens: int = 60_000           # held-out tokens scanned for the feature store
@@ -76,7 +76,7 @@ class DemoConfig:
     serve: bool = True                     # start the viewer at the end
     open_browser: bool = True
     port: int = 8765
-    device: str = "cpu"
+    device: str = "auto"                   # see cltrace.hardware.resolve_device
 
     def run_dir(self) -> Path:
         if self.run:
@@ -91,8 +91,6 @@ def step(title: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every step; return the report's path."""
-    from cltrace.cli import main as cli
-
     start = time.perf_counter()
     step(f"model {cfg.model} and corpus")
     if cfg.model in _bundled():
@@ -108,42 +106,59 @@ def run_demo(cfg: DemoConfig) -> Path:
     if (run_dir / "transcoder" / "config.json").exists():
         print("already trained")
     else:
-        args = ["train", "--preset", cfg.preset, "--model", cfg.model, "--out", str(run_dir),
-                "--device", cfg.device]
-        if (run_dir / "checkpoint.json").exists():
-            args.append("--resume")
-        _call(cli, args)
+        from cltrace.transcoders.config import preset
+        from cltrace.transcoders.launch import has_checkpoint, train_run
 
+        train_run(preset(cfg.preset, model=cfg.model), run_dir, resume=has_checkpoint(run_dir),
+                  device=cfg.device)
+
+    from cltrace.runs import open_run
+
+    loaded = open_run(run_dir, cfg.model, cfg.device)
     if not (run_dir / "eval.json").exists():
         step(f"evaluation on held-out text -> {run_dir / 'eval.json'}")
-        _call(cli, ["eval", str(run_dir), "--tokens", str(cfg.eval_tokens), "--replacement-tokens",
-                    str(cfg.eval_tokens // 10), "--model", cfg.model])
+        evaluate(loaded, cfg.eval_tokens)
 
     db = run_dir / "features.sqlite"
     step(f"feature store ({cfg.feature_tokens:,} held-out tokens) in {db}")
-    _call(cli, ["features", str(run_dir), "--tokens", str(cfg.feature_tokens), "--db", str(db),
-                "--model", cfg.model])
+    build_features(loaded, db, cfg.feature_tokens)
 
-    report = write_report(cfg, run_dir, db)
+    report = write_report(cfg, loaded, db)
     print(f"\nreport: {report}  ({time.perf_counter() - start:.0f} s in all)")
     if cfg.serve:
         step("viewer")
-        from cltrace.viewer.backend import make_backend
+        from cltrace.features.store import FeatureStore
+        from cltrace.interventions.steer import Steerer
+        from cltrace.viewer.model_backend import ModelBackend
         from cltrace.viewer.server import ViewerConfig, serve
-        import argparse
 
-        backend = make_backend(argparse.Namespace(model=cfg.model, transcoder=str(run_dir / "transcoder"),
-                                                  features=str(db)))
+        backend = ModelBackend(FeatureStore(db), Steerer(loaded.model, loaded.transcoder))
         serve(ViewerConfig(graph_dirs=[cfg.out / "graphs"], port=cfg.port,
                            open_browser=cfg.open_browser), backend)
     return report
 
 
-def _call(cli, args: list[str]) -> None:
-    code = cli(args)
-    if code:
-        raise CltraceError(f"`cltrace {' '.join(args)}` failed (exit {code})",
-                           "fix the error above and run `cltrace demo` again: finished steps are kept")
+def evaluate(loaded, tokens: int) -> None:
+    """`cltrace eval` on `tokens` held-out tokens (a tenth for the replacement metrics): print the
+    table and write RUN/eval.json."""
+    from cltrace.io import atomic_write_json
+    from cltrace.transcoders.evaluate import evaluate_on_text, report
+
+    result = evaluate_on_text(loaded.transcoder, loaded.model, tokens=tokens, replacement_tokens=tokens // 10)
+    print(report(result.activations, result.replacement))
+    atomic_write_json(result.to_dict(), loaded.run.dir / "eval.json")
+
+
+def build_features(loaded, db: Path, tokens: int) -> None:
+    """`cltrace features` with its defaults: scan (or continue scanning) `tokens` held-out tokens."""
+    from cltrace.features.store import FeatureStoreConfig, build_feature_store
+
+    summary = build_feature_store(db, loaded.model, loaded.transcoder, config=FeatureStoreConfig(),
+                                  max_tokens=tokens, model_id=loaded.model_name,
+                                  transcoder_id=str(loaded.run.transcoder_dir))
+    print(f"{db}: {summary.tokens:,} tokens scanned ({summary.tokens_this_run:,} now, "
+          f"{summary.tokens_per_second:,.0f} tok/s), {summary.db_bytes / 2**20:.1f} MiB")
+    print(f"see a feature: cltrace feature {loaded.run.dir} LAYER:INDEX")
 
 
 def _bundled() -> set[str]:
@@ -154,18 +169,15 @@ def _bundled() -> set[str]:
 
 # -- experiments ------------------------------------------------------------------------------
 
-def write_report(cfg: DemoConfig, run_dir: Path, db: Path) -> Path:
+def write_report(cfg: DemoConfig, loaded, db: Path) -> Path:
     """Trace every experiment, run its interventions, and write report.md with figures."""
-    from cltrace.commands.trace import load_transcoder
     from cltrace.features.store import FeatureStore
     from cltrace.interventions.steer import Steerer
-    from cltrace.models.loading import load_model
 
     out = cfg.out
     (out / "graphs").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    _, tc = load_transcoder(str(run_dir / "transcoder"), cfg.device)
-    lm = load_model(cfg.model, device=cfg.device)
+    run_dir, tc, lm = loaded.run.dir, loaded.transcoder, loaded.model
     store = FeatureStore(db) if db.exists() else None
     steerer = Steerer(lm, tc)
     sections = []
@@ -257,7 +269,7 @@ def _subject_section(exp: Experiment, graph, store, data: dict, k: int = 8) -> l
     data["subject_features"] = {"pos": pos, "token": strings[pos], "features": rows}
     lines = [f"Features at {strings[pos]!r} (position {pos}) with the largest direct effect on the rest "
              f"of the graph (Σ |outgoing edges|):", "",
-             "| layer | feature | activation | Σ\|out\| | label |", "|---|---|---|---|---|"]
+             "| layer | feature | activation | Σ\\|out\\| | label |", "|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['feature']} | {r['activation']:.2f} | {r['out_effect']:.3f} | {r['label']} |"
               for r in rows]
     return lines + [""]

@@ -27,4 +27,24 @@ def fast_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return torch.float32
 
 
-__all__ = ["cpu_has_fast_bf16", "fast_dtype"]
+def resolve_device(device: str | torch.device | None = "auto") -> str:
+    """The device every command runs on: "auto" (or None) is CUDA when available, else CPU;
+    anything else is checked (a CltraceError names a device that is not there)."""
+    from cltrace.errors import CltraceError
+
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CltraceError(f"unknown device {str(device)!r}", "use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CltraceError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU",
+                           "use --device cpu (or auto), or install a CUDA build of torch")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise CltraceError(f"no GPU {parsed.index}: torch sees {torch.cuda.device_count()}",
+                           f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return str(device)
+
+
+__all__ = ["cpu_has_fast_bf16", "fast_dtype", "resolve_device"]

@@ -21,6 +21,7 @@ LAYER_H, GAP, LEFT, TOP = 30, 10, 56, 78
 POSITIVE, NEGATIVE = "#1c64d9", "#e8590c"
 FILL = {"features": "#fff8db", "embedding": "#eef1f4", "logit": "#dcf5df", "error": "#f3f0f7"}
 STROKE = {"features": "#8a8f98", "embedding": "#8a8f98", "logit": "#2b8a3e", "error": "#b0a8bb"}
+ARROW_SIZES = (8, 12, 16)  # arrowheads for thin, medium and thick edges
 MAX_CHARS = 24  # per text line in a box (12px sans-serif in 158px)
 
 
@@ -160,6 +161,7 @@ def _edge_paths(circuit: Circuit, boxes: dict[str, Box]) -> list[str]:
         frac = abs(e.weight) / max(into[e.target], 1e-30)
         width = 0.8 + 7.0 * frac
         colour, marker = (POSITIVE, "pos") if e.weight >= 0 else (NEGATIVE, "neg")
+        marker += str(0 if width < 2.5 else 1 if width < 5 else 2)
         x1, y1 = s.x, s.y
         x2, y2 = t.x, t.bottom + 5
         if y2 > y1:  # target not above: go round the side
@@ -273,13 +275,19 @@ def circuit_svg(circuit: Circuit) -> str:
     width = max(width, 560)
     by_id = {b.node.id: b for b in boxes}
     marker = (
-        '<marker id="{0}" viewBox="0 0 10 10" refX="8" refY="5" markerWidth="5" markerHeight="5" '
-        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="{1}"/></marker>'
+        '<marker id="{0}" viewBox="0 0 10 10" refX="7" refY="5" markerUnits="userSpaceOnUse" '
+        'markerWidth="{2}" markerHeight="{2}" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="{1}"/></marker>'
     )
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="12">',
-        "<defs>" + marker.format("pos", POSITIVE) + marker.format("neg", NEGATIVE) + "</defs>",
+        "<defs>"
+        + "".join(
+            marker.format(f"{name}{k}", colour, size)
+            for name, colour in (("pos", POSITIVE), ("neg", NEGATIVE))
+            for k, size in enumerate(ARROW_SIZES)
+        )
+        + "</defs>",
         f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>',
     ]
     parts += _header(circuit, width)

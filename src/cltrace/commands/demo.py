@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_parser
+from cltrace.commands import add_device_argument, add_parser
+from cltrace.models import DEFAULT_MODEL
 
 
 def register(subparsers) -> None:
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
                    "Run the whole pipeline on the default model: train a cross-layer transcoder, "
                    "build its feature store, trace the paper's example prompts, run the "
                    "interventions, write a report and open the viewer (finished steps are reused)")
-    p.add_argument("--model", default="gemma-3-270m", help="bundled model name or transformers folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or transformers folder")
     p.add_argument("--preset", default="demo", help="training preset")
     p.add_argument("--run", default=None, help="run folder (default: <runs>/demo-<model>-clt)")
     p.add_argument("--feature-tokens", type=int, default=60_000, help="held-out tokens for the feature store")
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-serve", action="store_true", help="write the report and exit without the viewer")
     p.add_argument("--no-open", action="store_true", help="print the viewer's address instead of opening a browser")
     p.add_argument("--port", type=int, default=8765, help="viewer port")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 

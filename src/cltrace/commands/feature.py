@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from cltrace.commands.features import store_path
     from cltrace.errors import CltraceError
     from cltrace.features.dashboard import render
     from cltrace.features.store import FeatureStore
+    from cltrace.runs import store_path
 
     with FeatureStore(store_path(args.run, args.db)) as store:
         if args.search is not None:

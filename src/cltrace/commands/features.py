@@ -1,19 +1,10 @@
-"""`cltrace features RUN`: build (or continue) the feature store of a trained transcoder.
-
-Also home of the helpers that turn a RUN argument into a transcoder, a model name and a
-feature-store path (used by `feature` and `intervene` too); they import torch lazily.
-"""
+"""`cltrace features RUN`: build (or continue) the feature store of a trained transcoder."""
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from cltrace.commands import add_parser
-
-DEFAULT_MODEL = "gemma-3-270m"
-_MODEL_KEYS = ("model", "model_name", "base_model")
+from cltrace.commands import add_device_argument, add_parser
 
 
 def register(subparsers) -> None:
@@ -35,93 +26,15 @@ def register(subparsers) -> None:
     p.add_argument("--flush-tokens", type=int, default=32768, help="write progress every this many tokens")
     p.add_argument("--no-effects", action="store_true", help="skip promoted/suppressed tokens (saves a matmul with the unembedding per layer)")
     p.add_argument("--fresh", action="store_true", help="discard a previous build (your labels are kept)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    add_device_argument(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     p.set_defaults(func=run)
 
 
-# -- shared helpers -------------------------------------------------------------------------
-
-def resolve_run(run: str) -> Path:
-    """A run folder from a path or a name under `paths.runs_dir()`."""
-    from cltrace import paths
-    from cltrace.errors import CltraceError
-
-    for candidate in (Path(run).expanduser(), paths.runs_dir() / run):
-        if candidate.is_dir():
-            return candidate.resolve()
-    raise CltraceError(f"no transcoder run called {run!r} (looked in . and {paths.runs_dir()})",
-                       "train one with `cltrace train`, or pass the folder that holds it")
-
-
-def transcoder_dir(run_dir: Path) -> Path:
-    """The folder holding the transcoder's config.json + weights: the run itself or RUN/transcoder."""
-    for candidate in (run_dir, run_dir / "transcoder"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    from cltrace.errors import CltraceError
-
-    raise CltraceError(f"{run_dir} holds no transcoder (no config.json)",
-                       "pass the folder `cltrace train` wrote")
-
-
-def load_transcoder(run_dir: Path, device: str = "cpu"):
-    from cltrace.transcoders.model import Transcoder
-
-    tc = Transcoder.load(transcoder_dir(run_dir))
-    return tc.to(device).eval().requires_grad_(False)
-
-
-def run_model_name(run_dir: Path, transcoder=None, override: str | None = None) -> str:
-    """The model a run was trained on: --model, else the transcoder's config, else run JSON files."""
-    if override:
-        return override
-    cfg = getattr(transcoder, "cfg", None)
-    for key in _MODEL_KEYS:
-        if cfg is not None and getattr(cfg, key, None):
-            return str(getattr(cfg, key))
-    for name in ("run.json", "train.json", "config.json"):
-        for folder in (run_dir, run_dir / "transcoder"):
-            try:
-                data = json.loads((folder / name).read_text())
-            except (OSError, ValueError):
-                continue
-            for key in _MODEL_KEYS:
-                if isinstance(data.get(key), str):
-                    return data[key]
-    print(f"note: {run_dir.name} does not say which model it was trained on; using {DEFAULT_MODEL}")
-    return DEFAULT_MODEL
-
-
-def load_model_and_transcoder(run: str, model: str | None, device: str = "cpu", dtype: str = "float32"):
-    """(LoadedModel, transcoder, run_dir, model_name) for a RUN argument."""
-    import torch
-
-    from cltrace.models.loading import load_model
-
-    run_dir = resolve_run(run)
-    tc = load_transcoder(run_dir, device)
-    name = run_model_name(run_dir, tc, model)
-    lm = load_model(name, device=device, dtype=getattr(torch, dtype))
-    return lm, tc, run_dir, name
-
-
-def store_path(run: str, db: str | None) -> Path:
-    """--db, else RUN itself when it is a store file, else RUN/features.sqlite."""
-    from cltrace.features.store import DB_FILENAME
-
-    if db:
-        return Path(db).expanduser()
-    if Path(run).suffix in (".sqlite", ".db") and Path(run).is_file():
-        return Path(run)
-    return resolve_run(run) / DB_FILENAME
-
-
-# -- the command ------------------------------------------------------------------------------
-
 def run(args: argparse.Namespace) -> int:
     from cltrace.errors import CltraceError
     from cltrace.features.store import FeatureStoreConfig, build_feature_store
+    from cltrace.runs import open_run, store_path
 
     try:
         cfg = FeatureStoreConfig(context_len=args.context_len, top_k=args.top_k, n_bins=args.bins,
@@ -129,16 +42,16 @@ def run(args: argparse.Namespace) -> int:
                                  flush_tokens=args.flush_tokens)
     except ValueError as err:
         raise CltraceError(str(err), "check the numbers given to cltrace features") from err
-    lm, tc, run_dir, name = load_model_and_transcoder(args.run, args.model, args.device, args.dtype)
+    loaded = open_run(args.run, args.model, args.device, args.dtype)
     path = store_path(args.run, args.db)
     documents = None
     if args.text:
         from cltrace.data.corpus import iter_documents
 
         documents = iter_documents(paths=args.text)
-    summary = build_feature_store(path, lm, tc, documents=documents, config=cfg, max_tokens=args.tokens or None,
-                                  fresh=args.fresh, model_id=name,
-                                  transcoder_id=str(transcoder_dir(run_dir)), effects=not args.no_effects)
+    summary = build_feature_store(path, loaded.model, loaded.transcoder, documents=documents, config=cfg,
+                                  max_tokens=args.tokens or None, fresh=args.fresh, model_id=loaded.model_name,
+                                  transcoder_id=str(loaded.run.transcoder_dir), effects=not args.no_effects)
     mb = summary.db_bytes / 2**20
     print(f"{path}: {summary.tokens:,} tokens scanned ({summary.tokens_this_run:,} now, "
           f"{summary.tokens_per_second:,.0f} tok/s), {mb:.1f} MiB")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_parser
+from cltrace.commands import add_device_argument, add_parser
+from cltrace.models import DEFAULT_MODEL
 
 
 def register(subparsers) -> None:
     p = add_parser(subparsers, "harvest",
                    "Run the model over the corpus (or your text) and store every layer's MLP input "
                    "and output, token-shuffled, as safetensors shards (resumable)")
-    p.add_argument("--model", default="gemma-3-270m", help="bundled model name or a transformers folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or a transformers folder")
     p.add_argument("--text", nargs="+", metavar="PATH", default=None,
                    help="your own text files, folders or JSONL instead of the built corpus")
     p.add_argument("--split", default="train", help="corpus split to read")
@@ -33,22 +34,21 @@ def register(subparsers) -> None:
                             "left untouched and the command stops")
     again.add_argument("--overwrite", action="store_true",
                        help="delete the store already in --out and harvest it again")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from cltrace import paths
     from cltrace.activations.harvest import HarvestConfig
     from cltrace.activations.store import write_store
     from cltrace.errors import CltraceError
+    from cltrace.hardware import resolve_device
     from cltrace.models.loading import load_model
 
     if args.tokens < 1:
         raise CltraceError(f"--tokens must be positive, got {args.tokens}", "e.g. --tokens 1000000")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     cfg = HarvestConfig(ctx_len=args.ctx_len, batch_contexts=args.batch, seed=args.seed,
                         forward_dtype=None if args.dtype == "auto" else args.dtype,
                         store_dtype=args.store_dtype)

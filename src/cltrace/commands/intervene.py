@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from cltrace.commands import add_parser
+from cltrace.commands import add_device_argument, add_parser
 from cltrace.commands.feature import parse_feature_ref
 
 _ASSIGN = re.compile(r"^\s*L?(\d+)\s*:\s*(\d+)\s*(?:@\s*(-?\d+(?:\s*,\s*-?\d+)*))?\s*=\s*(\S+)\s*$")
@@ -76,7 +76,7 @@ def register(subparsers) -> None:
                    help="also apply position-less interventions to generated tokens")
     p.add_argument("--top", type=int, default=10, help="next tokens to show")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--device", default="cpu", help="torch device")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
@@ -104,12 +104,13 @@ def interventions_from_args(args: argparse.Namespace, n_layers: int) -> list:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from cltrace.commands.features import load_model_and_transcoder
+    from cltrace import runs
     from cltrace.errors import CltraceError
     from cltrace.interventions.steer import Steerer
 
-    lm, tc, _, _ = load_model_and_transcoder(args.transcoder, args.model, args.device)
-    steerer = Steerer(lm, tc)
+    loaded = runs.open_run(args.transcoder, args.model, args.device)
+    lm = loaded.model
+    steerer = Steerer(lm, loaded.transcoder)
     ivs = interventions_from_args(args, lm.n_layers)
     if args.swap_from is not None:
         ivs += steerer.swap_interventions(args.prompt, args.swap_from, suppress=args.features,

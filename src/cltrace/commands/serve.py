@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_parser
+from cltrace.commands import add_device_argument, add_parser
 
 
 def register(subparsers) -> None:
@@ -21,6 +21,7 @@ def register(subparsers) -> None:
                    help="model name or path, if not the one the transcoder was trained on")
     p.add_argument("--features", default=None, metavar="DB",
                    help="feature store for dashboards (top contexts, token effects)")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 

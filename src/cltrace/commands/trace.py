@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_parser
+from cltrace.commands import add_device_argument, add_parser
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 backward passes and edge read-out: about 1.6x faster on CPUs "
                         "with AMX, edges accurate to about 1%% instead of exact")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_device_argument(p)
     p.add_argument("--out", default=None, metavar="PATH",
                    help="pruned JSON path; None: <graphs folder>/<slug of the prompt>.json. The "
                         "full graph is written next to it as <slug>.graph.safetensors")
@@ -51,23 +51,22 @@ def run(args: argparse.Namespace) -> int:
     from cltrace.attribution.graph import AttributionConfig
     from cltrace.attribution.pipeline import trace_to_files
     from cltrace.errors import CltraceError
-    from cltrace.models.loading import load_model
+    from cltrace.runs import open_run
 
     for name in ("node_threshold", "edge_threshold"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise CltraceError(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.max_feature_nodes < 0:
         raise CltraceError("--max-feature-nodes must be >= 0")
-    tc_dir, transcoder = load_transcoder(args.transcoder, args.device)
-    model_name = args.model or getattr(transcoder.cfg, "model_name", None) or "gemma-3-270m"
-    lm = load_model(model_name, device=args.device)
+    loaded = open_run(args.transcoder, args.model, args.device)
+    lm, transcoder = loaded.model, loaded.transcoder
     targets = None if not args.output_target else tuple(single_token(lm, t) for t in args.output_target)
     cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
                             output_targets=targets,
                             edge_dtype="bfloat16" if args.bf16 else "float32",
                             backward_dtype="bfloat16" if args.bf16 else "float32")
     out = Path(args.out) if args.out else paths.graphs_dir() / f"{slugify(args.prompt)}.json"
-    r = trace_to_files(lm, transcoder, args.prompt, cfg, out, transcoder_id=tc_dir.name,
+    r = trace_to_files(lm, transcoder, args.prompt, cfg, out, transcoder_id=loaded.run.name,
                        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     _report(r.graph, r.pruned, r.scores, r.logit_strings, r.seconds, r.n_json_nodes, r.n_json_links)
     print(f"graph:  {r.graph_path}\npruned: {out}")
@@ -76,40 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
         report_qk(lm, transcoder, r, node_ids=args.qk_node, max_edges=args.qk_edges)
     if args.open:
-        _open_viewer(out.parent, model_name, tc_dir)
+        _open_viewer(out.parent, loaded)
     return 0
-
-
-def load_transcoder(spec: str, device: str):
-    """(directory, Transcoder) from a run name or a directory; CltraceError if none is there."""
-    from pathlib import Path
-
-    from cltrace import paths
-    from cltrace.errors import CltraceError
-    from cltrace.transcoders.model import CONFIG_FILE, WEIGHTS_FILE, Transcoder
-
-    base = Path(spec).expanduser()
-    candidates = [base, base / "transcoder", paths.runs_dir() / spec,
-                  paths.runs_dir() / spec / "transcoder"]
-    for d in candidates:
-        if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file():
-            return d, Transcoder.load(d, device=device).requires_grad_(False)
-        if (d / "config.yaml").is_file():
-            return d, _load_circuit_tracer(d, device)
-    raise CltraceError(f"no transcoder at {spec!r}",
-                       f"give a run name under {paths.runs_dir()} or a directory with "
-                       f"{CONFIG_FILE} and {WEIGHTS_FILE} (run `cltrace train` to make one)")
-
-
-def _load_circuit_tracer(directory, device: str):
-    from cltrace.errors import CltraceError
-
-    try:
-        from cltrace.transcoders import interop
-    except ImportError:
-        raise CltraceError(f"{directory} holds a circuit-tracer transcoder, which this cltrace "
-                           "cannot read yet") from None
-    return interop.load_circuit_tracer(directory, device=device).requires_grad_(False)
 
 
 def single_token(lm, text: str) -> int:
@@ -148,9 +115,10 @@ def _report(graph, pruned, scores, strings, seconds, n_json_nodes, n_json_links)
         print(f"{name:>9} scores: replacement {s.replacement:.3f}, completeness {s.completeness:.3f}")
 
 
-def _open_viewer(folder, model_name: str, tc_dir) -> None:
-    from cltrace.viewer.backend import make_backend
+def _open_viewer(folder, loaded) -> None:
+    from cltrace.interventions.steer import Steerer
+    from cltrace.viewer.model_backend import ModelBackend
     from cltrace.viewer.server import ViewerConfig, serve
 
-    backend = make_backend(argparse.Namespace(model=model_name, transcoder=str(tc_dir), features=None))
+    backend = ModelBackend(steerer=Steerer(loaded.model, loaded.transcoder))  # the model already loaded
     serve(ViewerConfig(graph_dirs=[folder], open_browser=True), backend)

@@ -34,6 +34,7 @@ from typing import BinaryIO, Callable, Literal, NamedTuple
 
 from cltrace import paths
 from cltrace.errors import CltraceError
+from cltrace.models import DEFAULT_MODEL
 
 Status = Literal["ready", "not dequantised", "package missing"]
 MARKER = "cltrace.json"
@@ -80,7 +81,6 @@ BUNDLED: dict[str, BundledModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", quant="Q4_1", source="package_file",
         description="HuggingFace SmolLM2 135M Instruct"),
 }
-DEFAULT_MODEL = "gemma-3-270m"
 
 
 class ModelInfo(NamedTuple):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cltrace.errors import CltraceError
+from cltrace.models import DEFAULT_MODEL
 
 
 def _from_dict(cls, data: dict[str, Any], what: str):
@@ -83,7 +84,7 @@ class TranscoderConfig:
 class TrainConfig:
     """How a transcoder is trained. Saved as train_config.json in the run folder."""
 
-    model: str = "gemma-3-270m"                      # language model (name or path)
+    model: str = DEFAULT_MODEL                       # language model (name or path)
     kind: Literal["clt", "plt"] = "clt"
     skip: bool = False
     activation: Literal["jumprelu", "topk"] = "jumprelu"
@@ -188,14 +189,14 @@ class TrainConfig:
 #   small    18 x 4096 JumpReLU, 2M tokens: hours on this CPU; minutes on one GPU.
 #   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=120_000,
+    "demo": dict(model=DEFAULT_MODEL, n_features=1024, activation="topk", topk=64, tokens=120_000,
                  batch_size=1024, lr=2e-3, dead_window_tokens=40_000, checkpoint_every=20,
                  jumprelu_after_topk=True),
-    "session": dict(model="gemma-3-270m", n_features=1024, activation="topk", topk=64, tokens=700_000,
+    "session": dict(model=DEFAULT_MODEL, n_features=1024, activation="topk", topk=64, tokens=700_000,
                     batch_size=1024, lr=2e-3, checkpoint_every=100, dead_window_tokens=200_000,
                     jumprelu_after_topk=True),
-    "small": dict(model="gemma-3-270m", n_features=4096, tokens=2_000_000, batch_size=2048),
-    "paper": dict(model="gemma-3-270m", n_features=16384, tokens=50_000_000, batch_size=4096,
+    "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
+    "paper": dict(model=DEFAULT_MODEL, n_features=16384, tokens=50_000_000, batch_size=4096,
                   dead_window_tokens=10_000_000, checkpoint_every=500),
     "smollm2": dict(model="smollm2-135m", n_features=1024, tokens=50_000, batch_size=1024, lr=1e-3,
                     lambda_s_warmup_frac=0.5, dead_window_tokens=20_000, checkpoint_every=10),

@@ -13,8 +13,10 @@ BOS attention sink the transcoder never saw) replaced by the transcoder's recons
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,9 @@ from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.transcoders.model import Transcoder
+
+if TYPE_CHECKING:
+    from cltrace.models.loading import LoadedModel
 
 
 @dataclass
@@ -163,5 +168,55 @@ def report(act: ActivationMetrics, rep: ReplacementMetrics | None = None) -> str
     return "\n".join(lines)
 
 
-__all__ = ["ActivationMetrics", "ReplacementMetrics", "evaluate_activations", "evaluate_replacement",
-           "replacement_patch", "zero_patch", "report"]
+@dataclass
+class EvalResult:
+    """What `cltrace eval` measures and writes to eval.json."""
+
+    activations: ActivationMetrics
+    replacement: ReplacementMetrics | None   # None: not measured
+
+    def to_dict(self) -> dict:
+        return {"activations": asdict(self.activations),
+                "replacement": asdict(self.replacement) if self.replacement else None}
+
+
+EVAL_CONTEXT_LEN = 128   # tokens per held-out context (BOS included)
+
+
+def evaluate_on_text(tc: Transcoder, model: LoadedModel | None, *, tokens: int = 20_000,
+                     replacement_tokens: int = 2_000, split: str = "heldout",
+                     text: list[str] | None = None, store: str | Path | None = None) -> EvalResult:
+    """Activation metrics on `tokens` held-out tokens (read from an activation `store`, else
+    harvested from the corpus `split` or the `text` files) and the replacement model's metrics on
+    `replacement_tokens` tokens (0: skipped). `model` may be None only with a store and no
+    replacement metrics. The model runs in float32: these are the exact model's metrics."""
+    from cltrace.activations.harvest import HarvestConfig, iter_activation_batches, iter_contexts
+    from cltrace.data.corpus import iter_documents
+
+    if tokens < 1 or replacement_tokens < 0:
+        raise CltraceError("--tokens must be positive and --replacement-tokens >= 0")
+    hcfg = HarvestConfig(ctx_len=EVAL_CONTEXT_LEN, forward_dtype="float32")
+    if store is not None:
+        from cltrace.activations.store import ActivationStore
+
+        batches = ActivationStore(store).iter_batches(1024, shuffle=False)
+    else:
+        assert model is not None, "harvesting needs the model"
+        batches = iter_activation_batches(model, iter_documents(split, paths=text), hcfg, batch_tokens=1024,
+                                          max_tokens=tokens)
+    act = evaluate_activations(tc, batches, max_tokens=tokens)
+    if not replacement_tokens:
+        return EvalResult(act, None)
+    assert model is not None, "the replacement metrics need the model"
+    ctxs = iter_contexts(model, iter_documents(split, paths=text), hcfg)
+    n_ctx = max(1, replacement_tokens // (hcfg.ctx_len - 2))
+    full = [c for c in itertools.islice(ctxs, n_ctx) if len(c) == hcfg.ctx_len]
+    token_batches = [torch.tensor(full[i:i + 8]) for i in range(0, len(full), 8)]
+    if not token_batches:
+        raise CltraceError(f"the text holds no full {hcfg.ctx_len}-token context for the replacement metrics",
+                           hint="give more text, or --replacement-tokens 0")
+    return EvalResult(act, evaluate_replacement(tc, model, token_batches))
+
+
+__all__ = ["ActivationMetrics", "EvalResult", "ReplacementMetrics", "evaluate_activations",
+           "evaluate_on_text", "evaluate_replacement", "replacement_patch", "zero_patch", "report"]

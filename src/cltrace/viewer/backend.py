@@ -170,4 +170,4 @@ def make_backend(args: Any) -> ViewerBackend:
         return NullBackend()
     from cltrace.viewer.model_backend import load_model_backend
 
-    return load_model_backend(features, transcoder, model)
+    return load_model_backend(features, transcoder, model, getattr(args, "device", "auto"))

@@ -60,7 +60,7 @@ class ModelBackend:
 
 
 def load_model_backend(features: str | None, transcoder: str | None,
-                       model: str | None) -> ModelBackend:
+                       model: str | None, device: str = "auto") -> ModelBackend:
     """Open the feature store and/or load model + transcoder (slow: imports torch)."""
     store = steerer = None
     if features:
@@ -68,9 +68,9 @@ def load_model_backend(features: str | None, transcoder: str | None,
 
         store = FeatureStore(features)
     if transcoder:
-        from cltrace.commands.features import load_model_and_transcoder
         from cltrace.interventions.steer import Steerer
+        from cltrace.runs import open_run
 
-        lm, tc, _, _ = load_model_and_transcoder(transcoder, model)
-        steerer = Steerer(lm, tc)
+        loaded = open_run(transcoder, model, device)
+        steerer = Steerer(loaded.model, loaded.transcoder)
     return ModelBackend(store, steerer)

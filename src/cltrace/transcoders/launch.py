@@ -1,0 +1,94 @@
+"""Start or resume a training run: where its activations come from (an activation store, or
+a live harvest of the corpus) and the one call `cltrace train` and `cltrace demo` both make."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from cltrace import paths
+from cltrace.errors import CltraceError
+from cltrace.transcoders.config import TrainConfig
+from cltrace.transcoders.train import TrainResult
+
+
+class TrainingData(NamedTuple):
+    batches: Iterable        # activation batches (.mlp_in, .mlp_out: [B, L, d])
+    n_layers: int
+    d_model: int
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    """<runs>/<model>-<kind>-<F>: where a run goes when no folder is given."""
+    slug = cfg.model.rstrip("/").split("/")[-1]
+    return paths.runs_dir() / f"{slug}-{cfg.kind}-{cfg.n_features}"
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "checkpoint.json").exists()
+
+
+def training_data(cfg: TrainConfig, device: str, split: str = "train") -> TrainingData:
+    """The store's batches when `cfg.store` is set (repeated, reshuffled, when it is smaller than
+    the run), else a live harvest of the corpus `split` with the run's model."""
+    if cfg.store:
+        from cltrace.activations.store import ActivationStore
+
+        store = ActivationStore(cfg.store)
+        if store.layers != list(range(len(store.layers))):
+            raise CltraceError(f"{cfg.store} holds layers {store.layers}; a transcoder needs all of them")
+        epochs = -(-cfg.tokens_needed // max(store.n_tokens, 1))
+        if epochs > 1:
+            print(f"note: the store holds {store.n_tokens:,} tokens, fewer than the {cfg.tokens_needed:,} "
+                  f"this run reads: {epochs} passes over it, reshuffled each time")
+        batches = store.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                                     epochs=epochs)
+        return TrainingData(batches, len(store.layers), store.d_model)
+    from cltrace.activations.harvest import HarvestConfig, iter_activation_batches
+    from cltrace.data.corpus import iter_documents
+    from cltrace.models.loading import load_model
+
+    hcfg = HarvestConfig(ctx_len=cfg.context_len, seed=cfg.seed)
+    model = load_model(cfg.model, device=device, dtype=hcfg.torch_forward_dtype(device))
+    batches = iter_activation_batches(model, iter_documents(split), hcfg, batch_tokens=cfg.batch_size,
+                                      max_tokens=cfg.tokens_needed, drop_last=True)
+    return TrainingData(batches, model.n_layers, model.d_model)
+
+
+def train_run(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+              device: str = "auto", split: str = "train") -> TrainResult:
+    """Train (or with `resume`, continue) the run in `out` (default: `default_run_dir(cfg)`) and
+    print its summary; the transcoder is saved to out/transcoder."""
+    from cltrace.hardware import resolve_device
+    from cltrace.transcoders.distributed import setup_from_env
+    from cltrace.transcoders.train import train
+
+    device = resolve_device(device)
+    out = Path(out) if out else default_run_dir(cfg)
+    dist = setup_from_env(device)
+    if resume and not has_checkpoint(out):
+        raise CltraceError(f"nothing to resume in {out}", hint="drop --resume to start a new run")
+    if not resume and has_checkpoint(out):
+        raise CltraceError(f"{out} already holds a run",
+                           hint="add --resume to continue it, or choose another --out")
+    data = training_data(cfg, device, split)
+    result = train(cfg, data.batches, data.n_layers, data.d_model, out, resume=resume, device=device,
+                   dist=dist)
+    if dist.is_main:
+        print(summary(result, out))
+    return result
+
+
+def summary(result: TrainResult, out: Path) -> str:
+    """What `cltrace train` prints at the end."""
+    last = result.history[-1] if result.history else None
+    lines = []
+    if last is not None:
+        lines.append(f"trained {last.step} steps ({last.tokens:,} tokens) at {result.tokens_per_s:,.0f} "
+                     f"tokens/s: nmse {last.nmse:.3f}, L0 {last.l0:.1f}, {result.dead} dead features")
+    lines.append(f"transcoder saved to {out}/transcoder  (next: cltrace eval {out})")
+    return "\n".join(lines)
+
+
+__all__ = ["TrainingData", "default_run_dir", "has_checkpoint", "summary", "train_run", "training_data"]
