@@ -100,3 +100,16 @@ def test_harvest_refuses_a_binary_text_file(tmp_path, capsys, monkeypatch):
     )
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {noise} is a binary file" in err
+
+
+def test_a_full_disk_in_any_command_is_not_an_internal_error(monkeypatch, capsys):
+    import errno
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cltrace.commands.models.run", full)
+    assert cli.main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: disk full: [Errno 28] No space left on device")
+    assert "free space and rerun the same command" in err and "internal error" not in err
