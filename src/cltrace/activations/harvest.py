@@ -2,10 +2,10 @@
 
 The stream, stage by stage:
 
-1. `document_token_ids`: each document tokenised without special tokens, followed by a
-   separator (EOS where the tokenizer has one, else BOS), so documents stay distinguishable.
-2. `pack_contexts`: the running token stream cut into contexts of `ctx_len` tokens, each
-   `[BOS] + (ctx_len - 1)` stream tokens. No token is lost: the last context may be shorter.
+1-2. `iter_contexts`: the documents packed into contexts of `ctx_len` tokens, each
+   `[BOS] + (ctx_len - 1)` stream tokens, by the packer the feature store uses too
+   (`activations.contexts`: its rules for empty documents and models without BOS). No token
+   is lost: the last context may be shorter.
 3. `harvest_contexts`: one forward per batch of contexts without the unembedding
    (`LoadedModel.capture`), every layer's MLP input and output, position 0 dropped (it is
    the attention sink, 100-1000x the norm of other positions), one row per token.
@@ -25,7 +25,9 @@ from typing import Iterable, Iterator, Literal
 
 import torch
 
+from cltrace.activations import contexts as packer
 from cltrace.activations.buffer import ActivationBatch, ShuffleBuffer, rebatch
+from cltrace.activations.contexts import document_token_ids, pack_contexts
 from cltrace.errors import CltraceError
 from cltrace.hardware import fast_dtype
 from cltrace.models.loading import LoadedModel
@@ -106,45 +108,9 @@ def default_forward_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return fast_dtype(device)
 
 
-def document_token_ids(model: LoadedModel, documents: Iterable[str]) -> Iterator[list[int]]:
-    """Token ids of each non-empty document followed by the separator (EOS, else BOS)."""
-    tok = model.tokenizer
-    eos = getattr(tok, "eos_token_id", None)
-    sep = eos if eos is not None else model.bos_token_id
-    for text in documents:
-        if not text or not text.strip():
-            continue
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        if ids:
-            yield ids + ([sep] if sep is not None else [])
-
-
-def pack_contexts(token_lists: Iterable[list[int]], ctx_len: int,
-                  bos: int | None) -> Iterator[list[int]]:
-    """Cut the concatenated token stream into contexts `[bos] + next ctx_len - 1 tokens`.
-
-    Without a BOS token, contexts are `ctx_len` stream tokens (position 0 is still dropped
-    later). The final context holds what is left and may be shorter.
-    """
-    prefix = [] if bos is None else [bos]
-    body = ctx_len - len(prefix)
-    pending: list[int] = []
-    for ids in token_lists:
-        pending.extend(ids)
-        n_full = len(pending) // body
-        for k in range(n_full):
-            yield prefix + pending[k * body:(k + 1) * body]
-        del pending[:n_full * body]
-    if pending:
-        yield prefix + pending
-
-
 def iter_contexts(model: LoadedModel, documents: Iterable[str], cfg: HarvestConfig) -> Iterator[list[int]]:
-    """Packed contexts of the document stream (deterministic for a deterministic stream)."""
-    bos = model.bos_token_id
-    if bos is None:
-        bos = getattr(model.tokenizer, "eos_token_id", None)
-    return pack_contexts(document_token_ids(model, documents), cfg.ctx_len, bos)
+    """Packed contexts of the document stream (`activations.contexts`, the last one may be short)."""
+    return packer.iter_contexts(model, documents, cfg.ctx_len, partial=True)
 
 
 def batch_contexts(contexts: Iterable[list[int]], size: int) -> Iterator[list[list[int]]]:

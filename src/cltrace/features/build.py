@@ -1,12 +1,13 @@
 """Building a feature store: `build_feature_store` scans text and streams statistics to SQLite.
 
-Held-out corpus text is packed into contexts of `context_len` tokens (`iter_contexts`); the
-model's MLP inputs go through the transcoder and every batch's activations are merged into
-`StreamingStats`. Every `flush_tokens` tokens, in one transaction, the contexts read, the
-buffers of features that changed, the per-layer counters and the progress row are written; a
-build that stops (or is killed) restarts from the last flush and produces the same store as
-an uninterrupted one. Token effects (`features.effects`) are computed first, automatic labels
-last. `user_labels` is never written by a build, even with `fresh=True`.
+Held-out corpus text is packed into contexts of `context_len` tokens by the harvest's packer
+(`iter_contexts`, `activations.contexts`); the model's MLP inputs go through the transcoder and
+every batch's activations are merged into `StreamingStats`. Every `flush_tokens` tokens, in one
+transaction, the contexts read, the buffers of features that changed, the per-layer counters
+and the progress row are written; a build that stops (or is killed) restarts from the last
+flush and produces the same store as an uninterrupted one. Token effects (`features.effects`)
+are computed first, automatic labels last. `user_labels` is never written by a build, even
+with `fresh=True`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cltrace.activations import contexts as packer
 from cltrace.errors import CltraceError
 from cltrace.features.config import FeatureStoreConfig
 from cltrace.features.effects import EFFECTS_METHOD, write_effects
@@ -47,23 +49,9 @@ class BuildSummary:
 
 
 def iter_contexts(model: "LoadedModel", documents: Iterable[str], context_len: int) -> Iterator[list[int]]:
-    """Pack documents (EOS between them) into contexts of `context_len` token ids, BOS first.
-
-    Deterministic, so a resumed build skips the contexts it has done. A final partial
-    context is dropped.
-    """
-    tok = model.tokenizer
-    prefix = [model.bos_token_id] if model.bos_token_id is not None else []
-    eos = getattr(tok, "eos_token_id", None)
-    body = context_len - len(prefix)
-    buf: list[int] = []
-    for doc in documents:
-        buf.extend(tok(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            buf.append(eos)
-        while len(buf) >= body:
-            yield prefix + buf[:body]
-            del buf[:body]
+    """The harvest's contexts of `context_len` tokens (`activations.contexts`), all full length:
+    a final shorter context is left out."""
+    return packer.iter_contexts(model, documents, context_len, partial=False)
 
 
 def _check_or_write_meta(store: FeatureStore, wanted: dict[str, str]) -> None:
