@@ -29,3 +29,11 @@ def _meaningful_default(action: argparse.Action) -> bool:
 def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     """A subparser whose --help shows each meaningful default once (`HelpFormatter`)."""
     return subparsers.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+
+DEVICE_HELP = "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """The same --device flag on every command (resolved by `cltrace.hardware.resolve_device`)."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
