@@ -30,6 +30,8 @@ from tiny import FAMILIES, tiny_model
 PROMPT = "Fact : the capital of the state containing Dallas is"
 KINDS = ("clt", "plt", "skip")
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
 
 def make_transcoder(lm, kind: str = "clt", n_features: int = 24, fire: float = 0.3,
                     seed: int = 0) -> Transcoder:
@@ -91,15 +93,6 @@ def logit_directions(lm, graph: Graph) -> torch.Tensor:
 def target_rows(graph: Graph) -> torch.Tensor:
     return torch.cat([torch.arange(graph.n_features),
                       torch.arange(graph.logit_offset, graph.n_nodes)])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spinning on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

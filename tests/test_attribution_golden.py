@@ -35,6 +35,8 @@ CASES = {
     "qwen3-clt": ("qwen3", "clt", dict(max_feature_nodes=15, edge_dtype="bfloat16", batch_size=4)),
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: pins made with 1 thread
+
 
 def build(case: str, tc: Transcoder) -> Graph:
     family, _, kw = CASES[case]
@@ -44,12 +46,7 @@ def build(case: str, tc: Transcoder) -> Graph:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_graph_matches_its_pin(case):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        graph = build(case, Transcoder.load(GOLDEN / case / "transcoder"))
-    finally:
-        torch.set_num_threads(threads)
+    graph = build(case, Transcoder.load(GOLDEN / case / "transcoder"))
     ref = Graph.load(GOLDEN / case / "graph.safetensors")
     for name, value in graph._tensors().items():
         assert torch.equal(value, getattr(ref, name)), f"{case}: {name} differs from the pin"
