@@ -13,7 +13,6 @@ from tiny import WORDS, tiny_model
 
 from cltrace.errors import CltraceError
 from cltrace.features.dashboard import render
-from cltrace.features.labels import auto_label, reads_part
 from cltrace.features.store import (FeatureStore, FeatureStoreConfig, build_feature_store,
                                     final_norm_gain, iter_contexts, token_effects)
 
@@ -133,26 +132,6 @@ def test_dashboard_is_json_and_renders(built):
     assert (time.perf_counter() - t0) / 24 < 0.1
 
 
-def test_labels_name_a_promoted_token_of_the_scanned_text_when_one_is_promoted(built):
-    import numpy as np
-
-    store = FeatureStore(built)
-    conn = store.conn
-    seen = set()
-    for (blob,) in conn.execute("SELECT tokens FROM contexts"):
-        seen.update(np.frombuffer(blob, "<i4").tolist())
-    vocab = dict(conn.execute("SELECT id, text FROM vocab"))
-    labels = dict(conn.execute("SELECT id, label FROM auto_labels"))
-    checked = 0
-    for fid, blob in conn.execute("SELECT id, data FROM effects"):
-        ids = np.frombuffer(blob, "<i4")[: len(blob) // 16].tolist()
-        in_text = [t for t in ids if t in seen and vocab.get(t, "").strip()]
-        if in_text and "→" in labels.get(fid, "") and ids[0] not in seen:
-            assert labels[fid].endswith("→ " + vocab[in_text[0]].strip()), (labels[fid], vocab[in_text[0]])
-            checked += 1
-    assert checked > 0          # the filter changed some labels, and named the right token
-
-
 def dump(path):
     """Everything a build writes, for equality checks."""
     store = FeatureStore(path)
@@ -212,12 +191,3 @@ def test_a_different_build_is_refused(lm, tc, tmp_path):
     build_feature_store(path, lm, tc, documents=documents(5), config=other, fresh=True, show_progress=False)
     with pytest.raises(CltraceError, match="no feature store"):
         FeatureStore(tmp_path / "missing.sqlite")
-
-
-def test_auto_labels():
-    assert auto_label(["Texas", " Texas", "Dallas", "Texas"], [" Austin", "x"]) == "Texas → Austin"
-    assert reads_part(["a", "b", "a", "b", "c"]) == "a/b"
-    assert reads_part(["a", "b", "c", "d", "e"]) == "a…"
-    assert auto_label([], []) == "(never active)"
-    assert auto_label(["\n"], []) == "\\n"
-    assert len(auto_label(["x" * 80], [])) == 40

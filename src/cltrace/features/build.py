@@ -23,6 +23,7 @@ from cltrace.activations import contexts as packer
 from cltrace.errors import CltraceError
 from cltrace.features.config import FeatureStoreConfig
 from cltrace.features.effects import EFFECTS_METHOD, write_effects
+from cltrace.features.labels import DEFAULT_LABELS, LabelConfig
 from cltrace.features.store import BUILD_TABLES, SCHEMA_VERSION, FeatureStore, add_vocab, write_auto_labels
 from cltrace.features.streaming import StreamingStats
 
@@ -153,7 +154,8 @@ def build_feature_store(path: str | Path, model: "LoadedModel", transcoder, *,
                         config: FeatureStoreConfig = FeatureStoreConfig(),
                         max_tokens: int | None = None, fresh: bool = False,
                         model_id: str | None = None, transcoder_id: str | None = None,
-                        effects: bool = True, show_progress: bool = True) -> BuildSummary:
+                        effects: bool = True, show_progress: bool = True,
+                        labels: LabelConfig = DEFAULT_LABELS, score_output: int | None = 0) -> BuildSummary:
     """Build or continue a feature store.
 
     Args:
@@ -167,6 +169,8 @@ def build_feature_store(path: str | Path, model: "LoadedModel", transcoder, *,
         fresh: delete a previous build first (user labels are kept).
         model_id, transcoder_id: recorded in meta; a continued build must name the same.
         effects: compute promoted/suppressed tokens (one matmul with the unembedding per layer).
+        labels: how labels are made and scored; score_output: features to output-score
+            (0: none, None: all; see `features.label_store.relabel`).
     """
     from cltrace.progress import progress
 
@@ -187,7 +191,8 @@ def build_feature_store(path: str | Path, model: "LoadedModel", transcoder, *,
         t_scan = time.perf_counter()
         _scan_all(builder, documents, max_tokens, show_progress, progress)
         scan_seconds = time.perf_counter() - t_scan
-        write_auto_labels(store)
+        write_auto_labels(store, labels, model=model, transcoder=transcoder, score_output=score_output,
+                          show_progress=show_progress)
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return BuildSummary(path=Path(path), tokens=builder.tokens_done,
                             tokens_this_run=builder.tokens_done - start_tokens,

@@ -12,6 +12,10 @@ The card (keys beyond the viewer's contract in `viewer/backend.py` are extra det
                    "context_id": int, "position": int}],          # top activations, best first
      "quantiles": [{"low", "high", "examples": [context...]}],    # bins of the activation range
      "promoted": [{"token", "token_id", "value"}], "suppressed": [...],
+     "auto_label": str, "label_reads": [str], "label_writes": [str],   # the automatic label's parts
+     "label_broad": bool, "label_detection": float|None, "label_output": float|None,
+     "label_evidence": {"reads": [{"kind", "text", "match", "share", "lift"}], "writes": [...],
+                        "n_pos", "n_neg"} | None,                 # None before scored labels
      "message": str}                                              # only when data is missing
 """
 
@@ -42,6 +46,7 @@ class FeatureRecord:
     suppressed: list[tuple[int, float]] = field(default_factory=list)
     auto_label: str | None = None
     user_label: str | None = None
+    label_info: dict | None = None                                    # `label_store.label_info`
     contexts: dict[int, list[int]] = field(default_factory=dict)      # context id -> token ids
     vocab: dict[int, str] = field(default_factory=dict)               # token id -> string
 
@@ -109,10 +114,33 @@ def assemble(rec: FeatureRecord, *, n_bins: int = 5, per_bin: int = 4, before: i
         "quantiles": quantile_bins(rec, n_bins, per_bin, before, after),
         "promoted": token_list(rec, rec.promoted),
         "suppressed": token_list(rec, rec.suppressed),
+        **label_keys(rec),
     }
     if rec.n_fires == 0:
         card["message"] = f"never active in the {rec.n_tokens:,} tokens scanned"
     return card
+
+
+def label_keys(rec: FeatureRecord) -> dict:
+    """The automatic label's parts and scores (scores None for a store without them)."""
+    info = rec.label_info or {}
+    return {"auto_label": rec.auto_label, "label_reads": [r["text"] for r in info.get("reads", [])],
+            "label_writes": [w["text"] for w in info.get("writes", [])],
+            "label_broad": info.get("broad", False),
+            "label_detection": info.get("detection"), "label_output": info.get("output"),
+            "label_evidence": {k: info[k] for k in ("reads", "writes", "n_pos", "n_neg")} if info else None}
+
+
+def score_text(card: dict) -> str:
+    """`detection 0.93 · output 0.88` (what exists), or why there is none."""
+    if card.get("label_evidence") is None:
+        return "no scores (relabel: cltrace features RUN --relabel)"
+    if card.get("label_broad"):
+        return "not scored (broad)"
+    names = (("detection", "label_detection"), ("output", "label_output"))
+    parts = [f"{name} {card[key]:.2f}" for name, key in names
+             if card.get(key) is not None]
+    return " · ".join(parts) if parts else "not scored"
 
 
 def _show(token: str) -> str:
@@ -133,6 +161,9 @@ def render(card: dict, max_contexts: int = 10) -> str:
     dens = card.get("density")
     lines = [f"feature L{card['layer']}:{card['index']}  {card.get('label', '')!s}"
              + ("  (your label)" if card.get("label_source") == "user" else ""),
+             f"  label score: {score_text(card)}"
+             + (f"  (automatic label: {card['auto_label']})" if card.get("label_source") == "user"
+                and card.get("auto_label") else ""),
              f"  density {dens:.3g} ({card['n_fires']:,} of {card['n_tokens']:,} tokens)"
              if dens is not None else "  density unknown (no tokens scanned yet)"]
     if card.get("mean_activation") is not None:

@@ -14,7 +14,8 @@ attention sink, is never scored):
 
 Tables: meta, progress, contexts (token ids of every context, int32), vocab (token strings),
 features (one packed record per feature), layer_stats (counters per layer, blobs), effects,
-auto_labels, user_labels. `user_labels` is never written by a build, even with `fresh=True`.
+auto_labels, user_labels, and the label scores (`features.label_store`). `user_labels` is
+never written by a build, even with `fresh=True`.
 Blobs are little-endian float32/int32 arrays; see `RecordLayout`.
 """
 
@@ -33,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 from cltrace.errors import CltraceError
 from cltrace.features import dashboard as dash
 from cltrace.features.config import FeatureStoreConfig
-from cltrace.features.labels import DEAD_LABEL, auto_label
+from cltrace.features.label_store import LABEL_SCHEMA, LABEL_TABLES, label_info, label_summary, labels_table
+from cltrace.features.labels import DEFAULT_LABELS, LabelConfig
 
 if TYPE_CHECKING:
     from cltrace.models.loading import LoadedModel
@@ -59,7 +61,7 @@ CREATE INDEX IF NOT EXISTS auto_labels_by_label ON auto_labels (label);
 CREATE INDEX IF NOT EXISTS user_labels_by_label ON user_labels (label);
 """
 BUILD_TABLES = ("meta", "progress", "contexts", "vocab", "features", "layer_stats", "effects",
-                "auto_labels")
+                "auto_labels", *LABEL_TABLES)
 
 
 
@@ -117,7 +119,7 @@ class FeatureStore:
         try:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.executescript(SCHEMA)
+            self.conn.executescript(SCHEMA + LABEL_SCHEMA)
         except sqlite3.DatabaseError as err:
             self.conn.close()
             raise CltraceError(f"{self.path} is not a feature store ({err})",
@@ -250,6 +252,7 @@ class FeatureStore:
             lab = self.conn.execute("SELECT label FROM auto_labels WHERE id = ?", (fid,)).fetchone()
             rec.auto_label = lab[0] if lab else None
             rec.user_label = self.user_label(layer, index)
+            rec.label_info = label_info(self, fid)
             self._read_contexts(rec)
         return rec
 
@@ -291,6 +294,18 @@ class FeatureStore:
             marks = ",".join("?" * len(ids_list))
             rec.vocab = dict(self.conn.execute(f"SELECT id, text FROM vocab WHERE id IN ({marks})", ids_list))
 
+    def labels_table(self, *, min_score: float | None = None, min_output: float | None = None,
+                     order: str = "score", limit: int | None = None,
+                     include_broad: bool = False) -> list[dict]:
+        """Labelled features with scores, sorted and filtered (`features.label_store.labels_table`)."""
+        with self._lock:
+            return labels_table(self, min_score=min_score, min_output=min_output,
+                                order=order, limit=limit, include_broad=include_broad)  # type: ignore[arg-type]
+
+    def label_summary(self) -> dict | None:
+        """Score distributions of all labels and of shuffled labels (None before scored labels)."""
+        return label_summary(self)
+
     def dashboard(self, layer: int, index: int, *, before: int = 12, after: int = 4,
                   n_top: int | None = None) -> dict:
         """The feature's dashboard card (JSON-able; keys in `features.dashboard`)."""
@@ -331,30 +346,16 @@ def add_vocab(conn: sqlite3.Connection, model: "LoadedModel", ids: set[int]) -> 
                      zip(missing, model.token_strings(missing)))
 
 
-def write_auto_labels(store: FeatureStore) -> int:
-    """(Re)compute the automatic label of every feature from the stored data; returns the count."""
-    import numpy as np
+def write_auto_labels(store: FeatureStore, config: LabelConfig = DEFAULT_LABELS, *,
+                      model: "LoadedModel | None" = None, transcoder=None, score_output: int | None = 0,
+                      show_progress: bool = False) -> int:
+    """(Re)compute every automatic label and its scores from the stored data (no rescan);
+    returns the count. With a model and transcoder the held-out pool is made when missing and
+    `score_output` features get output scores (`features.label_store.relabel`)."""
+    from cltrace.features.label_store import relabel
 
-    n = store.context_len
-    layout = RecordLayout(int(store.meta["top_k"]), int(store.meta["n_bins"]) * int(store.meta["per_bin"]))
-    conn = store.conn
-    tops = [(int(fid), layout.unpack(blob)[0]) for fid, blob in conn.execute("SELECT id, data FROM features")]
-    ctx_tokens = {int(i): np.frombuffer(b, "<i4") for i, b in conn.execute("SELECT id, tokens FROM contexts")}
-    vocab = dict(conn.execute("SELECT id, text FROM vocab"))
-    effects = {int(i): np.frombuffer(b, "<i4")[: len(b) // 16] for i, b in conn.execute("SELECT id, data FROM effects")}
-    # a label names a promoted token that occurs in the scanned text, when one of the top ones does
-    # (Gemma's 262k vocabulary lets rare foreign sub-words top the raw list of a weak feature)
-    seen = set(np.unique(np.concatenate(list(ctx_tokens.values()))).tolist()) if ctx_tokens else set()
-    labels = []
-    for fid, top in tops:
-        active = [vocab.get(int(ctx_tokens[loc // n][loc % n]), "") for _, loc in top if loc // n in ctx_tokens]
-        ids = [int(t) for t in effects.get(fid, ())]
-        promoted = [vocab.get(t, "") for t in ([t for t in ids if t in seen] or ids)]
-        labels.append((fid, auto_label(active, promoted) if top else DEAD_LABEL))
-    with store.transaction() as c:
-        c.execute("DELETE FROM auto_labels")
-        c.executemany("INSERT INTO auto_labels (id, label) VALUES (?, ?)", labels)
-    return len(labels)
+    return relabel(store, config, model=model, transcoder=transcoder, score_output=score_output,
+                   show_progress=show_progress).n_features
 
 
 # Names that lived here before the build was split out stay importable from here (compatibility);
