@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cltrace.attribution.memory import check_source_memory
 from cltrace.attribution.replacement import ReplacementForward, SkipFn
-from cltrace.errors import CltraceError
+from cltrace.transcoders.interface import TranscoderLike
 
 
 @dataclass
@@ -28,42 +28,46 @@ class ActiveFeatures:
     index: Int[Tensor, "active"]
     activation: Float[Tensor, "active"]
     pre_activation: Float[Tensor, "active"]
-    layer_start: list[int]                     # L + 1 offsets: layer l is [start[l], start[l+1])
+    layer_start: list[int]  # L + 1 offsets: layer l is [start[l], start[l+1])
     errors: Float[Tensor, "layer pos d_model"]  # y - ŷ (zero at BOS with zero_bos)
-    decoders: list[Tensor | None]              # per layer: [k_l, T_l, d] decoder rows (raw scale)
+    decoders: list[Tensor | None]  # per layer: [k_l, T_l, d] decoder rows (raw scale)
 
     @property
     def n(self) -> int:
         return int(self.layer.shape[0])
 
 
-def skip_function(transcoder) -> SkipFn | None:
+def skip_function(transcoder: TranscoderLike) -> SkipFn | None:
     """The transcoder's skip term per layer as fn(layer, x [..., d]) -> [..., d], or None."""
-    if not getattr(transcoder.cfg, "skip", False):
+    if not transcoder.cfg.skip:
         return None
-    if not hasattr(transcoder, "skip_weight"):
-        raise CltraceError("this transcoder has a skip connection but no skip_weight(layer) method",
-                           "update cltrace.transcoders.model")
     cache: dict[int, Tensor] = {}
 
     def skip(layer: int, x: Tensor) -> Tensor:
         if layer not in cache:
-            cache[layer] = transcoder.skip_weight(layer).detach()
+            w = transcoder.skip_weight(layer)
+            assert w is not None, "cfg.skip is set, so every layer has a skip matrix"
+            cache[layer] = w.detach()
         return x @ cache[layer].to(x.dtype)
 
     return skip
 
 
 @torch.no_grad()
-def find_active_features(transcoder, fwd: ReplacementForward, skip: SkipFn | None,
-                         zero_first: bool, free: int | None = None) -> ActiveFeatures:
+def find_active_features(
+    transcoder: TranscoderLike,
+    fwd: ReplacementForward,
+    skip: SkipFn | None,
+    zero_first: bool,
+    free: int | None = None,
+) -> ActiveFeatures:
     """Encode the recorded MLP inputs, keep the non-zero activations, compute error vectors.
 
     The reconstruction ``ŷ_l' = Σ_{l<=l'} W_dec[l→l'] a_l + b_dec_l' + skip_l'(x_l')`` is
     built sparsely from the active features only.
     """
-    x = fwd.mlp_in_values                                  # [n, L, d]
-    pre = transcoder.encode(x)                             # [n, L, F]
+    x = fwd.mlp_in_values  # [n, L, d]
+    pre = transcoder.encode(x)  # [n, L, F]
     acts = transcoder.activate(pre)
     if zero_first:
         acts[0] = 0
@@ -82,13 +86,20 @@ def find_active_features(transcoder, fwd: ReplacementForward, skip: SkipFn | Non
         if s == e:
             decoders.append(None)
             continue
-        dec = transcoder.decoder_weight(l)[index[s:e]].to(x.dtype)          # [k, T, d]
+        dec = transcoder.decoder_weight(l)[index[s:e]].to(x.dtype)  # [k, T, d]
         decoders.append(dec)
         contrib = dec * acts[pos[s:e], l, index[s:e]][:, None, None]
-        recon[:, l:l + dec.shape[1]].index_add_(0, pos[s:e], contrib)
-    errors = (fwd.mlp_out_values - recon).transpose(0, 1).contiguous()      # [L, n, d]
+        recon[:, l : l + dec.shape[1]].index_add_(0, pos[s:e], contrib)
+    errors = (fwd.mlp_out_values - recon).transpose(0, 1).contiguous()  # [L, n, d]
     if zero_first:
         errors[:, 0] = 0
-    return ActiveFeatures(layer=layer, pos=pos, index=index, activation=acts[pos, layer, index],
-                          pre_activation=pre[pos, layer, index], layer_start=layer_start,
-                          errors=errors, decoders=decoders)
+    return ActiveFeatures(
+        layer=layer,
+        pos=pos,
+        index=index,
+        activation=acts[pos, layer, index],
+        pre_activation=pre[pos, layer, index],
+        layer_start=layer_start,
+        errors=errors,
+        decoders=decoders,
+    )

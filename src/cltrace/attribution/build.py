@@ -59,10 +59,17 @@ from cltrace.attribution.memory import (
 from cltrace.attribution.targets import encoder_rows, logit_targets
 from cltrace.attribution.traversal import Traversal
 from cltrace.models.loading import LoadedModel
+from cltrace.transcoders.interface import TranscoderLike
 
 
-def attribute(lm: LoadedModel, transcoder, prompt: str | Sequence[int] | Tensor,
-              cfg: AttributionConfig | None = None, *, transcoder_id: str = "") -> Graph:
+def attribute(
+    lm: LoadedModel,
+    transcoder: TranscoderLike,
+    prompt: str | Sequence[int] | Tensor,
+    cfg: AttributionConfig | None = None,
+    *,
+    transcoder_id: str = "",
+) -> Graph:
     """Build the attribution graph of `prompt` (METHOD.md §3). See the module docstring."""
     from cltrace.progress import progress
 
@@ -74,22 +81,26 @@ def attribute(lm: LoadedModel, transcoder, prompt: str | Sequence[int] | Tensor,
     check_forward_memory(lm, n, free)
     B = cfg.batch_size or choose_batch_size(lm, n, free)
     skip = skip_function(transcoder)
-    forwards = PrefixForwards(lm, tokens, skip, cfg.prefix_buckets,
-                              torch.bfloat16 if cfg.backward_dtype == "bfloat16" else None)
-    fwd = forwards.full                                        # its values define the graph
+    forwards = PrefixForwards(
+        lm, tokens, skip, cfg.prefix_buckets, torch.bfloat16 if cfg.backward_dtype == "bfloat16" else None
+    )
+    fwd = forwards.full  # its values define the graph
     zero_first = cfg.zero_bos and starts_with_special(lm, tokens)
     feats = find_active_features(transcoder, fwd, skip, zero_first, free)
     logits = logit_targets(lm, fwd.final_values[-1], cfg)
     n_feat_targets = feats.n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, feats.n)
     dtype = torch.bfloat16 if cfg.edge_dtype == "bfloat16" else torch.float32
     reader = EdgeReader(feats, fwd.embed_values, dtype)
-    feats.decoders = [None] * L                                # the reader holds a scaled copy
+    feats.decoders = [None] * L  # the reader holds a scaled copy
     n_rows = n_feat_targets + len(logits.tokens)
     check_graph_memory(n_rows, reader.n_sources, n, free)
-    bar = progress(total=n_rows, desc="attribution", unit="node",
-                   disable=None if cfg.progress is None else not cfg.progress)
-    walk = Traversal.start(forwards, reader, feats, logits, encoder_rows(transcoder, feats), B,
-                           n_rows, bar)
+    bar = progress(
+        total=n_rows,
+        desc="attribution",
+        unit="node",
+        disable=None if cfg.progress is None else not cfg.progress,
+    )
+    walk = Traversal.start(forwards, reader, feats, logits, encoder_rows(transcoder, feats), B, n_rows, bar)
     with bar:
         walk.visit_logits()
         walk.visit_features(n_feat_targets, cfg.update_interval)
@@ -101,7 +112,7 @@ def square_adjacency(walk: Traversal) -> tuple[Tensor, Tensor]:
     """(adjacency [N, N] on the CPU, selected features) in node order: selected features,
     errors, tokens, logits; the traversal's rows are in visiting order."""
     feats, rows = walk.feats, walk.rows
-    selected = walk.visited.nonzero().squeeze(1)               # sorted = (layer, pos, feature)
+    selected = walk.visited.nonzero().squeeze(1)  # sorted = (layer, pos, feature)
     n_sel, n_src = int(selected.numel()), rows.rows.shape[1]
     n_rest, n_log = n_src - feats.n, int(walk.logits.tokens.numel())
     N = n_sel + n_rest + n_log
@@ -110,20 +121,21 @@ def square_adjacency(walk: Traversal) -> tuple[Tensor, Tensor]:
     feat_rows = (rows.feature[:c] >= 0).nonzero().squeeze(1)
     row_of[rows.feature[feat_rows]] = feat_rows
     logit_rows = (rows.feature[:c] < 0).nonzero().squeeze(1)
-    order = torch.cat([row_of[selected], logit_rows])          # graph row -> traversal row
+    order = torch.cat([row_of[selected], logit_rows])  # graph row -> traversal row
     keep = torch.cat([selected, torch.arange(feats.n, n_src, device=selected.device)])
     adjacency = torch.zeros(N, N)
     targets = torch.cat([torch.arange(n_sel), torch.arange(N - n_log, N)])
-    for chunk in torch.arange(order.numel()).split(1024):      # bounded extra memory
+    for chunk in torch.arange(order.numel()).split(1024):  # bounded extra memory
         block = rows.rows[order[chunk.to(order.device)]]
         if n_sel < feats.n:
             block = block[:, keep]
-        adjacency[targets[chunk], :n_sel + n_rest] = block.cpu()
+        adjacency[targets[chunk], : n_sel + n_rest] = block.cpu()
     return adjacency, selected
 
 
-def assemble(lm: LoadedModel, tokens: Tensor, text: str, walk: Traversal, cfg: AttributionConfig,
-             transcoder_id: str) -> Graph:
+def assemble(
+    lm: LoadedModel, tokens: Tensor, text: str, walk: Traversal, cfg: AttributionConfig, transcoder_id: str
+) -> Graph:
     """The Graph of a finished traversal."""
     adjacency, selected = square_adjacency(walk)
     feats, logits = walk.feats, walk.logits
@@ -133,9 +145,15 @@ def assemble(lm: LoadedModel, tokens: Tensor, text: str, walk: Traversal, cfg: A
         activation_values=feats.activation.float().cpu(),
         pre_activations=feats.pre_activation.float().cpu(),
         selected_features=selected.cpu(),
-        logit_tokens=logits.tokens.cpu(), logit_probabilities=logits.probabilities.float().cpu(),
-        logit_values=logits.values.float().cpu(), input_tokens=tokens.cpu(),
+        logit_tokens=logits.tokens.cpu(),
+        logit_probabilities=logits.probabilities.float().cpu(),
+        logit_values=logits.values.float().cpu(),
+        input_tokens=tokens.cpu(),
         token_strings=lm.token_strings(tokens.tolist()),
-        prompt=text, model_name=lm.name, transcoder_id=transcoder_id,
-        n_layers=lm.n_layers, config=cfg,
-        stats=dict(n_active=feats.n, batch_size=walk.batch_size))
+        prompt=text,
+        model_name=lm.name,
+        transcoder_id=transcoder_id,
+        n_layers=lm.n_layers,
+        config=cfg,
+        stats=dict(n_active=feats.n, batch_size=walk.batch_size),
+    )

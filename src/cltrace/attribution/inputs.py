@@ -10,6 +10,7 @@ from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.models.loading import LoadedModel
+from cltrace.transcoders.interface import TranscoderLike
 
 
 def prepare_tokens(lm: LoadedModel, prompt: str | Sequence[int] | Tensor) -> Int[Tensor, "pos"]:
@@ -26,8 +27,9 @@ def prepare_tokens(lm: LoadedModel, prompt: str | Sequence[int] | Tensor) -> Int
         raise CltraceError(f"token ids must be in [0, {lm.vocab_size})")
     limit = lm.max_positions
     if limit is not None and tokens.numel() > limit:
-        raise CltraceError(f"the prompt has {tokens.numel()} tokens; {lm.name} reads at most {limit}",
-                           "shorten the prompt")
+        raise CltraceError(
+            f"the prompt has {tokens.numel()} tokens; {lm.name} reads at most {limit}", "shorten the prompt"
+        )
     return tokens
 
 
@@ -39,7 +41,7 @@ def starts_with_special(lm: LoadedModel, tokens: Tensor) -> bool:
     return int(tokens[0]) in special
 
 
-def check_transcoder(lm: LoadedModel, transcoder) -> None:
+def check_transcoder(lm: LoadedModel, transcoder: TranscoderLike) -> None:
     """The transcoder must have been made for this model's shape."""
     cfg = transcoder.cfg
     if cfg.n_layers != lm.n_layers or cfg.d_model != lm.d_model:
@@ -47,4 +49,5 @@ def check_transcoder(lm: LoadedModel, transcoder) -> None:
             f"the transcoder is for a model with {cfg.n_layers} layers and d_model {cfg.d_model}, "
             f"but {lm.name} has {lm.n_layers} layers and d_model {lm.d_model}",
             f"use a transcoder trained on {lm.name}"
-            + (f" (this one was trained on {cfg.model_name})" if getattr(cfg, "model_name", None) else ""))
+            + (f" (this one was trained on {cfg.model_name})" if getattr(cfg, "model_name", None) else ""),
+        )

@@ -12,6 +12,7 @@ from pathlib import Path
 from cltrace.attribution.export import to_frontend_json, write_json
 from cltrace.attribution.graph import AttributionConfig, Graph, attribute
 from cltrace.attribution.prune import GraphScores, PruneResult, graph_scores, prune
+from cltrace.transcoders.interface import TranscoderLike
 
 
 @dataclass
@@ -29,7 +30,7 @@ class TraceResult:
     n_json_links: int
 
 
-def trace_to_files(lm, transcoder, prompt, cfg: AttributionConfig, out: Path, *,
+def trace_to_files(lm, transcoder: TranscoderLike, prompt, cfg: AttributionConfig, out: Path, *,
                    transcoder_id: str, node_threshold: float = 0.8,
                    edge_threshold: float = 0.98) -> TraceResult:
     """Build the graph of `prompt`, write `out` (pruned JSON) and `<stem>.graph.safetensors`."""
