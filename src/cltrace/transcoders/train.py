@@ -236,6 +236,9 @@ class Trainer:
                     self._log_metrics(m, rate)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+        except KeyboardInterrupt:                    # Ctrl-C: keep the steps since the last checkpoint
+            self._checkpoint_on_interrupt()
+            raise
         finally:
             bar.close()
         if self.step < cfg.n_steps:
@@ -310,6 +313,15 @@ class Trainer:
                               self.run_dir / POINTER)
             if old is not None and old != self.step:
                 shutil.rmtree(self.run_dir / f"ckpt-{old:08d}", ignore_errors=True)
+
+    def _checkpoint_on_interrupt(self) -> None:
+        """A checkpoint at the current step (single-process runs: other ranks may never reach
+        the checkpoint's barrier), so that `--resume` continues from where Ctrl-C stopped."""
+        if self.run_dir is None or not self.step or type(self.dist) is not Distributed:
+            return
+        if _pointer(self.run_dir) != self.step:
+            self.save_checkpoint()
+        self.log(f"interrupted: checkpoint saved at step {self.step}; rerun with --resume to continue")
 
     def _resume(self) -> bool:
         """Load the latest complete checkpoint; False when there is none."""
