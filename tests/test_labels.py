@@ -153,8 +153,12 @@ def store_path(lm, tc, tmp_path_factory):
     return path
 
 
-def label_of(store, layer, index):
-    return store.dashboard(layer, index)
+@pytest.fixture
+def copy(store_path, tmp_path):
+    """A copy of the built store, for tests that change it."""
+    import shutil
+
+    return shutil.copy(store_path, tmp_path / "features.sqlite")
 
 
 def test_planted_token_sets_and_targets_are_recovered(store_path):
@@ -190,8 +194,8 @@ def test_planted_labels_score_above_the_shuffled_baseline(store_path):
         assert summary["output"]["median"] > summary["output_shuffled"]["median"] + 0.3
 
 
-def test_random_feature_gets_no_name_and_a_forced_label_scores_near_chance(store_path, lm, tc):
-    with FeatureStore(store_path) as store:
+def test_random_feature_gets_no_name_and_a_forced_label_scores_near_chance(copy):
+    with FeatureStore(copy) as store:
         card = store.dashboard(1, 0)
         assert 0.02 < card["density"] < 0.1
         assert card["label_reads"] == [] and card["label_detection"] is None  # nothing recurs by more
@@ -205,8 +209,8 @@ def test_random_feature_gets_no_name_and_a_forced_label_scores_near_chance(store
         assert store.dashboard(0, 0)["label_output"] is not None  # kept: same writes
 
 
-def test_labels_table_sorts_filters_and_keeps_user_labels(store_path):
-    with FeatureStore(store_path) as store:
+def test_labels_table_sorts_filters_and_keeps_user_labels(copy):
+    with FeatureStore(copy) as store:
         rows = store.labels_table()
         scores = [r["detection"] for r in rows if r["detection"] is not None]
         assert scores == sorted(scores, reverse=True) and len(scores) >= N_SETS
@@ -222,12 +226,8 @@ def test_labels_table_sorts_filters_and_keeps_user_labels(store_path):
         assert by_output == sorted(by_output, reverse=True)
 
 
-def test_an_old_store_asks_for_a_relabel(store_path, tmp_path):
-    import shutil
-
-    path = tmp_path / "old.sqlite"
-    shutil.copy(store_path, path)
-    with FeatureStore(path) as store:
+def test_an_old_store_asks_for_a_relabel(copy):
+    with FeatureStore(copy) as store:
         store.conn.execute("DELETE FROM meta WHERE key = 'labels_version'")
         store.conn.execute("DELETE FROM label_scores")
         store._meta = None
@@ -286,3 +286,21 @@ def test_compose_formats_parts_and_fits_the_width():
     )
     assert auto_label(["Texas", " Texas", "Dallas", "Texas"], [" Austin"]) == "Texas · Dallas → Austin"
     assert auto_label([], []) == DEAD_LABEL
+
+
+def test_cli_lists_sorted_filtered_labels_and_relabels_in_place(copy, capsys):
+    from cltrace.cli import main
+
+    db = str(copy)
+    assert main(["features", db, "--sort", "score", "--min-score", "0.9"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = out[1:-1]
+    assert len(rows) >= N_SETS and all("→" in r for r in rows[:N_SETS])
+    assert all(float(r.split()[1]) >= 0.9 for r in rows)
+    assert "detection median" in out[-1] and "shuffled labels: 0.4" in out[-1]
+    assert main(["features", db, "--relabel", "--broad-density", "0.7"]) == 0   # pool stored: no model
+    assert "relabelled" in capsys.readouterr().out
+    with FeatureStore(db) as store:
+        assert not store.dashboard(0, BROAD)["label_broad"]                         # 60% < 70%
+    assert main(["feature", db, "0:0"]) == 0
+    assert "label score: detection 1.00" in capsys.readouterr().out

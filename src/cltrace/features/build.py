@@ -28,9 +28,8 @@ from cltrace.features.store import BUILD_TABLES, SCHEMA_VERSION, FeatureStore, a
 from cltrace.features.streaming import StreamingStats
 
 if TYPE_CHECKING:
-    import torch
-
     from cltrace.models.loading import LoadedModel
+    from cltrace.transcoders.interface import TranscoderLike
 
 
 @dataclass(frozen=True)
@@ -79,22 +78,15 @@ def _clear_build(store: FeatureStore) -> None:
     store.conn.execute("VACUUM")
 
 
-def _device_dtype(transcoder) -> tuple["torch.device", "torch.dtype"]:
-    import torch
-
-    try:
-        p = next(iter(transcoder.parameters()))
-        return p.device, p.dtype
-    except (AttributeError, StopIteration):
-        return torch.device("cpu"), torch.float32
-
-
 class _Builder:
     """One build call: scan contexts, merge, flush. Holds what is pending between flushes."""
 
-    def __init__(self, store: FeatureStore, model: "LoadedModel", transcoder, cfg: FeatureStoreConfig):
+    def __init__(self, store: FeatureStore, model: "LoadedModel", transcoder: TranscoderLike,
+                 cfg: FeatureStoreConfig):
+        from cltrace.transcoders.interface import device_dtype
+
         self.store, self.model, self.tc, self.cfg = store, model, transcoder, cfg
-        self.device, self.dtype = _device_dtype(transcoder)
+        self.device, self.dtype = device_dtype(transcoder)
         self.state = StreamingStats.from_store(store, cfg, self.device)
         self.contexts_done, self.tokens_done = store.progress()
         self.pending: list[tuple[int, list[int]]] = []
@@ -149,7 +141,7 @@ class _Builder:
         self.pending, self.pending_tokens = [], 0
 
 
-def build_feature_store(path: str | Path, model: "LoadedModel", transcoder, *,
+def build_feature_store(path: str | Path, model: "LoadedModel", transcoder: TranscoderLike, *,
                         documents: Iterable[str] | None = None,
                         config: FeatureStoreConfig = FeatureStoreConfig(),
                         max_tokens: int | None = None, fresh: bool = False,
@@ -181,7 +173,7 @@ def build_feature_store(path: str | Path, model: "LoadedModel", transcoder, *,
             _clear_build(store)
         wanted = {"schema_version": SCHEMA_VERSION, "model": model_id or model.name,
                   "transcoder": transcoder_id or "in-memory", "n_layers": model.n_layers,
-                  "n_features": _n_features(transcoder), "effects_method": EFFECTS_METHOD,
+                  "n_features": transcoder.cfg.n_features, "effects_method": EFFECTS_METHOD,
                   **config.identity()}
         _check_or_write_meta(store, {k: str(v) for k, v in wanted.items()})
         if effects:
@@ -201,12 +193,6 @@ def build_feature_store(path: str | Path, model: "LoadedModel", transcoder, *,
     finally:
         store.close()
 
-
-def _n_features(transcoder) -> int:
-    cfg = getattr(transcoder, "cfg", None)
-    if cfg is not None and getattr(cfg, "n_features", None):
-        return int(cfg.n_features)
-    return int(transcoder.encoder_bias(0).shape[-1])
 
 
 def _scan_all(builder: _Builder, documents: Iterable[str] | None, max_tokens: int | None,

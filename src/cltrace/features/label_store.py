@@ -108,8 +108,8 @@ def relabel(
     """Recompute labels and scores in place (see the module docstring).
 
     Args:
-        model, transcoder: needed to make the pool (when missing or made with other settings)
-            and for output scores; without them detection uses the stored pool, if any.
+        model, transcoder: needed to make the pool (when the store has none; a build clears
+            it) and for output scores; without them detection uses the stored pool, if any.
         score_output: output-score this many features (a seeded sample of those whose label
             names written tokens); None: all of them; 0: none (previous output scores whose
             written tokens did not change are kept).
@@ -117,9 +117,8 @@ def relabel(
     t0 = time.perf_counter()
     ensure_schema(store)
     stats = TextStats.from_store(store)
-    if model is not None and transcoder is not None and not _pool_current(store, cfg):
+    if model is not None and transcoder is not None and needs_model(store):
         compute_pool(store, model, transcoder, cfg, stats)
-        _set_meta(store, pool_config=json.dumps({"pool_contexts": cfg.pool_contexts, "seed": cfg.seed}))
     feats = _label_all(store, stats, cfg)
     pool = load_pool(store)
     if pool is not None:
@@ -141,11 +140,10 @@ def relabel(
     )
 
 
-def _pool_current(store: "FeatureStore", cfg: LabelConfig) -> bool:
-    want = {"pool_contexts": cfg.pool_contexts, "seed": cfg.seed}
-    have = store.conn.execute("SELECT value FROM meta WHERE key = 'pool_config'").fetchone()
-    filled = store.conn.execute("SELECT 1 FROM label_pool LIMIT 1").fetchone() is not None
-    return filled and have is not None and json.loads(have[0]) == want
+def needs_model(store: "FeatureStore") -> bool:
+    """Whether relabelling must make the pool of recomputed contexts (the store has none)."""
+    ensure_schema(store)
+    return store.conn.execute("SELECT 1 FROM label_pool LIMIT 1").fetchone() is None
 
 
 def _label_all(store: "FeatureStore", stats: TextStats, cfg: LabelConfig) -> list[_Feature]:
@@ -310,12 +308,6 @@ def _write(store: "FeatureStore", feats: list[_Feature], cfg: LabelConfig, summa
                 ("label_summary", json.dumps(summary)),
             ],
         )
-    store._meta = None
-
-
-def _set_meta(store: "FeatureStore", **values: str) -> None:
-    with store.transaction() as conn:
-        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
     store._meta = None
 
 

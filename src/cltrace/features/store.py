@@ -39,6 +39,7 @@ from cltrace.features.labels import DEFAULT_LABELS, LabelConfig
 
 if TYPE_CHECKING:
     from cltrace.models.loading import LoadedModel
+    from cltrace.transcoders.interface import TranscoderLike
 
 
 SCHEMA_VERSION = 1
@@ -347,7 +348,8 @@ def add_vocab(conn: sqlite3.Connection, model: "LoadedModel", ids: set[int]) -> 
 
 
 def write_auto_labels(store: FeatureStore, config: LabelConfig = DEFAULT_LABELS, *,
-                      model: "LoadedModel | None" = None, transcoder=None, score_output: int | None = 0,
+                      model: "LoadedModel | None" = None, transcoder: TranscoderLike | None = None,
+                      score_output: int | None = 0,
                       show_progress: bool = False) -> int:
     """(Re)compute every automatic label and its scores from the stored data (no rescan);
     returns the count. With a model and transcoder the held-out pool is made when missing and

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.models.loading import LoadedModel
+from cltrace.transcoders.interface import TranscoderLike, device_dtype
 
 Mode = Literal["set", "scale", "add"]
 FeatureRef = tuple[int, int]  # (layer, feature index)
@@ -170,16 +171,14 @@ def resolve_positions(positions: tuple[int, ...] | None, prompt_len: int, seq_le
 class Steerer:
     """A model and its transcoder, ready to run prompts with feature interventions."""
 
-    def __init__(self, model: LoadedModel, transcoder):
+    def __init__(self, model: LoadedModel, transcoder: TranscoderLike):
         self.model = model
         self.tc = transcoder
-        if getattr(getattr(transcoder, "cfg", None), "activation", "jumprelu") not in ("jumprelu", None):
+        if transcoder.cfg.activation != "jumprelu":
             raise CltraceError("interventions support JumpReLU transcoders only",
                                "a TopK feature's activation depends on the whole layer; train with "
                                "activation='jumprelu'")
-        p = next(iter(transcoder.parameters()), None) if hasattr(transcoder, "parameters") else None
-        self.tc_device = p.device if p is not None else torch.device("cpu")
-        self.tc_dtype = p.dtype if p is not None else torch.float32
+        self.tc_device, self.tc_dtype = device_dtype(transcoder)
         self._acts_cache: dict[str, Tensor] = {}      # prompt -> activations (prompt_activations)
 
     # -- features of a prompt --------------------------------------------------------------

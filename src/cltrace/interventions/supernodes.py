@@ -32,6 +32,7 @@ import numpy as np
 from cltrace.interventions.steer import Intervention, Mode
 from cltrace.supernode_file import (SIDECAR_SUFFIX, parse_supernodes, read_supernodes, sidecar_path,
                                     write_supernodes)
+from cltrace.transcoders.interface import TranscoderLike
 
 FEATURE_TYPES = {"cross layer transcoder", "feature"}  # Neuronpedia JSON / Graph node types
 _FEATURE_ID = re.compile(r"^(\d+)_(\d+)_(\d+)$")
@@ -198,7 +199,7 @@ def edge_profiles(view: GraphView, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([adj[rows, :], adj[:, rows].T], axis=1)
 
 
-def decoder_directions(transcoder, feats: Sequence[FeatureNode]) -> np.ndarray:
+def decoder_directions(transcoder: TranscoderLike, feats: Sequence[FeatureNode]) -> np.ndarray:
     """[m, d]: each feature's total decoder write Σ_{l'} W_dec_{l→l'} (as in the feature store)."""
     import torch
 
@@ -238,7 +239,8 @@ def name_group(node_ids: Sequence[str], labels: dict[tuple[int, int], str] | Non
     return f"{span} group of {len(feats)}"
 
 
-def suggest_supernodes(graph: Any, *, pruned: Any = None, transcoder=None, store=None,
+def suggest_supernodes(graph: Any, *, pruned: Any = None, transcoder: TranscoderLike | None = None,
+                       store=None,
                        threshold: float = 0.5, edge_weight: float = 0.5, min_size: int = 2,
                        max_groups: int = 20) -> list[dict]:
     """Suggested supernodes for a (pruned) graph: [{"name", "node_ids"}], as the viewer wants.
