@@ -30,12 +30,15 @@ PROMPT = "Fact : the capital of the state containing Dallas is"
 #: (family, transcoder kind, config): influence ranking, prefix forwards, skip, bf16 edges.
 CASES = {
     "gemma-plt": ("gemma", "plt", dict(max_feature_nodes=20, batch_size=3, update_interval=2)),
-    "gpt2-skip": ("gpt2", "skip", dict(max_feature_nodes=30, batch_size=5, update_interval=1,
-                                       prefix_buckets=3)),
+    "gpt2-skip": (
+        "gpt2",
+        "skip",
+        dict(max_feature_nodes=30, batch_size=5, update_interval=1, prefix_buckets=3),
+    ),
     "qwen3-clt": ("qwen3", "clt", dict(max_feature_nodes=15, edge_dtype="bfloat16", batch_size=4)),
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: pins made with 1 thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: pins made with 1 thread
 
 
 def build(case: str, tc: Transcoder) -> Graph:

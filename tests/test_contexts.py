@@ -56,17 +56,22 @@ def stream(model, docs: list[str], sep: int | None) -> list[int]:
 # ------------------------------------------------------------------------------ the rules
 
 
-@pytest.mark.parametrize("bos, eos, first, sep", [(BOS, EOS, BOS, EOS),     # Gemma-like
-                                                  (None, EOS, EOS, EOS),    # no BOS: EOS starts
-                                                  (BOS, None, BOS, BOS),    # no EOS: BOS separates
-                                                  (None, None, None, None)])
+@pytest.mark.parametrize(
+    "bos, eos, first, sep",
+    [
+        (BOS, EOS, BOS, EOS),  # Gemma-like
+        (None, EOS, EOS, EOS),  # no BOS: EOS starts
+        (BOS, None, BOS, BOS),  # no EOS: BOS separates
+        (None, None, None, None),
+    ],
+)
 def test_bos_and_separator_rules(bos, eos, first, sep):
     model, docs = StubModel(bos, eos), documents()
     contexts = list(iter_contexts(model, docs, 8))
     if first is not None:
         assert all(c[0] == first for c in contexts)
     body = [c[1:] for c in contexts] if first is not None else contexts
-    assert [t for c in body for t in c] == stream(model, docs, sep)   # no token lost or added
+    assert [t for c in body for t in c] == stream(model, docs, sep)  # no token lost or added
     assert all(len(c) == 8 for c in contexts[:-1])
 
 
@@ -78,11 +83,11 @@ def test_empty_documents_are_skipped():
 
 
 def test_last_short_context_is_kept_or_dropped():
-    docs = [list(range(100, 113))]                             # 13 tokens, 5 per context
+    docs = [list(range(100, 113))]  # 13 tokens, 5 per context
     kept = list(pack_contexts(docs, 6, BOS))
     assert kept == [[BOS, *range(100, 105)], [BOS, *range(105, 110)], [BOS, 110, 111, 112]]
     assert list(pack_contexts(docs, 6, BOS, partial=False)) == kept[:2]
-    exact = [list(range(100, 110))]                            # a multiple: nothing left over
+    exact = [list(range(100, 110))]  # a multiple: nothing left over
     assert list(pack_contexts(exact, 6, BOS)) == list(pack_contexts(exact, 6, BOS, partial=False))
 
 
@@ -93,7 +98,7 @@ def test_last_short_context_is_kept_or_dropped():
 def lm(request):
     model = tiny_model("gemma")
     if request.param == "no-bos":
-        model.__dict__["bos_token_id"] = None      # the cached property: a tokenizer adding none
+        model.__dict__["bos_token_id"] = None  # the cached property: a tokenizer adding none
     return model
 
 
@@ -101,16 +106,23 @@ def test_harvest_and_store_pack_the_same_contexts(lm):
     docs = documents(40)
     harvested = list(harvest_contexts(lm, docs, HarvestConfig(ctx_len=9, forward_dtype="float32")))
     stored = list(store_contexts(lm, docs, 9))
-    assert len(harvested[-1]) < 9                   # this text leaves a short last context ...
-    assert stored == harvested[:-1]                 # ... which only the store leaves out
+    assert len(harvested[-1]) < 9  # this text leaves a short last context ...
+    assert stored == harvested[:-1]  # ... which only the store leaves out
     assert harvested[0][0] == (lm.bos_token_id if lm.bos_token_id is not None else EOS)
 
 
 def test_a_built_store_holds_the_harvested_contexts(lm, tmp_path):
     docs = documents(30)
     cfg = FeatureStoreConfig(context_len=9, top_k=2, n_bins=1, per_bin=1, batch_contexts=4)
-    path = build_feature_store(tmp_path / "f.sqlite", lm, make_transcoder(lm, n_features=8),
-                               documents=docs, config=cfg, effects=False, show_progress=False).path
+    path = build_feature_store(
+        tmp_path / "f.sqlite",
+        lm,
+        make_transcoder(lm, n_features=8),
+        documents=docs,
+        config=cfg,
+        effects=False,
+        show_progress=False,
+    ).path
     with sqlite3.connect(path) as conn:
         rows = conn.execute("SELECT tokens FROM contexts ORDER BY id").fetchall()
     stored = [np.frombuffer(blob, "<i4").tolist() for (blob,) in rows]

@@ -48,8 +48,9 @@ def first_token(model: LoadedModel) -> int | None:
     return bos
 
 
-def pack_contexts(token_lists: Iterable[list[int]], ctx_len: int, bos: int | None, *,
-                  partial: bool = True) -> Iterator[list[int]]:
+def pack_contexts(
+    token_lists: Iterable[list[int]], ctx_len: int, bos: int | None, *, partial: bool = True
+) -> Iterator[list[int]]:
     """Cut the concatenated token stream into contexts `[bos] + next ctx_len - 1 tokens`.
 
     Without a BOS token, contexts are `ctx_len` stream tokens. The tokens left at the end
@@ -62,14 +63,14 @@ def pack_contexts(token_lists: Iterable[list[int]], ctx_len: int, bos: int | Non
         pending.extend(ids)
         n_full = len(pending) // body
         for k in range(n_full):
-            yield prefix + pending[k * body:(k + 1) * body]
-        del pending[:n_full * body]
+            yield prefix + pending[k * body : (k + 1) * body]
+        del pending[: n_full * body]
     if pending and partial:
         yield prefix + pending
 
 
-def iter_contexts(model: LoadedModel, documents: Iterable[str], ctx_len: int, *,
-                  partial: bool = True) -> Iterator[list[int]]:
+def iter_contexts(
+    model: LoadedModel, documents: Iterable[str], ctx_len: int, *, partial: bool = True
+) -> Iterator[list[int]]:
     """Packed contexts of `ctx_len` tokens of the document stream (see the module docstring)."""
-    return pack_contexts(document_token_ids(model, documents), ctx_len, first_token(model),
-                         partial=partial)
+    return pack_contexts(document_token_ids(model, documents), ctx_len, first_token(model), partial=partial)

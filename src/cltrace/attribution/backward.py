@@ -19,8 +19,13 @@ from cltrace.attribution.replacement import ReplacementForward, SkipFn, run_repl
 from cltrace.models.loading import LoadedModel
 
 
-def backward_batch(fwd: ReplacementForward, layers: Sequence[int], positions: Sequence[int],
-                   vectors: Float[Tensor, "k d_model"], n_layers: int):
+def backward_batch(
+    fwd: ReplacementForward,
+    layers: Sequence[int],
+    positions: Sequence[int],
+    vectors: Float[Tensor, "k d_model"],
+    n_layers: int,
+):
     """One (vmapped) backward pass: target i injects vectors[i] at (layers[i], positions[i]).
 
     Layer `n_layers` means the final-norm output (logits). Returns (grad at embed [k, m, d],
@@ -33,15 +38,16 @@ def backward_batch(fwd: ReplacementForward, layers: Sequence[int], positions: Se
     pos_t = torch.tensor(list(positions), device=vectors.device)
     roots, grads = [], []
     for l in sorted(set(layers)):
-        root = fwd.final if l == n_layers else fwd.mlp_in[l]     # [1, m, d]
+        root = fwd.final if l == n_layers else fwd.mlp_in[l]  # [1, m, d]
         mask = layers_t == l
-        g = root.new_zeros(k, *root.shape)                         # [k, 1, m, d]
+        g = root.new_zeros(k, *root.shape)  # [k, 1, m, d]
         g[rows[mask], 0, pos_t[mask]] = vectors[mask].to(g.dtype)
         roots.append(root)
         grads.append(g)
     inputs = [fwd.embed] + fwd.taps[:top]
-    out = torch.autograd.grad(roots, inputs, grads, retain_graph=True, allow_unused=True,
-                              is_grads_batched=True)
+    out = torch.autograd.grad(
+        roots, inputs, grads, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
     out = [x.new_zeros(k, *x.shape[1:]) if g is None else g[:, 0] for g, x in zip(out, inputs)]
     return out[0], out[1:]
 
@@ -56,8 +62,14 @@ class PrefixForwards:
     `backward_dtype` other than the model's, the gradient forwards run under autocast.
     """
 
-    def __init__(self, lm: LoadedModel, tokens: Tensor, skip: SkipFn | None, n_buckets: int,
-                 backward_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        tokens: Tensor,
+        skip: SkipFn | None,
+        n_buckets: int,
+        backward_dtype: torch.dtype | None = None,
+    ):
         n = int(tokens.numel())
         k = max(1, min(n_buckets, n))
         self.lengths = sorted({math.ceil(n * i / k) for i in range(1, k + 1)})
@@ -69,6 +81,7 @@ class PrefixForwards:
         """The shortest prefix forward that contains position `max_pos`."""
         m = next(m for m in self.lengths if m > max_pos)
         if m not in self._built:
-            self._built[m] = run_replacement(self.lm, self.tokens, skip=self.skip, length=m,
-                                             autocast_dtype=self.autocast)
+            self._built[m] = run_replacement(
+                self.lm, self.tokens, skip=self.skip, length=m, autocast_dtype=self.autocast
+            )
         return self._built[m]

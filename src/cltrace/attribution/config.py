@@ -13,20 +13,20 @@ from cltrace.errors import CltraceError
 class AttributionConfig:
     """How `attribute` builds a graph. Saved inside the graph file."""
 
-    max_n_logits: int = 10                    # at most this many logit nodes
-    desired_logit_prob: float = 0.95          # ... or fewer, once they cover this probability
+    max_n_logits: int = 10  # at most this many logit nodes
+    desired_logit_prob: float = 0.95  # ... or fewer, once they cover this probability
     output_targets: tuple[int, ...] | None = None  # token ids to attribute instead of the top logits
-    max_feature_nodes: int | None = 4096      # feature targets visited (None: every active feature)
-    batch_size: int | None = None             # targets per backward pass (None: from free memory)
-    update_interval: int = 16                 # batches between re-rankings of feature influence
-                                              # (circuit-tracer: 4 batches of 512 on a GPU)
-    prefix_buckets: int = 8                   # prompt prefixes with their own forward (1: none)
-    zero_bos: bool = True                     # no features / error at a leading BOS or other
-                                              # special token (circuit-tracer's default)
+    max_feature_nodes: int | None = 4096  # feature targets visited (None: every active feature)
+    batch_size: int | None = None  # targets per backward pass (None: from free memory)
+    update_interval: int = 16  # batches between re-rankings of feature influence
+    # (circuit-tracer: 4 batches of 512 on a GPU)
+    prefix_buckets: int = 8  # prompt prefixes with their own forward (1: none)
+    zero_bos: bool = True  # no features / error at a leading BOS or other
+    # special token (circuit-tracer's default)
     edge_dtype: Literal["float32", "bfloat16"] = "float32"  # precision of the edge read-out matmuls
     backward_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast backward,
-                                              # ~2x faster with AMX, edges to ~1% (not exact)
-    progress: bool | None = None              # progress bar (None: when stderr is a terminal)
+    # ~2x faster with AMX, edges to ~1% (not exact)
+    progress: bool | None = None  # progress bar (None: when stderr is a terminal)
 
     def __post_init__(self):
         if self.output_targets is not None:

@@ -28,12 +28,12 @@ class EdgeReader:
         self.feats, self.dtype = feats, dtype
         self.n_pos = int(embed.shape[0])
         self.n_layers = len(feats.layer_start) - 1
-        self.embed = embed.to(dtype)                                   # [n, d]
-        self.errors = feats.errors.to(dtype).contiguous()              # [L, n, d]
+        self.embed = embed.to(dtype)  # [n, d]
+        self.errors = feats.errors.to(dtype).contiguous()  # [L, n, d]
         self.n_sources = feats.n + (self.n_layers + 1) * self.n_pos
         self.dec: list[Tensor | None] = []
-        self.gather: list[Tensor | None] = []                          # flat (pos, slot) per feature
-        self.pos_end: list[Tensor | None] = []                         # features of the layer at pos <= p
+        self.gather: list[Tensor | None] = []  # flat (pos, slot) per feature
+        self.pos_end: list[Tensor | None] = []  # features of the layer at pos <= p
         for l in range(self.n_layers):
             self._layout_layer(l)
 
@@ -48,20 +48,26 @@ class EdgeReader:
         pos = self.feats.pos[s:e]
         counts = torch.bincount(pos, minlength=self.n_pos)
         k_max = int(counts.max())
-        first = torch.cumsum(counts, 0) - counts                       # features sorted by pos
+        first = torch.cumsum(counts, 0) - counts  # features sorted by pos
         slot = torch.arange(e - s, device=pos.device) - first[pos]
-        vecs = self.feats.decoders[l]                                   # [k, T, d], a gathered copy
+        vecs = self.feats.decoders[l]  # [k, T, d], a gathered copy
+        assert vecs is not None, "find_active_features gathers the decoders of every busy layer"
         vecs.mul_(self.feats.activation[s:e, None, None].to(vecs.dtype))
         dec = torch.zeros(self.n_pos, k_max, *vecs.shape[1:], dtype=self.dtype, device=vecs.device)
         dec[pos, slot] = vecs.to(self.dtype)
-        self.feats.decoders[l] = None                                   # freed as the layout grows
+        self.feats.decoders[l] = None  # freed as the layout grows
         self.dec.append(dec)
         self.gather.append(pos * k_max + slot)
         self.pos_end.append(torch.cumsum(counts, 0).cpu())
 
     @torch.no_grad()
-    def read(self, grad_embed: Float[Tensor, "batch pos d_model"], grad_taps: list[Tensor],
-             max_pos: int, out: Float[Tensor, "batch source"]) -> None:
+    def read(
+        self,
+        grad_embed: Float[Tensor, "batch pos d_model"],
+        grad_taps: list[Tensor],
+        max_pos: int,
+        out: Float[Tensor, "batch source"],
+    ) -> None:
         """Write the direct effects on the batch's targets from every source into `out`.
 
         Args:
@@ -77,23 +83,23 @@ class EdgeReader:
             g[:, :, l] = gl[:, :P].transpose(0, 1)
         err0 = self.feats.n
         for l in range(top):
-            err = torch.bmm(g[:, :, l], self.errors[l, :P, :, None])          # [P, k, 1]
-            out[:, err0 + l * n:err0 + l * n + P] = err[..., 0].T
+            err = torch.bmm(g[:, :, l], self.errors[l, :P, :, None])  # [P, k, 1]
+            out[:, err0 + l * n : err0 + l * n + P] = err[..., 0].T
             self._read_layer(g, l, out)
         tok0 = err0 + self.n_layers * n
-        emb = grad_embed[:, :P].transpose(0, 1).to(self.dtype)              # [P, k, d]
-        out[:, tok0:tok0 + P] = torch.bmm(emb, self.embed[:P, :, None])[..., 0].T
+        emb = grad_embed[:, :P].transpose(0, 1).to(self.dtype)  # [P, k, d]
+        out[:, tok0 : tok0 + P] = torch.bmm(emb, self.embed[:P, :, None])[..., 0].T
 
     def _read_layer(self, g: Tensor, l: int, out: Tensor) -> None:
         """out[:, feature s of layer l] = Σ_j dec[s, j] · g[pos_s, :, l + j] (j < top - l)."""
-        dec = self.dec[l]
-        if dec is None:
+        dec, gather, pos_end = self.dec[l], self.gather[l], self.pos_end[l]
+        if dec is None or gather is None or pos_end is None:
             return
         P, k, top, d = g.shape
-        T = min(top - l, dec.shape[2])                                       # tap layers l..l+T-1
-        lhs = g[:, :, l:l + T].reshape(P, k, T * d)
+        T = min(top - l, dec.shape[2])  # tap layers l..l+T-1
+        lhs = g[:, :, l : l + T].reshape(P, k, T * d)
         rhs = dec[:P, :, :T].reshape(P, dec.shape[1], T * d)
         res = torch.bmm(lhs, rhs.transpose(1, 2)).transpose(0, 1).reshape(k, -1)  # [k, P*k_max]
         s = self.feats.layer_start[l]
-        c = int(self.pos_end[l][P - 1])                                      # features at pos < P
-        out[:, s:s + c] = res[:, self.gather[l][:c]]
+        c = int(pos_end[P - 1])  # features at pos < P
+        out[:, s : s + c] = res[:, gather[:c]]

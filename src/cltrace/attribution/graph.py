@@ -57,7 +57,7 @@ class NodeTable:
     meaningless; `token_id` is the prompt token (embeddings) or the output token (logits)."""
 
     type: list[str]
-    layer: Int[Tensor, "node"]         # logits: n_layers; embeddings: -1
+    layer: Int[Tensor, "node"]  # logits: n_layers; embeddings: -1
     pos: Int[Tensor, "node"]
     feature: Int[Tensor, "node"]
     activation: Float[Tensor, "node"]
@@ -69,13 +69,13 @@ class Graph:
     """An unpruned attribution graph (dense, float32, row = target, column = source)."""
 
     adjacency: Float[Tensor, "node node"]
-    active_features: Int[Tensor, "active 3"]      # (layer, pos, feature) of every active feature
+    active_features: Int[Tensor, "active 3"]  # (layer, pos, feature) of every active feature
     activation_values: Float[Tensor, "active"]
     pre_activations: Float[Tensor, "active"]
-    selected_features: Int[Tensor, "selected"]    # indices into active_features, sorted
+    selected_features: Int[Tensor, "selected"]  # indices into active_features, sorted
     logit_tokens: Int[Tensor, "logit"]
     logit_probabilities: Float[Tensor, "logit"]
-    logit_values: Float[Tensor, "logit"]          # demeaned pre-softcap logits of the targets
+    logit_values: Float[Tensor, "logit"]  # demeaned pre-softcap logits of the targets
     input_tokens: Int[Tensor, "pos"]
     token_strings: list[str]
     prompt: str
@@ -130,31 +130,47 @@ class Graph:
             layer=torch.cat([feats[:, 0], err_l, minus(n), torch.full((k,), L)]),
             pos=torch.cat([feats[:, 1], err_p, torch.arange(n), torch.full((k,), n - 1)]),
             feature=torch.cat([feats[:, 2], minus(L * n + n + k)]),
-            activation=torch.cat([self.activation_values[self.selected_features].float(),
-                                  nan(L * n + n + k)]),
+            activation=torch.cat(
+                [self.activation_values[self.selected_features].float(), nan(L * n + n + k)]
+            ),
             token_id=torch.cat([minus(F + L * n), self.input_tokens, self.logit_tokens]),
         )
 
     # ----- persistence: one safetensors file, the JSON metadata in its header (atomic write)
 
     def _tensors(self) -> dict[str, Tensor]:
-        names = ("adjacency", "active_features", "activation_values", "pre_activations",
-                 "selected_features", "logit_tokens", "logit_probabilities", "logit_values",
-                 "input_tokens")
+        names = (
+            "adjacency",
+            "active_features",
+            "activation_values",
+            "pre_activations",
+            "selected_features",
+            "logit_tokens",
+            "logit_probabilities",
+            "logit_values",
+            "input_tokens",
+        )
         return {n: getattr(self, n).detach().cpu().contiguous() for n in names}
 
     def _meta(self) -> dict[str, Any]:
-        return dict(format_version=FORMAT_VERSION, token_strings=self.token_strings,
-                    prompt=self.prompt, model_name=self.model_name,
-                    transcoder_id=self.transcoder_id, n_layers=self.n_layers,
-                    config=self.config.to_dict(), stats=self.stats)
+        return dict(
+            format_version=FORMAT_VERSION,
+            token_strings=self.token_strings,
+            prompt=self.prompt,
+            model_name=self.model_name,
+            transcoder_id=self.transcoder_id,
+            n_layers=self.n_layers,
+            config=self.config.to_dict(),
+            stats=self.stats,
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the graph to `path` (safetensors, metadata as JSON in the header), atomically."""
         from cltrace.io import atomic_save_tensors
 
-        return atomic_save_tensors(self._tensors(), path,
-                                   metadata={"cltrace_graph": json.dumps(self._meta())})
+        return atomic_save_tensors(
+            self._tensors(), path, metadata={"cltrace_graph": json.dumps(self._meta())}
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "Graph":
@@ -171,8 +187,10 @@ class Graph:
         except (KeyError, ValueError, OSError) as err:
             raise CltraceError(f"{path} is not a cltrace graph file ({err})") from None
         if meta.get("format_version") != FORMAT_VERSION:
-            raise CltraceError(f"{path}: graph format {meta.get('format_version')} is not supported",
-                               f"this cltrace reads format {FORMAT_VERSION}")
+            raise CltraceError(
+                f"{path}: graph format {meta.get('format_version')} is not supported",
+                f"this cltrace reads format {FORMAT_VERSION}",
+            )
         meta.pop("format_version")
         meta["config"] = AttributionConfig.from_dict(meta["config"])
         return cls(**tensors, **meta)
@@ -186,8 +204,29 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttributionConfig", "Graph", "NodeTable", "attribute", "FORMAT_VERSION", "NODE_TYPES",
-           "ActiveFeatures", "find_active_features", "skip_function", "PrefixForwards",
-           "backward_batch", "EdgeReader", "partial_influence", "check_transcoder", "prepare_tokens",
-           "starts_with_special", "available_memory", "check_forward_memory", "check_source_memory",
-           "choose_batch_size", "forward_memory", "LogitTargets", "encoder_rows", "logit_targets"]
+__all__ = [
+    "AttributionConfig",
+    "Graph",
+    "NodeTable",
+    "attribute",
+    "FORMAT_VERSION",
+    "NODE_TYPES",
+    "ActiveFeatures",
+    "find_active_features",
+    "skip_function",
+    "PrefixForwards",
+    "backward_batch",
+    "EdgeReader",
+    "partial_influence",
+    "check_transcoder",
+    "prepare_tokens",
+    "starts_with_special",
+    "available_memory",
+    "check_forward_memory",
+    "check_source_memory",
+    "choose_batch_size",
+    "forward_memory",
+    "LogitTargets",
+    "encoder_rows",
+    "logit_targets",
+]

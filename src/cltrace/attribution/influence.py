@@ -12,9 +12,13 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def partial_influence(rows: Float[Tensor, "row source"], row_layer: Int[Tensor, "row"],
-                      row_feature: Int[Tensor, "row"], row_weight: Float[Tensor, "row"],
-                      n_layers: int) -> Float[Tensor, "source"]:
+def partial_influence(
+    rows: Float[Tensor, "row source"],
+    row_layer: Int[Tensor, "row"],
+    row_feature: Int[Tensor, "row"],
+    row_weight: Float[Tensor, "row"],
+    n_layers: int,
+) -> Float[Tensor, "source"]:
     """Influence on the logits of every source, from the rows computed so far.
 
     Rows are targets (features and logits); a target of layer l only has sources of layers

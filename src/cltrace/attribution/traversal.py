@@ -47,8 +47,7 @@ class EdgeRows:
     def influence(self, n_layers: int) -> Float[Tensor, "source"]:
         """Influence on the logits of every source column, from the rows filled so far."""
         c = self.count
-        return partial_influence(self.rows[:c], self.layer[:c], self.feature[:c], self.weight[:c],
-                                 n_layers)
+        return partial_influence(self.rows[:c], self.layer[:c], self.feature[:c], self.weight[:c], n_layers)
 
 
 @dataclass
@@ -59,16 +58,24 @@ class Traversal:
     reader: EdgeReader
     feats: ActiveFeatures
     logits: LogitTargets
-    encoders: Float[Tensor, "active d_model"]   # what each feature target injects
+    encoders: Float[Tensor, "active d_model"]  # what each feature target injects
     batch_size: int
     rows: EdgeRows
-    visited: Bool[Tensor, "active"]             # feature targets whose rows are computed
-    bar: Any                                    # progress bar (update(k))
+    visited: Bool[Tensor, "active"]  # feature targets whose rows are computed
+    bar: Any  # progress bar (update(k))
 
     @classmethod
-    def start(cls, forwards: PrefixForwards, reader: EdgeReader, feats: ActiveFeatures,
-              logits: LogitTargets, encoders: Tensor, batch_size: int, n_rows: int,
-              bar: Any) -> "Traversal":
+    def start(
+        cls,
+        forwards: PrefixForwards,
+        reader: EdgeReader,
+        feats: ActiveFeatures,
+        logits: LogitTargets,
+        encoders: Tensor,
+        batch_size: int,
+        n_rows: int,
+        bar: Any,
+    ) -> "Traversal":
         """A traversal with room for `n_rows` rows and nothing visited yet."""
         rows = EdgeRows(reader.n_sources, n_rows, forwards.lm.device)
         visited = torch.zeros(feats.n, dtype=torch.bool, device=encoders.device)
@@ -79,10 +86,10 @@ class Traversal:
         n, L, B = self.forwards.full.n_pos, self.reader.n_layers, self.batch_size
         logits = self.logits
         for i in range(0, len(logits.tokens), B):
-            vec = logits.directions[i:i + B]
+            vec = logits.directions[i : i + B]
             k = vec.shape[0]
             gin, gtaps = backward_batch(self.forwards.covering(n - 1), [L] * k, [n - 1] * k, vec, L)
-            out = self.rows.add([L] * k, [-1] * k, logits.probabilities[i:i + B].float())
+            out = self.rows.add([L] * k, [-1] * k, logits.probabilities[i : i + B].float())
             self.reader.read(gin, gtaps, n - 1, out)
             self.bar.update(k)
 
@@ -105,10 +112,10 @@ class Traversal:
         feats, visited = self.feats, self.visited
         left = budget - int(visited.sum())
         if budget >= feats.n:
-            pending = (~visited).nonzero().squeeze(1)              # everything, no ranking needed
+            pending = (~visited).nonzero().squeeze(1)  # everything, no ranking needed
         else:
-            infl = self.rows.influence(self.reader.n_layers)[:feats.n]
+            infl = self.rows.influence(self.reader.n_layers)[: feats.n]
             infl[visited] = -1.0
-            pending = torch.argsort(infl, descending=True, stable=True)[:min(size, left)]
+            pending = torch.argsort(infl, descending=True, stable=True)[: min(size, left)]
         key = feats.layer[pending] * (feats.pos.max() + 1) + feats.pos[pending]
         return pending[torch.argsort(key, stable=True)]

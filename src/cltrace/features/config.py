@@ -9,15 +9,15 @@ from dataclasses import asdict, dataclass
 class FeatureStoreConfig:
     """How a feature store is built. Saved in its meta table; a resumed build must match."""
 
-    context_len: int = 64          # tokens per context, BOS included; position 0 is not scored
-    top_k: int = 20                # top activating examples kept per feature
-    n_bins: int = 5                # slices of the activation range for the spread of examples
-    per_bin: int = 4               # random examples kept per slice
-    n_effects: int = 10            # promoted and suppressed tokens kept per feature
-    batch_contexts: int = 8        # contexts per model forward
-    encode_elems: int = 2**25      # max tokens*L*F activations materialised at once
-    flush_tokens: int = 32768      # write to the database every this many tokens
-    seed: int = 0                  # reservoir sampling seed
+    context_len: int = 64  # tokens per context, BOS included; position 0 is not scored
+    top_k: int = 20  # top activating examples kept per feature
+    n_bins: int = 5  # slices of the activation range for the spread of examples
+    per_bin: int = 4  # random examples kept per slice
+    n_effects: int = 10  # promoted and suppressed tokens kept per feature
+    batch_contexts: int = 8  # contexts per model forward
+    encode_elems: int = 2**25  # max tokens*L*F activations materialised at once
+    flush_tokens: int = 32768  # write to the database every this many tokens
+    seed: int = 0  # reservoir sampling seed
 
     def __post_init__(self) -> None:
         if self.context_len < 2:
@@ -27,5 +27,8 @@ class FeatureStoreConfig:
 
     def identity(self) -> dict:
         """The fields that change what is stored (a resumed build must agree on them)."""
-        return {k: v for k, v in asdict(self).items()
-                if k in ("context_len", "top_k", "n_bins", "per_bin", "n_effects", "seed")}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k in ("context_len", "top_k", "n_bins", "per_bin", "n_effects", "seed")
+        }

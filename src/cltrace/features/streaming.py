@@ -56,8 +56,7 @@ class StreamingStats:
 
     def changed(self) -> "Tensor":
         """[L, F] bool: features whose examples changed since `mark_clean`."""
-        return ((self.top_loc != self._snap_top).any(1)
-                | (self.res_loc != self._snap_res).flatten(2).any(2))
+        return (self.top_loc != self._snap_top).any(1) | (self.res_loc != self._snap_res).flatten(2).any(2)
 
     def update(self, acts: "Tensor", loc: "Tensor", seed: int) -> None:
         """Merge one slice of activations.
@@ -70,11 +69,11 @@ class StreamingStats:
         import torch
 
         gen = torch.Generator(device=acts.device).manual_seed(seed)
-        by_layer = acts.float().transpose(0, 1).contiguous()             # [L, N, F]
+        by_layer = acts.float().transpose(0, 1).contiguous()  # [L, N, F]
         for layer in range(self.L):
-            a = by_layer[layer]                                          # [N, F]
+            a = by_layer[layer]  # [N, F]
             fired = a > 0
-            peak = a.max(0).values                                       # [F]
+            peak = a.max(0).values  # [F]
             self.n_fires[layer] += fired.sum(0)
             self.sum_act[layer] += a.sum(0).double()
             self.max_act[layer] = torch.maximum(self.max_act[layer], peak)
@@ -87,17 +86,18 @@ class StreamingStats:
         import torch
 
         k = self.cfg.top_k
-        feats = (peak > self.top_val[layer, -1]).nonzero().squeeze(1)   # buffers are sorted
+        feats = (peak > self.top_val[layer, -1]).nonzero().squeeze(1)  # buffers are sorted
         if feats.numel() == 0:
             return
         old_val, old_loc = self.top_val[layer][:, feats], self.top_loc[layer][:, feats]
-        val, idx = torch.cat([old_val, a[:, feats]], 0).topk(k, dim=0)   # [k, f]
+        val, idx = torch.cat([old_val, a[:, feats]], 0).topk(k, dim=0)  # [k, f]
         new_loc = torch.where(idx < k, old_loc.gather(0, idx.clamp(max=k - 1)), loc[(idx - k).clamp(min=0)])
         self.top_val[layer][:, feats] = val
         self.top_loc[layer][:, feats] = torch.where(val > 0, new_loc, torch.full_like(new_loc, -1))
 
-    def _merge_reservoir(self, layer: int, a: "Tensor", fired: "Tensor", loc: "Tensor",
-                         gen: "torch.Generator") -> None:
+    def _merge_reservoir(
+        self, layer: int, a: "Tensor", fired: "Tensor", loc: "Tensor", gen: "torch.Generator"
+    ) -> None:
         """Keep, per (feature, slice of its range), the `per_bin` entries with the largest
         random keys among the stored ones and this slice's activations of fired features."""
         import torch
@@ -106,14 +106,13 @@ class StreamingStats:
         tok_i, feat_i = fired.nonzero(as_tuple=True)
         if feat_i.numel() == 0:
             return
-        fids = torch.unique(feat_i)                                      # features to redo
-        old_key = self.res_key[layer, fids]                              # [f, B, m]
+        fids = torch.unique(feat_i)  # features to redo
+        old_key = self.res_key[layer, fids]  # [f, B, m]
         keep_old = old_key >= 0
         feats = torch.cat([fids[:, None, None].expand_as(keep_old)[keep_old], feat_i])
         vals = torch.cat([self.res_val[layer, fids][keep_old], a[tok_i, feat_i]])
         locs = torch.cat([self.res_loc[layer, fids][keep_old], loc[tok_i]])
-        keys = torch.cat([old_key[keep_old],
-                          torch.rand(feat_i.numel(), generator=gen, device=a.device)])
+        keys = torch.cat([old_key[keep_old], torch.rand(feat_i.numel(), generator=gen, device=a.device)])
         bins = (vals / self.max_act[layer, feats] * B).long().clamp(0, B - 1)
         group = feats * B + bins
         order = torch.argsort(group.double() + (1.0 - keys.double()) * 0.5, stable=True)  # group, key desc
@@ -134,12 +133,17 @@ class StreamingStats:
         import numpy as np
 
         idx = feats.to(self.device)
-        parts = [self.top_val[layer][:, idx].T, self.top_loc[layer][:, idx].T,
-                 self.res_key[layer, idx].flatten(1), self.res_val[layer, idx].flatten(1),
-                 self.res_loc[layer, idx].flatten(1)]
+        parts = [
+            self.top_val[layer][:, idx].T,
+            self.top_loc[layer][:, idx].T,
+            self.res_key[layer, idx].flatten(1),
+            self.res_val[layer, idx].flatten(1),
+            self.res_loc[layer, idx].flatten(1),
+        ]
         arrays = [p.contiguous().cpu().numpy() for p in parts]
-        return np.concatenate([x.astype("<f4" if x.dtype.kind == "f" else "<i4").view("<u4")
-                               for x in arrays], axis=1)
+        return np.concatenate(
+            [x.astype("<f4" if x.dtype.kind == "f" else "<i4").view("<u4") for x in arrays], axis=1
+        )
 
     def load_records(self, ids: "np.ndarray", words: "np.ndarray") -> None:
         """Inverse of `records` for rows [(layer*F + feature)] read back from the database."""
@@ -152,26 +156,34 @@ class StreamingStats:
         f32 = torch.from_numpy(words.view("<f4").astype("float32")).to(self.device)
         i32 = torch.from_numpy(words.view("<i4").astype("int32")).to(self.device)
         self.top_val[layer, :, feat] = f32[:, :k]
-        self.top_loc[layer, :, feat] = i32[:, k:2 * k]
-        self.res_key[layer, feat] = f32[:, 2 * k:2 * k + r].view(-1, B, m)
-        self.res_val[layer, feat] = f32[:, 2 * k + r:2 * k + 2 * r].view(-1, B, m)
-        self.res_loc[layer, feat] = i32[:, 2 * k + 2 * r:].view(-1, B, m)
+        self.top_loc[layer, :, feat] = i32[:, k : 2 * k]
+        self.res_key[layer, feat] = f32[:, 2 * k : 2 * k + r].view(-1, B, m)
+        self.res_val[layer, feat] = f32[:, 2 * k + r : 2 * k + 2 * r].view(-1, B, m)
+        self.res_loc[layer, feat] = i32[:, 2 * k + 2 * r :].view(-1, B, m)
 
     def stats_blobs(self, layer: int) -> tuple[bytes, bytes, bytes]:
-        return (self.n_fires[layer].cpu().numpy().astype("<i8").tobytes(),
-                self.sum_act[layer].cpu().numpy().astype("<f8").tobytes(),
-                self.max_act[layer].cpu().numpy().astype("<f4").tobytes())
+        return (
+            self.n_fires[layer].cpu().numpy().astype("<i8").tobytes(),
+            self.sum_act[layer].cpu().numpy().astype("<f8").tobytes(),
+            self.max_act[layer].cpu().numpy().astype("<f4").tobytes(),
+        )
 
     def load_stats(self, layer: int, n_fires: bytes, sum_act: bytes, max_act: bytes) -> None:
         import numpy as np
         import torch
 
         self.n_fires[layer] = torch.from_numpy(np.frombuffer(n_fires, "<i8").astype("int64")).to(self.device)
-        self.sum_act[layer] = torch.from_numpy(np.frombuffer(sum_act, "<f8").astype("float64")).to(self.device)
-        self.max_act[layer] = torch.from_numpy(np.frombuffer(max_act, "<f4").astype("float32")).to(self.device)
+        self.sum_act[layer] = torch.from_numpy(np.frombuffer(sum_act, "<f8").astype("float64")).to(
+            self.device
+        )
+        self.max_act[layer] = torch.from_numpy(np.frombuffer(max_act, "<f4").astype("float32")).to(
+            self.device
+        )
 
     @classmethod
-    def from_store(cls, store: FeatureStore, cfg: FeatureStoreConfig, device: "torch.device") -> "StreamingStats":
+    def from_store(
+        cls, store: FeatureStore, cfg: FeatureStoreConfig, device: "torch.device"
+    ) -> "StreamingStats":
         """The buffers as of the store's last flush (empty for a new store)."""
         import numpy as np
 
