@@ -58,7 +58,7 @@ def test_refit_is_independent_of_batching_and_respects_max_tokens():
     assert refit_decoder(tc_a, batches(x, y, 7), max_tokens=90) == 90
     refit_decoder(tc_b, batches(x[:90], y[:90], 90), max_tokens=90)
     for Wa, Wb in zip(tc_a.W_dec, tc_b.W_dec):
-        torch.testing.assert_close(Wa, Wb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Wa, Wb, rtol=1e-4, atol=1e-5)   # float32 products, other blocking
 
 
 def test_refit_rejects_skip_transcoders():

@@ -12,8 +12,7 @@ from cltrace.errors import CltraceError
 from cltrace.transcoders.config import TrainConfig, preset
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.refit import topk_to_jumprelu
-from cltrace.transcoders.train import (SyntheticBatch, Trainer, lambda_s_at, lr_at, synthetic_batches,
-                                      train)
+from cltrace.transcoders.train import SyntheticBatch, Trainer, lambda_s_at, lr_at, synthetic_batches, train
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 L, D = 3, 32
@@ -170,3 +169,88 @@ def test_dead_features_reported():
     assert trainer.dead_features().sum() == 5
     trainer._report_dead()
     assert "5 dead features" in logs[-1] and "[0, 5, 0]" in logs[-1]
+
+
+def planted_dead_run(auxk_alpha: float, n_planted: int = 16):
+    """A TopK CLT whose first `n_planted` features per layer start with encoder columns 100x
+    too small: never among a token's top k, so without help they never fire or learn."""
+    cfg = config(tokens=64 * 150, activation="topk", topk=4, dead_window_tokens=256, auxk_alpha=auxk_alpha,
+                 log_every=50)
+    torch.manual_seed(cfg.seed)
+    tc = Transcoder(cfg.transcoder_config(L, D))
+    trainer = Trainer(tc, cfg, log=lambda _m: None)
+    it = trainer._init_from(iter(data()))
+    with torch.no_grad():
+        tc.W_enc[:, :, :n_planted] *= 0.01
+    before = tc.W_enc[:, :, :n_planted].clone()
+    trainer.fit(it)
+    x = torch.cat([b.mlp_in for b in list(data(200))[180:]])              # unseen tokens
+    fires = (tc(x).acts[..., :n_planted] > 0).sum(0)                      # [L, n_planted]
+    return fires, before, tc
+
+
+def test_auxk_revives_planted_dead_features():
+    fires, before, tc = planted_dead_run(auxk_alpha=0.0)
+    assert fires.sum() == 0                                               # dead without AuxK ...
+    assert torch.equal(tc.W_enc[:, :, :16], before)                       # ... and never trained
+    fires, _, _ = planted_dead_run(auxk_alpha=1 / 32)
+    alive = (fires > 0).float().mean().item()
+    # alive with it: 46% measured after 150 steps (the 16-code teacher needs few of the 64 features)
+    assert alive >= 0.3, f"only {alive:.0%} of the planted dead features revived"
+
+
+def test_auxk_loss_by_definition():
+    """aux = s·Σ||ê - e||²/Σ||e - ē||²·Σ||ỹ - ȳ||²/N with ê the dead features' top-k_aux decode."""
+    tc = Transcoder(config(n_features=8).transcoder_config(2, 4))
+    x, y = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
+    tc.init_from_sample(x, y)
+    dead = torch.zeros(2, 8, dtype=torch.bool)
+    dead[0, :3] = True                                                    # 3 dead in layer 0, none in 1
+    pre = tc._encode(tc._normalise(x, tc.in_scale))
+    e = torch.randn(2, 5, 4)
+    got = tc.aux_loss(pre, dead, 2, e, torch.tensor(7.0))
+    a = torch.zeros(5, 8)
+    top = pre[0].masked_fill(~dead[0], float("-inf")).topk(2, dim=-1)
+    a.scatter_(-1, top.indices, top.values.relu())
+    e_hat = torch.stack([a @ tc.W_dec[0][:, 0], a @ tc.W_dec[0][:, 1]])    # layer 0 writes to 0 and 1
+    s = (min(1.0, 3 / 2) + 0.0) / 2
+    want = s * (e_hat - e).pow(2).sum() / (e - e.mean(1, keepdim=True)).pow(2).sum() * 7.0
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_minutes_budget_stops_within_ten_percent():
+    import time
+
+    budget_s = 6.0
+    cfg = config(tokens=64 * 1_000_000, minutes=budget_s / 60, log_every=10**6)
+    logs = []
+    t = time.perf_counter()
+    result = train(cfg, data(), L, D, log=logs.append)
+    took = time.perf_counter() - t
+    assert 0.9 * budget_s <= took <= 1.1 * budget_s, took
+    assert 20 < result.history[-1].step < cfg.n_steps                   # sized to the budget, not tokens
+    assert result.history[-1].lr < 0.1 * cfg.lr                           # the schedule fit: lr decayed
+    assert result.tokens == result.history[-1].tokens
+    assert any("wall-time budget" in line and f"{result.tokens:,} tokens" in line for line in logs), logs
+
+
+def test_batch_topk_run_ends_as_jumprelu_with_the_same_l0():
+    cfg = config(tokens=64 * 30, activation="batchtopk", topk=6)
+    btk = train(cfg, data(), L, D).transcoder
+    x = torch.cat([b.mlp_in for b in list(data(80))[70:]])
+    l0_btk = (btk(x).acts > 0).float().sum(-1).mean(0)
+    topk_to_jumprelu(btk, torch.cat([b.mlp_in for b in list(data(60))[40:]]))
+    assert btk.cfg.activation == "jumprelu"
+    torch.testing.assert_close((btk(x).acts > 0).float().sum(-1).mean(0), l0_btk, rtol=0.25, atol=0.5)
+
+
+def test_precision_env_forces_fp32(monkeypatch):
+    from cltrace.hardware import _cpu_flags_bf16, fast_dtype
+    from cltrace.transcoders.train import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("CLTRACE_PRECISION", raising=False)
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if _cpu_flags_bf16() else None)
+    monkeypatch.setenv("CLTRACE_PRECISION", "fp32")
+    assert resolve_precision("auto", cpu) is None and fast_dtype(cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16                # an explicit choice wins

@@ -80,13 +80,17 @@ def test_jumprelu_ste_gradients():
 
 
 @pytest.mark.parametrize("kind,skip,activation", [("clt", False, "jumprelu"), ("plt", True, "jumprelu"),
-                                                  ("clt", True, "topk")])
+                                                  ("clt", True, "topk"), ("clt", False, "batchtopk"),
+                                                  ("plt", False, "topk")])
 def test_sparse_decode_matches_dense(kind, skip, activation):
+    """fp32: the sparse pairs decoder (and the AuxK term's) gives the dense values and gradients."""
     grads, values = [], []
+    dead = torch.rand(3, 32, generator=torch.Generator().manual_seed(5)) < 0.3
     for density in (1.0, -1.0):   # always sparse, then always dense
-        tc, x, y = small(kind, skip, activation, topk=4 if activation == "topk" else None)
+        tc, x, y = small(kind, skip, activation, topk=4 if activation != "jumprelu" else None)
         tc.sparse_max_density = density
-        out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2)
+        out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2, dead=dead, auxk=3, auxk_alpha=0.5)
+        assert out.aux.item() > 0
         out.loss.backward()
         values.append(out.loss.detach())
         grads.append({n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None})
@@ -95,6 +99,40 @@ def test_sparse_decode_matches_dense(kind, skip, activation):
     assert ("log_threshold" in grads[0]) == (activation == "jumprelu")   # TopK has no θ to train
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+def test_bf16_decoder_rows_within_tolerance(activation):
+    """Under bf16 autocast the sparse decoder reads bf16 rows (8-bit mantissa, relative rounding
+    ≤ 2⁻⁹ per weight): the loss stays within 1e-2 relative of fp32 decoding and every parameter
+    gradient within 3e-2 (relative L2); the backward itself is fp32 in both."""
+    results = []
+    for bf16_rows in (False, True):
+        tc, x, y = small(activation=activation, topk=4 if activation == "topk" else None)
+        tc.decode_bf16 = bf16_rows
+        tc.sparse_max_density = 1.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2)
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad.clone() for n, p in tc.named_parameters()
+                                          if p.grad is not None}))
+    (loss32, g32), (loss16, g16) = results
+    assert loss16 != loss32                                   # the bf16 rows were used
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    for name in g32:
+        assert (g16[name] - g32[name]).norm() <= 3e-2 * g32[name].norm(), name
+
+
+def test_batch_topk_keeps_k_per_token_on_average_and_matches_pairs():
+    tc, x, _ = small(activation="batchtopk", topk=4)
+    acts = tc(x).acts                                          # [N, L, F]
+    assert torch.equal((acts > 0).sum((0, 2)), torch.full((3,), 4 * 96))   # k·N per layer
+    assert (acts > 0).sum(-1).float().std() > 0                # but not k for every token
+    pre = tc._encode(tc._normalise(x, tc.in_scale))
+    from cltrace.transcoders.model import pairs_batch_topk, pairs_to_dense
+    for l, p in enumerate(pairs_batch_topk(pre, 4)):
+        assert torch.all(p.tok[1:] >= p.tok[:-1])             # token-major
+        assert torch.equal(pairs_to_dense(p, 96, 32), acts[:, l])
 
 
 def test_public_decode_sparse_and_dense_agree():

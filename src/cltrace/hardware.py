@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 
-@lru_cache(maxsize=1)
+PRECISION_ENV = "CLTRACE_PRECISION"   # "fp32": behave as on a CPU without fast bf16 (AVX2 only)
+
+
+def forced_fp32() -> bool:
+    """True when CLTRACE_PRECISION=fp32 asks every stage to run in float32, as it would on a
+    CPU without fast bf16 (to time or test that path on any machine)."""
+    return os.environ.get(PRECISION_ENV, "").strip().lower() == "fp32"
+
+
 def cpu_has_fast_bf16() -> bool:
     """True where bf16 matmuls beat fp32 on this CPU: AMX-bf16 (Intel Sapphire Rapids and
     later, 2-6x) or AVX512-bf16 (e.g. AMD EPYC Zen 4: measured 351 against 176 GFLOP/s on a
-    4096x1024x5760 product, and a dense 18x1024 CLT training step 12.9 s against 21.3 s)."""
+    4096x1024x5760 product, and a dense 18x1024 CLT training step 12.9 s against 21.3 s).
+    False under CLTRACE_PRECISION=fp32."""
+    return not forced_fp32() and _cpu_flags_bf16()
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -22,6 +37,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def fast_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     """bfloat16 on CUDA and on CPUs with fast bf16 matmuls, else float32."""
+    if forced_fp32():
+        return torch.float32
     if torch.device(device).type == "cuda" or cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
@@ -47,4 +64,4 @@ def resolve_device(device: str | torch.device | None = "auto") -> str:
     return str(device)
 
 
-__all__ = ["cpu_has_fast_bf16", "fast_dtype", "resolve_device"]
+__all__ = ["cpu_has_fast_bf16", "fast_dtype", "forced_fp32", "resolve_device", "PRECISION_ENV"]

@@ -15,9 +15,15 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="bundled model name or transformers folder (default: the preset's)")
     p.add_argument("--kind", choices=["clt", "plt"], default=None, help="cross-layer or per-layer (default: clt)")
     p.add_argument("--skip", action="store_true", help="add a linear skip connection (skip transcoder)")
-    p.add_argument("--activation", choices=["jumprelu", "topk"], default=None,
-                   help="JumpReLU with learned thresholds, or TopK (default: the preset's)")
-    p.add_argument("--topk", type=int, default=None, help="k active features per layer and token (TopK)")
+    p.add_argument("--activation", choices=["jumprelu", "topk", "batchtopk"], default=None,
+                   help="JumpReLU with learned thresholds, TopK, or BatchTopK (k·batch per layer and batch); "
+                        "TopK and BatchTopK end as JumpReLU (default: the preset's)")
+    p.add_argument("--topk", type=int, default=None, help="k active features per layer and token (TopK, BatchTopK)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget of the training: the token budget is sized from the throughput "
+                        "measured in the first steps (default: the preset's; --tokens alone trains that many)")
+    p.add_argument("--auxk-alpha", type=float, default=None,
+                   help="weight of the AuxK dead-feature loss (default: the preset's; 0 = off)")
     p.add_argument("--features", type=int, default=None, help="features per layer (default: the preset's)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="tokens per optimizer step")
@@ -43,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = preset(args.preset, model=args.model, kind=args.kind, n_features=args.features,
                  tokens=args.tokens, batch_size=args.batch, lr=args.lr, lambda_s=args.lambda_s,
                  precision=args.precision, store=args.store, skip=args.skip or None,
-                 refit_tokens=args.refit_tokens, activation=args.activation, topk=args.topk)
+                 refit_tokens=args.refit_tokens, activation=args.activation, topk=args.topk,
+                 minutes=args.minutes, auxk_alpha=args.auxk_alpha)
     train_run(cfg, args.out, resume=args.resume, device=args.device, split=args.split)
     return 0

@@ -40,8 +40,8 @@ class TranscoderConfig:
     n_features: int                                  # F: features per layer
     kind: Literal["clt", "plt"] = "clt"              # cross-layer or per-layer decoders
     skip: bool = False                               # add a linear skip W_skip x_l (skip transcoder)
-    activation: Literal["jumprelu", "topk"] = "jumprelu"
-    topk: int | None = None                          # k per layer, only for activation="topk"
+    activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
+    topk: int | None = None                          # k per layer and token (TopK; BatchTopK: on average)
     bandwidth: float = 1.0                           # STE rectangle-kernel width ε (normalised scale)
     init_threshold: float = 0.03                     # θ at initialisation (normalised scale)
     model_name: str | None = None                    # the language model it was trained on
@@ -55,14 +55,16 @@ class TranscoderConfig:
                 raise CltraceError(f"TranscoderConfig.{name} must be a positive int, got {value!r}")
         if self.kind not in ("clt", "plt"):
             raise CltraceError(f"TranscoderConfig.kind must be 'clt' or 'plt', got {self.kind!r}")
-        if self.activation not in ("jumprelu", "topk"):
-            raise CltraceError(f"TranscoderConfig.activation must be 'jumprelu' or 'topk', "
+        if self.activation not in ("jumprelu", "topk", "batchtopk"):
+            raise CltraceError(f"TranscoderConfig.activation must be 'jumprelu', 'topk' or 'batchtopk', "
                                f"got {self.activation!r}")
-        if self.activation == "topk":
+        if self.activation != "jumprelu":
             if self.topk is None or not 1 <= self.topk <= self.n_features:
-                raise CltraceError(f"activation='topk' needs 1 <= topk <= n_features, got {self.topk!r}")
+                raise CltraceError(f"activation={self.activation!r} needs 1 <= topk <= n_features, "
+                                   f"got {self.topk!r}")
         elif self.topk is not None:
-            raise CltraceError("topk is set but activation is 'jumprelu'", hint="drop topk or use activation='topk'")
+            raise CltraceError("topk is set but activation is 'jumprelu'",
+                               hint="drop topk or use activation='topk'")
         if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
             raise CltraceError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
         if not self.init_threshold > 0:
@@ -87,10 +89,12 @@ class TrainConfig:
     model: str = DEFAULT_MODEL                       # language model (name or path)
     kind: Literal["clt", "plt"] = "clt"
     skip: bool = False
-    activation: Literal["jumprelu", "topk"] = "jumprelu"
-    topk: int | None = None
+    activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
+    topk: int | None = None                          # k per token (BatchTopK: k·batch per batch)
     n_features: int = 2048                           # F per layer
-    tokens: int = 300_000                            # training tokens in total
+    tokens: int = 300_000                            # training tokens in total (with `minutes`: at most)
+    minutes: float | None = None                     # wall-time budget of the training loop: the token
+                                                     # budget is sized from the measured throughput
     batch_size: int = 1024                           # tokens per optimizer step
     lr: float = 2e-4                                 # AdamW peak learning rate
     lr_warmup_frac: float = 0.01                     # linear warm-up, fraction of steps
@@ -119,9 +123,12 @@ class TrainConfig:
     refit_tokens: int = 0                            # after training, refit the decoder by least squares
                                                      # on this many further tokens (0 = off; refit.py)
     refit_ridge: float = 1e-3                        # ridge, relative to the mean Gram diagonal
-    jumprelu_after_topk: bool = False                # TopK: end as a JumpReLU transcoder with per-layer
-                                                     # thresholds keeping L0 = k (refit.py), so it can be
-                                                     # intervened on; before the refit
+    jumprelu_after_topk: bool = False                # TopK / BatchTopK: end as a JumpReLU transcoder with
+                                                     # per-layer thresholds keeping L0 (refit.py), so it
+                                                     # can be intervened on; before the refit
+    auxk_alpha: float = 0.0                          # AuxK dead-feature loss weight α (1/32 in the presets)
+    auxk: int | None = None                          # k_aux: dead features decoding the residual per token
+                                                     # and layer (None: 2·topk, or d_model/2 for JumpReLU)
 
     def __post_init__(self):
         positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
@@ -149,8 +156,12 @@ class TrainConfig:
         if self.refit_tokens and self.skip:
             raise CltraceError("the least-squares refit does not handle skip transcoders",
                                hint="set refit_tokens=0 for --skip")
-        if self.jumprelu_after_topk and self.activation != "topk":
-            raise CltraceError("jumprelu_after_topk needs activation='topk'")
+        if self.jumprelu_after_topk and self.activation == "jumprelu":
+            raise CltraceError("jumprelu_after_topk needs activation='topk' or 'batchtopk'")
+        if self.minutes is not None and not self.minutes > 0:
+            raise CltraceError(f"minutes must be > 0, got {self.minutes}")
+        if self.auxk_alpha < 0 or (self.auxk is not None and self.auxk < 1):
+            raise CltraceError("auxk_alpha must be >= 0 and auxk >= 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise CltraceError("grad_clip must be > 0 or None")
 
@@ -178,23 +189,26 @@ class TrainConfig:
         return _from_dict(cls, data, "train config")
 
 
-# Presets, on the 2-core dev machine (AMD EPYC, AVX512-bf16, bf16 autocast; README for the
-# measured tables). An 18 x 1024 TopK CLT step of 1024 tokens takes about 3.5 s (~300 tokens/s).
-#   demo     18 x 1024 TopK CLT, 120k tokens harvested on the fly, then TopK -> JumpReLU:
-#            harvest + training within ~15 minutes.
-#   session  the same on 700k tokens (a 400k-token store read twice): ~35 minutes; the
-#            transcoder of the README's quality table and example report.
-# No preset refits the decoder: on the session CLT a 50k-token refit (18,432 regressors for
-# the last layer) overfit, held-out NMSE 0.187 -> 0.222; it helps a PLT (1,024 per layer).
+# Presets. `demo` and `session` are wall-time budgets (`minutes`): the trainer measures its
+# throughput in the first steps and sizes the token budget to fit (`tokens` is then a cap), so
+# they fit on any CPU: bf16 ones (AMX, AVX512-bf16) reach more tokens than AVX2-only ones
+# (fp32; CLTRACE_PRECISION=fp32 stands in for one). Throughput: bench/bench_train.py, README.
+#   demo     18 x 1024 TopK CLT (k = 64) + AuxK, 10 minutes of training harvested on the fly
+#            (data loading included), then TopK -> JumpReLU; sized so that the whole
+#            `cltrace demo` fits 30 minutes on an AVX2-only 2-core CPU.
+#   session  18 x 2048 BatchTopK CLT (k = 20: L0 = 1% of the width) + AuxK, 45 minutes, then
+#            BatchTopK -> JumpReLU.
+# No preset refits the decoder: on an earlier session CLT a 50k-token refit (18,432 regressors
+# for the last layer) overfit, held-out NMSE 0.187 -> 0.222; it helps a PLT (1,024 per layer).
 #   small    18 x 4096 JumpReLU, 2M tokens: hours on this CPU; minutes on one GPU.
 #   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(model=DEFAULT_MODEL, n_features=1024, activation="topk", topk=64, tokens=120_000,
-                 batch_size=1024, lr=2e-3, dead_window_tokens=40_000, checkpoint_every=20,
-                 jumprelu_after_topk=True),
-    "session": dict(model=DEFAULT_MODEL, n_features=1024, activation="topk", topk=64, tokens=700_000,
-                    batch_size=1024, lr=2e-3, checkpoint_every=100, dead_window_tokens=200_000,
-                    jumprelu_after_topk=True),
+    "demo": dict(model=DEFAULT_MODEL, n_features=1024, activation="topk", topk=64, minutes=10.0,
+                 tokens=2_000_000, batch_size=1024, lr=2e-3, dead_window_tokens=40_000, checkpoint_every=20,
+                 jumprelu_after_topk=True, auxk_alpha=1 / 32),
+    "session": dict(model=DEFAULT_MODEL, n_features=2048, activation="batchtopk", topk=20, minutes=45.0,
+                    tokens=5_000_000, batch_size=1024, lr=2e-3, checkpoint_every=50,
+                    dead_window_tokens=100_000, jumprelu_after_topk=True, auxk_alpha=1 / 32),
     "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(model=DEFAULT_MODEL, n_features=16384, tokens=50_000_000, batch_size=4096,
                   dead_window_tokens=10_000_000, checkpoint_every=500),
@@ -203,7 +217,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-TOPK_ONLY = ("topk", "jumprelu_after_topk")      # settings that only mean something for TopK
+TOPK_ONLY = ("topk", "jumprelu_after_topk")      # settings that only mean something for (Batch)TopK
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
@@ -211,6 +225,8 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     if name not in PRESETS:
         raise CltraceError(f"unknown preset {name!r}", hint=f"choose one of {sorted(PRESETS)}")
     values = dict(PRESETS[name])
+    if overrides.get("tokens") is not None and overrides.get("minutes") is None:
+        values.pop("minutes", None)                            # a token count asked for: no time budget
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("activation", "jumprelu") == "jumprelu":   # a TopK preset switched to JumpReLU:
         for key in TOPK_ONLY:                                  # drop its TopK-only settings

@@ -6,7 +6,8 @@ y_l the MLP output of layer l. Inside, activations are normalised per layer by s
 method takes and returns the model's raw scale and applies the scalars itself.
 
     pre_l = x̃_l · W_enc_l + b_enc_l                                   [N, F]
-    a_l   = JumpReLU_θ_l(pre_l) = pre_l · 1[pre_l > θ_l]    (TopK: k largest of pre_l, ReLU'd)
+    a_l   = JumpReLU_θ_l(pre_l) = pre_l · 1[pre_l > θ_l]    (TopK: k largest of pre_l, ReLU'd;
+            BatchTopK: the k·N largest of the batch's N·F values, ReLU'd; both train only)
     ỹ̂_t   = Σ_{l ≤ t} a_l · W_dec_{l→t} + b_dec_t  (+ x̃_t · W_skip_t)     CLT; PLT: only l = t
     ŷ_t   = ỹ̂_t / s_out_t
 
@@ -22,8 +23,13 @@ TopK transcoders train on the reconstruction term alone (k fixes L0; there is no
 
 Decoding is sparse where it pays: per source layer, only the (token, feature) pairs that are
 active, or that fall inside the STE window so θ needs their gradient, are decoded, with an
-embedding-bag (sum of weighted decoder rows). Layers whose active set is dense fall back to a
-bf16 matmul. Both paths give the same values and parameter gradients.
+embedding-bag (sum of weighted decoder rows; bf16 rows under bf16 autocast). TopK and
+BatchTopK hand their selected pairs straight to the decoder (no dense [L, N, F] activations,
+masks or nonzero scans). Decoder gradients exist only for rows with pairs. Layers whose active
+set is dense fall back to a matmul. Both paths give the same values and parameter gradients.
+
+AuxK (dead features, `aux_loss`): the k_aux largest pre-activations among dead features
+reconstruct the main residual; weighted by α (1/32 in the TopK SAE literature).
 
 Parameters are stored in normalised scale: W_enc [L, d, F], b_enc [L, F], log_threshold
 [L, F], W_dec[l] [F, n_targets(l), d] (CLT: L - l targets, PLT: 1), b_dec [L, d],
@@ -34,8 +40,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +67,8 @@ class LossOutput(NamedTuple):
     mse: Tensor       # scalar, Σ_t ||ỹ̂_t - ỹ_t||² per token (normalised scale)
     sparsity: Tensor  # scalar, Σ tanh(c·||W_dec||·a) per token
     preact: Tensor    # scalar, Σ ReLU(θ - pre)·||W_dec|| per token
-    acts: Tensor      # [L, N, F] detached activations
+    aux: Tensor       # scalar, the AuxK term (0 when off), detached
+    counts: Tensor    # [L, F] tokens of the batch each feature is active on (detached)
     recon: Tensor     # [L, N, d] detached reconstruction (normalised scale)
     target: Tensor    # [L, N, d] normalised targets
 
@@ -90,28 +98,79 @@ def _offsets(index: Tensor, n_bags: int) -> Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-class SparseDecode(torch.autograd.Function):
-    """out[n] = Σ_k values[k] · W[feat[k]] over pairs k with tok[k] = n.
+class Pairs(NamedTuple):
+    """The active (token, feature) pairs of one source layer, token-major (tok non-decreasing)."""
+    tok: Tensor     # [P] long
+    feat: Tensor    # [P] long
+    values: Tensor  # [P] activations (carry the autograd graph)
 
-    The pairs come twice: token-major (tok, feat) for the forward bag and the value gradient
-    <g[tok_k], W[feat_k]> (a sampled dense-dense product), and feature-major
-    (tok_f, feat_f, index of each pair in the token-major list) for the W gradient, which
-    bags g rows per feature. Only the given pairs are read or get gradients; fp32 throughout
-    (casting W would cost a full pass over it, the bags read only the active rows).
+
+def pairs_from_mask(a: Tensor, mask: Tensor) -> Pairs:
+    """Pairs of a [N, F] activation where `mask` holds (one nonzero, row-major = token-major)."""
+    tok, feat = mask.nonzero(as_tuple=True)
+    return Pairs(tok, feat, a[tok, feat])
+
+
+def pairs_topk(pre: Tensor, k: int) -> list[Pairs]:
+    """TopK per token: pre [L, N, F] -> per layer the k largest of each token, ReLU'd."""
+    L, N, _ = pre.shape
+    values, index = pre.topk(k, dim=-1)                                     # [L, N, k]
+    values = values.relu()
+    tok = torch.arange(N, device=pre.device).repeat_interleave(k)
+    return [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
+
+
+def pairs_batch_topk(pre: Tensor, k: int) -> list[Pairs]:
+    """BatchTopK: per layer the k·N largest of all N·F pre-activations, ReLU'd (a token may
+    get more or fewer than k)."""
+    L, N, n_feat = pre.shape
+    values, flat = pre.reshape(L, N * n_feat).topk(min(k * N, N * n_feat), dim=-1)   # [L, k·N]
+    flat, order = flat.sort(dim=-1)                                          # token-major
+    values = values.gather(-1, order).relu()
+    return [Pairs(flat[l] // n_feat, flat[l] % n_feat, values[l]) for l in range(L)]
+
+
+def _batch_topk(flat: Tensor, k: int, n_tokens: int) -> Tensor:
+    """Rows of flat [G, N·F]: keep the k·N largest of each row, ReLU'd, zero elsewhere."""
+    values, index = flat.topk(min(k * n_tokens, flat.shape[-1]), dim=-1)
+    return torch.zeros_like(flat).scatter(-1, index, values.relu())
+
+
+def pairs_to_dense(p: Pairs, n_tokens: int, n_features: int) -> Tensor:
+    """[N, F] activations from pairs (differentiable in the values)."""
+    dense = p.values.new_zeros(n_tokens, n_features)
+    return dense.index_put((p.tok, p.feat), p.values)
+
+
+def _wants_bf16(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+
+
+class SparseDecode(torch.autograd.Function):
+    """out[n] = Σ_k values[k] · W[feat[k]] over the pairs k with tok[k] = n (tok sorted).
+
+    Forward: an embedding bag per token over the active rows (bf16 rows when `low_precision`:
+    W is cast once per call, then the bag reads half the bytes). Backward, with only the given
+    pairs read or given gradients:
+      ∂values[k] = <g[tok_k], W[feat_k]>   a sampled dense-dense product (float32)
+      ∂W[f]      = Σ_{k: feat_k = f} values[k] · g[tok_k]   a bag per feature over g's rows,
+    with the pairs put in feature order by a stable sort of `feat` (rows without pairs get 0).
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, W: Tensor, tok: Tensor, feat: Tensor, tok_f: Tensor,
-                feat_f: Tensor, perm: Tensor, n_tokens: int) -> Tensor:
+    def forward(ctx, values: Tensor, W: Tensor, tok: Tensor, feat: Tensor, n_tokens: int,
+                low_precision: bool) -> Tensor:
         offsets = _offsets(tok, n_tokens)
-        ctx.save_for_backward(values, W, tok, feat, tok_f, feat_f, perm, offsets)
-        return F.embedding_bag(feat, W, offsets, mode="sum", per_sample_weights=values.to(W.dtype))
+        ctx.save_for_backward(values, W, tok, feat, offsets)
+        table = W.to(torch.bfloat16) if low_precision else W
+        out = F.embedding_bag(feat, table, offsets, mode="sum", per_sample_weights=values.to(table.dtype))
+        return out.float()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        values, W, tok, feat, tok_f, feat_f, perm, offsets = ctx.saved_tensors
+        values, W, tok, feat, offsets = ctx.saved_tensors
         n_tokens, n_features = grad.shape[0], W.shape[0]
-        grad = grad.to(W.dtype)
+        grad = grad.to(W.dtype).contiguous()
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
             crow = torch.cat([offsets, offsets.new_tensor([tok.numel()])])
@@ -122,10 +181,11 @@ class SparseDecode(torch.autograd.Function):
             grad_values = torch.sparse.sampled_addmm(pattern, grad, W.T, beta=0.0)
             grad_values = grad_values.values().to(values.dtype)
         if ctx.needs_input_grad[1]:
-            by_feature = _offsets(feat_f, n_features)
-            grad_W = F.embedding_bag(tok_f, grad, by_feature, mode="sum",
-                                     per_sample_weights=values.detach()[perm].to(W.dtype))
-        return grad_values, grad_W, None, None, None, None, None, None
+            order = torch.argsort(feat, stable=True)
+            by_feature = _offsets(feat[order], n_features)
+            grad_W = F.embedding_bag(tok[order], grad, by_feature, mode="sum",
+                                     per_sample_weights=values.detach()[order].to(W.dtype))
+        return grad_values, grad_W, None, None, None, None
 
 
 class AccumulateTargets(torch.autograd.Function):
@@ -155,6 +215,7 @@ class Transcoder(nn.Module):
     """CLT / PLT / skip transcoder with JumpReLU or TopK features (see module docstring)."""
 
     sparse_max_density = 0.05  # decode a source layer sparsely below this fraction of pairs
+    decode_bf16 = True         # sparse decode reads bf16 rows when autocast is bf16
 
     def __init__(self, cfg: TranscoderConfig):
         super().__init__()
@@ -220,39 +281,54 @@ class Transcoder(nn.Module):
         return torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc).float()
 
     def _activate(self, pre: Tensor, theta: Tensor) -> Tensor:
-        if self.cfg.activation == "jumprelu":
+        """Dense activations of layer-major pre [L, N, F] (or one layer's [N, F])."""
+        act = self.cfg.activation
+        if act == "jumprelu":
             return JumpReLU.apply(pre, theta, self.cfg.bandwidth)
+        if act == "batchtopk":
+            return _batch_topk(pre.reshape(-1, pre.shape[-2] * pre.shape[-1]), self.cfg.topk,
+                               pre.shape[-2]).view_as(pre)
         values, index = pre.topk(self.cfg.topk, dim=-1)
         return torch.zeros_like(pre).scatter(-1, index, values.relu())
 
-    def _candidates(self, pre: Tensor, theta: Tensor) -> Tensor | None:
-        """Pairs whose decoded value or gradient matters: active, or inside the STE window."""
-        if self.cfg.activation != "jumprelu" or not torch.is_grad_enabled():
-            return None
-        return pre > theta - self.cfg.bandwidth / 2
+    def _pairs(self, pre: Tensor, theta: Tensor) -> tuple[list[Pairs], Tensor | None]:
+        """(per-layer pairs to decode, dense activations or None) for pre [L, N, F].
+        JumpReLU under autograd: the active pairs and those inside the STE window (θ needs
+        their gradient); TopK / BatchTopK: the selected pairs, without a dense [L, N, F]."""
+        act = self.cfg.activation
+        if act == "topk":
+            return pairs_topk(pre, self.cfg.topk), None
+        if act == "batchtopk":
+            return pairs_batch_topk(pre, self.cfg.topk), None
+        acts = self._activate(pre, theta)
+        mask = pre > theta - self.cfg.bandwidth / 2 if torch.is_grad_enabled() else acts != 0
+        return [pairs_from_mask(acts[l], mask[l]) for l in range(pre.shape[0])], acts
 
-    def _decode_layer(self, a: Tensor, mask: Tensor | None, W: Tensor, dense: bool) -> Tensor:
-        """One source layer: a [N, F] @ W [F, T·d] -> [N, T·d], sparse where it pays."""
-        mask = (a != 0) if mask is None else mask
-        if dense or int(mask.count_nonzero()) > self.sparse_max_density * mask.numel():
-            return a @ W
-        index = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
-        tok, feat = mask.nonzero(as_tuple=True)                    # token-major
-        index[tok, feat] = torch.arange(tok.numel(), device=mask.device)
-        feat_f, tok_f = mask.t().nonzero(as_tuple=True)            # feature-major, no sort
-        perm = index[tok_f, feat_f]
-        return SparseDecode.apply(a[tok, feat], W, tok, feat, tok_f, feat_f, perm, a.shape[0])
+    def _decode_layer(self, p: Pairs, n_tokens: int, W: Tensor, dense: bool) -> Tensor:
+        """One source layer's pairs @ W [F, T·d] -> [N, T·d], sparse where it pays."""
+        n_feat = W.shape[0]
+        if dense or p.tok.numel() > self.sparse_max_density * n_tokens * n_feat:
+            return pairs_to_dense(p, n_tokens, n_feat) @ W
+        low = self.decode_bf16 and _wants_bf16(W.device)
+        return SparseDecode.apply(p.values, W, p.tok, p.feat, n_tokens, low)
 
-    def _decode(self, acts: Tensor, xn: Tensor | None, cand: Tensor | None = None,
-                dense: bool = False, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """acts [L, N, F] -> normalised reconstruction [L, N, d] (float32). `reduce` sums the
-        features' part over feature shards (distributed training) before the biases."""
+    def _decode_pairs(self, pairs: list[Pairs], n_tokens: int, dense: bool = False) -> Tensor:
+        """Σ over source layers of the decoded pairs: [L, N, d] float32, no biases."""
+        L, d = self.cfg.n_layers, self.cfg.d_model
+        outs = [self._decode_layer(p, n_tokens, W.view(W.shape[0], -1), dense)
+                for p, W in zip(pairs, self.W_dec)]                          # [N, T·d] each
+        return AccumulateTargets.apply((L, n_tokens, d), *outs)
+
+    def _decode_dense(self, acts: Tensor) -> Tensor:
+        """acts [L, N, F] @ decoders, every entry (gradients w.r.t. all of acts): [L, N, d]."""
         L, N, d = self.cfg.n_layers, acts.shape[1], self.cfg.d_model
-        per_layer = acts.unbind(0)          # one backward for all layers, not L full-size ones
-        masks = [None] * L if cand is None else cand.unbind(0)
-        outs = [self._decode_layer(per_layer[l], masks[l], W.view(W.shape[0], -1), dense)
-                for l, W in enumerate(self.W_dec)]                    # [N, T·d] each
-        recon = AccumulateTargets.apply((L, N, d), *outs)
+        outs = [a @ W.view(W.shape[0], -1) for a, W in zip(acts.unbind(0), self.W_dec)]
+        return AccumulateTargets.apply((L, N, d), *outs)
+
+    def _finish_decode(self, recon: Tensor, xn: Tensor | None,
+                       reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Feature part [L, N, d] -> normalised reconstruction: `reduce` sums the features' part
+        over feature shards (distributed training), then the biases and the skip term."""
         if reduce is not None:
             recon = reduce(recon)
         recon = recon + self.b_dec[:, None, :]
@@ -262,21 +338,30 @@ class Transcoder(nn.Module):
             recon = recon + torch.bmm(xn, self.W_skip).float()
         return recon
 
+    def _decode(self, acts: Tensor, xn: Tensor | None, dense: bool = False) -> Tensor:
+        """acts [L, N, F] -> normalised reconstruction [L, N, d] (float32); sparse over the
+        nonzero entries unless `dense`."""
+        if dense:
+            return self._finish_decode(self._decode_dense(acts), xn)
+        pairs = [pairs_from_mask(a, a != 0) for a in acts.unbind(0)]
+        return self._finish_decode(self._decode_pairs(pairs, acts.shape[1]), xn)
+
     def decoder_norms(self) -> Tensor:
         """||W_dec_{l,i}|| over all targets, normalised scale: [L, F]."""
         return torch.stack([torch.linalg.vector_norm(W, dim=(1, 2)) for W in self.W_dec])
 
     def loss(self, x: Float[Tensor, "N L d"], y: Float[Tensor, "N L d"], *, lambda_s: float,
-             lambda_p: float, c: float = 4.0, reduce: Callable[[Tensor], Tensor] | None = None
-             ) -> LossOutput:
-        """The training loss on raw-scale MLP inputs x and outputs y (module docstring).
+             lambda_p: float, c: float = 4.0, reduce: Callable[[Tensor], Tensor] | None = None,
+             dead: Tensor | None = None, auxk: int = 0, auxk_alpha: float = 0.0) -> LossOutput:
+        """The training loss on raw-scale MLP inputs x and outputs y (module docstring), plus
+        the AuxK term when `dead` [L, F] marks dead features and auxk_alpha > 0 (see `aux_loss`).
         Penalties cover this module's features only (a shard's, under feature sharding)."""
         n_tokens = x.shape[0]
         xn, yn = self._normalise(x, self.in_scale), self._normalise(y, self.out_scale)
         theta = self.log_threshold.exp()[:, None, :]               # [L, 1, F]
         pre = self._encode(xn)                                     # [L, N, F]
-        acts = self._activate(pre, theta)
-        recon = self._decode(acts, xn, self._candidates(pre, theta), reduce=reduce)
+        pairs, acts = self._pairs(pre, theta)
+        recon = self._finish_decode(self._decode_pairs(pairs, n_tokens), xn, reduce)
         mse = (recon - yn.float()).pow(2).sum() / n_tokens
         zero = mse.new_zeros(())
         jump = self.cfg.activation == "jumprelu"      # TopK fixes L0 itself and has no θ
@@ -284,8 +369,33 @@ class Transcoder(nn.Module):
         norms = self.decoder_norms()[:, None, :] if use_s or use_p else None      # [L, 1, F]
         sparsity = torch.tanh(c * norms * acts).sum() / n_tokens if use_s else zero
         preact = (F.relu(theta - pre) * norms).sum() / n_tokens if use_p else zero
-        loss = mse + lambda_s * sparsity + lambda_p * preact
-        return LossOutput(loss, mse, sparsity, preact, acts.detach(), recon.detach(), yn)
+        aux = zero
+        if auxk_alpha and auxk and dead is not None and bool(dead.any()):
+            target_var = (yn - yn.mean(dim=1, keepdim=True)).pow(2).sum() / n_tokens
+            aux = self.aux_loss(pre, dead, auxk, (yn - recon).detach(), target_var)
+        loss = mse + lambda_s * sparsity + lambda_p * preact + auxk_alpha * aux
+        counts = torch.stack([torch.bincount(p.feat[p.values > 0], minlength=pre.shape[-1])
+                              for p in pairs]).detach()
+        return LossOutput(loss, mse, sparsity, preact, aux.detach(), counts, recon.detach(), yn)
+
+    def aux_loss(self, pre: Tensor, dead: Tensor, k_aux: int, residual: Tensor, target_var: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024): the dead features' k_aux largest pre-activations per token and
+        layer (ReLU'd) decode, without biases, the main reconstruction's residual e [L, N, d]:
+            aux = s · Σ||ê - e||² / Σ||e - ē||² · Σ||ỹ - mean ỹ||² / N,   s = mean_l min(1, dead_l / k_aux)
+        i.e. the residual's normalised error, in the units of the main mse term (per token, summed
+        over layers), so that α = 1/32 weighs it as in the TopK SAE literature."""
+        L, N, _ = pre.shape
+        n_dead = dead.sum(-1)                                                    # [L]
+        k = int(min(k_aux, int(n_dead.max())))
+        masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
+        values, index = masked.topk(k, dim=-1)                                   # [L, N, k]
+        values = values.relu().nan_to_num(0.0)
+        tok = torch.arange(N, device=pre.device).repeat_interleave(k)
+        pairs = [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
+        e_hat = self._decode_pairs(pairs, N)
+        centred = residual - residual.mean(dim=1, keepdim=True)
+        scale = (n_dead.float() / k_aux).clamp(max=1.0).mean()
+        return scale * (e_hat - residual).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12) * target_var
 
     # ---- public API, raw scale, token-major [..., L, ...] ----
 
@@ -295,10 +405,16 @@ class Transcoder(nn.Module):
         return self._encode(xn).transpose(0, 1).reshape(*lead, *self.log_threshold.shape)
 
     def activate(self, pre: Float[Tensor, "... L F"]) -> Float[Tensor, "... L F"]:
+        """BatchTopK selects over all the tokens given (it is converted to JumpReLU after training)."""
+        if self.cfg.activation == "batchtopk":
+            flat = pre.reshape(-1, *pre.shape[-2:]).transpose(0, 1)               # [L, N, F]
+            return self._activate(flat, None).transpose(0, 1).reshape(pre.shape)
         return self._activate(pre, self.log_threshold.exp())
 
     def activate_layer(self, pre: Float[Tensor, "... F"], layer: int) -> Float[Tensor, "... F"]:
         """The activation function of one layer's features."""
+        if self.cfg.activation == "batchtopk":
+            return self._activate(pre.reshape(-1, pre.shape[-1]), None).view_as(pre)
         return self._activate(pre, self.log_threshold[layer].exp())
 
     def decode(self, acts: Float[Tensor, "... L F"], x: Float[Tensor, "... L d"] | None = None
@@ -308,7 +424,7 @@ class Transcoder(nn.Module):
         a = acts.reshape(-1, L, acts.shape[-1]).transpose(0, 1)
         xn = None if x is None else self._normalise(x.reshape(-1, L, x.shape[-1]), self.in_scale)
         dense = acts.requires_grad and torch.is_grad_enabled()
-        recon = self._decode(a, xn, None, dense=dense) / self.out_scale[:, None, None]
+        recon = self._decode(a, xn, dense=dense) / self.out_scale[:, None, None]
         return recon.transpose(0, 1).reshape(*lead, L, self.cfg.d_model)
 
     def forward(self, x: Float[Tensor, "... L d"]) -> TranscoderOutput:
@@ -326,8 +442,8 @@ class Transcoder(nn.Module):
 
     @torch.no_grad()
     def threshold(self, layer: int) -> Float[Tensor, "F"]:
-        """θ comparable with raw-scale pre-activations (0 for TopK, which has none)."""
-        if self.cfg.activation == "topk":
+        """θ comparable with raw-scale pre-activations (0 for TopK / BatchTopK, which have none)."""
+        if self.cfg.activation != "jumprelu":
             return torch.zeros_like(self.log_threshold[layer])
         return self.log_threshold[layer].exp()
 

@@ -5,7 +5,7 @@ but a feature's TopK activation depends on the whole layer, which interventions 
 attribution's per-feature linearisation do not allow. It becomes a JumpReLU transcoder with
 one threshold per layer, chosen on a token sample so that as many pre-activations exceed it
 as TopK kept active (positive among the k largest): the mean L0 stays the same (the
-inference rule of BatchTopK SAEs).
+inference rule of BatchTopK SAEs). A BatchTopK transcoder is converted the same way.
 
 `refit_decoder`: least-squares decoder refit, the best decoder for a fixed encoder.
 
@@ -29,7 +29,7 @@ decoder; the sparsity penalty, thresholds and encoder are untouched, so L0 is un
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -41,17 +41,18 @@ from cltrace.transcoders.model import Transcoder
 
 @torch.no_grad()
 def topk_to_jumprelu(tc: Transcoder, x: Tensor) -> list[float]:
-    """Make a TopK transcoder a JumpReLU one in place, calibrated on raw MLP inputs x [N, L, d]
+    """Make a TopK or BatchTopK transcoder a JumpReLU one in place, calibrated on raw MLP inputs x [N, L, d]
     (N·F values per layer; a few thousand tokens are plenty). Returns the thresholds θ_l
     (floored at 1e-4: θ must be positive)."""
     cfg = tc.cfg
-    if cfg.activation != "topk":
-        raise CltraceError(f"topk_to_jumprelu needs a TopK transcoder, this one is {cfg.activation}")
+    if cfg.activation == "jumprelu":
+        raise CltraceError("topk_to_jumprelu needs a TopK or BatchTopK transcoder, this one is jumprelu")
     pre = tc._encode(tc._normalise(x.to(tc.b_enc.device, torch.float32), tc.in_scale))   # [L, N, F]
     L, N, F = pre.shape
-    # TopK's L0 is the number of *positive* values among each token's k largest (ReLU after
-    # TopK); θ_l is chosen so that as many of the layer's N·F pre-activations lie above it
-    n_active = (pre.topk(cfg.topk, dim=-1).values > 0).sum(dim=(1, 2))                # [L]
+    # L0 is the number of *positive* selected values (ReLU after the selection): per token's k
+    # largest (TopK) or the layer's k·N largest (BatchTopK); θ_l is chosen so that as many of
+    # the layer's N·F pre-activations lie above it
+    n_active = (tc._activate(pre, None) > 0).sum(dim=(1, 2))                                 # [L]
     theta = torch.stack([pre[l].flatten().kthvalue(max(1, N * F - int(n_active[l]))).values
                          for l in range(L)]).clamp_min(1e-4)
     tc.log_threshold.copy_(theta.log()[:, None].expand(L, F))

@@ -6,7 +6,13 @@
     loss = Transcoder.loss(x, y, λ_S(step), λ_P)        bf16 autocast where the hardware has it
     clip global grad norm; AdamW (fused where available); LR warm-up, constant, linear decay
 
-λ_S ramps linearly from 0 over `lambda_s_warmup_frac` of the steps. The first batches (up to
+λ_S ramps linearly from 0 over `lambda_s_warmup_frac` of the steps. With `auxk_alpha` > 0, the
+features dead for `dead_window_tokens` get the AuxK loss (Transcoder.aux_loss).
+
+Wall-time budgets (`minutes`): the loop times its steps (data loading included) and, until the
+learning-rate decay begins, re-sizes the step budget so that the steps, the finishing steps
+and the final save end within the budget; `tokens` is then an upper bound. A step that would
+overrun the budget is not started. The first batches (up to
 `init_tokens`) set the normalisation scalars and b_enc (`Transcoder.init_from_sample`) and are
 then trained on as usual.
 
@@ -24,15 +30,16 @@ import itertools
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from cltrace.errors import CltraceError
-from cltrace.hardware import cpu_has_fast_bf16
+from cltrace.hardware import cpu_has_fast_bf16, forced_fp32
 from cltrace.progress import progress
 from cltrace.transcoders.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from cltrace.transcoders.config import TrainConfig
@@ -55,11 +62,12 @@ class StepMetrics(NamedTuple):
     preact: float
     lr: float
     lambda_s: float
+    aux: float = 0.0   # AuxK term
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None: plain fp32)."""
-    if precision == "fp32":
+    if precision == "fp32" or (precision == "auto" and forced_fp32()):
         return None
     if precision == "bf16" or device.type == "cuda" or cpu_has_fast_bf16():
         return torch.bfloat16
@@ -75,9 +83,10 @@ def make_optimizer(tc: Transcoder, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, **kwargs)
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, constant, linear decay to 0 over the last lr_decay_frac of steps."""
-    n = cfg.n_steps
+def lr_at(cfg: TrainConfig, step: int, n_steps: int | None = None) -> float:
+    """Linear warm-up, constant, linear decay to 0 over the last lr_decay_frac of the
+    `n_steps` (default: the config's) steps."""
+    n = cfg.n_steps if n_steps is None else n_steps
     warm, decay = cfg.lr_warmup_frac * n, cfg.lr_decay_frac * n
     if warm and step < warm:
         return cfg.lr * (step + 1) / warm
@@ -86,8 +95,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
-def lambda_s_at(cfg: TrainConfig, step: int) -> float:
-    ramp = cfg.lambda_s_warmup_frac * cfg.n_steps
+def lambda_s_at(cfg: TrainConfig, step: int, n_steps: int | None = None) -> float:
+    ramp = cfg.lambda_s_warmup_frac * (cfg.n_steps if n_steps is None else n_steps)
     return cfg.lambda_s * (min(1.0, step / ramp) if ramp else 1.0)
 
 
@@ -133,6 +142,8 @@ class TrainResult:
     history: list[StepMetrics]
     dead: int                    # features dead at the end
     tokens_per_s: float
+    tokens: int = 0              # training tokens seen
+    seconds: float = 0.0         # wall time of fit() in this process (with a budget: of the whole run)
 
 
 class Trainer:
@@ -151,6 +162,10 @@ class Trainer:
         L, n_feat = tc.cfg.n_layers, tc.cfg.n_features
         self.last_active = torch.zeros(L, n_feat, dtype=torch.long, device=self.device)
         self.n_dead = 0
+        self.n_steps = cfg.n_steps               # the step budget (re-sized under a wall-time budget)
+        self.elapsed_before = 0.0                # seconds of earlier processes of this run (resume)
+        self.save_seconds = 0.0                  # duration of the last checkpoint save
+        self._t_fit = time.perf_counter()        # when fit() began
         self.log = log if self.dist.is_main else (lambda _msg: None)
 
     # ---- one step ----
@@ -159,13 +174,14 @@ class Trainer:
         cfg, tc = self.cfg, self.tc
         # stored activations may be bf16; the master copy of the math is float32
         x, y = self.dist.local_batch(x.to(self.device, torch.float32), y.to(self.device, torch.float32))
-        lr, lam = lr_at(cfg, self.step), lambda_s_at(cfg, self.step)
+        lr, lam = lr_at(cfg, self.step, self.n_steps), lambda_s_at(cfg, self.step, self.n_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             out = tc.loss(x, y, lambda_s=lam, lambda_p=cfg.lambda_p, c=cfg.sparsity_c,
-                          reduce=self.dist.reduce_partial)
+                          reduce=self.dist.reduce_partial, dead=self._aux_dead(), auxk=self.aux_k,
+                          auxk_alpha=cfg.auxk_alpha)
         out.loss.backward()
         self.dist.sync_grads(tc)
         if cfg.grad_clip is not None:
@@ -178,19 +194,30 @@ class Trainer:
         self.tokens += x.shape[0]
         return self._metrics(out, x.shape[0], lr, lam)
 
+    @property
+    def aux_k(self) -> int:
+        """k_aux of the AuxK loss: the config's, else 2·topk, else d_model / 2 (sparsify's)."""
+        if self.cfg.auxk is not None:
+            return self.cfg.auxk
+        return 2 * self.cfg.topk if self.cfg.topk else self.tc.cfg.d_model // 2
+
+    def _aux_dead(self) -> Tensor | None:
+        return self.dead_features() if self.cfg.auxk_alpha else None
+
     @torch.no_grad()
     def _metrics(self, out, n_tokens: int, lr: float, lam: float) -> StepMetrics:
-        active = out.acts > 0                                           # [L, N, F]
-        fired = active.any(dim=1)
+        fired = out.counts > 0                                          # [L, F]
         self.last_active[fired] = self.tokens
         var = (out.target - out.target.mean(dim=1, keepdim=True)).pow(2).sum()
         err = (out.recon - out.target).pow(2).sum()
-        l0 = self.dist.sum_features(active.sum().float()) / (n_tokens * self.tc.cfg.n_layers)
+        l0 = self.dist.sum_features(out.counts.sum().float()) / (n_tokens * self.tc.cfg.n_layers)
         spars = self.dist.sum_features(out.sparsity.detach().float())
         preact = self.dist.sum_features(out.preact.detach().float())
-        loss = out.mse.item() + lam * spars.item() + self.cfg.lambda_p * preact.item()
+        aux = out.aux.item()
+        loss = (out.mse.item() + lam * spars.item() + self.cfg.lambda_p * preact.item()
+                + self.cfg.auxk_alpha * aux)
         return StepMetrics(self.step, self.tokens, loss, out.mse.item(), (err / var).item(),
-                           l0.item(), spars.item(), preact.item(), lr, lam)
+                           l0.item(), spars.item(), preact.item(), lr, lam, aux)
 
     def dead_features(self) -> Tensor:
         """[L, F] bool: silent for the last dead_window_tokens (only once that many were seen)."""
@@ -211,6 +238,7 @@ class Trainer:
 
     def fit(self, batches: Iterable, *, resume: bool = False) -> TrainResult:
         cfg = self.cfg
+        t_start = self._t_fit = time.perf_counter()
         it: Iterator = iter(batches)
         if resume and self._resume():
             for _ in itertools.islice(it, self.step):   # data position: skip consumed batches
@@ -218,12 +246,14 @@ class Trainer:
         if not self.initialised:
             it = self._init_from(it)
         history: list[StepMetrics] = []
-        bar = progress(total=cfg.n_steps, initial=self.step, desc="train", unit="step",
+        bar = progress(total=self.n_steps, initial=self.step, desc="train", unit="step",
                        disable=None if self.dist.is_main else True)
-        t0, tokens0 = time.perf_counter(), self.tokens
+        t0, tokens0, step0 = time.perf_counter(), self.tokens, self.step
         try:
-            while self.step < cfg.n_steps:          # fetch no batch beyond the budget: the
-                batch = next(it, None)               # finishing steps read the next ones
+            while self.step < self.n_steps:         # fetch no batch beyond the budget: the
+                if not self._time_left(t_start, t0, step0, bar):   # finishing steps read the next ones
+                    break
+                batch = next(it, None)
                 if batch is None:
                     break
                 m = self.train_step(batch.mlp_in, batch.mlp_out)
@@ -232,7 +262,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m.loss:.3g}", nmse=f"{m.nmse:.3f}", l0=f"{m.l0:.1f}",
                                 tok_s=f"{rate:.0f}", refresh=False)
-                if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
+                if self.step % cfg.log_every == 0 or self.step == self.n_steps:
                     self._log_metrics(m, rate)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -241,15 +271,45 @@ class Trainer:
             raise
         finally:
             bar.close()
-        if self.step < cfg.n_steps:
-            self.log(f"note: the data ran out after {self.step} of {cfg.n_steps} steps")
+        if self.step < self.n_steps:
+            self.log(f"note: the data ran out after {self.step} of {self.n_steps} steps")
         if self.step and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
             self.save_checkpoint()
         rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
-        if self.step >= cfg.n_steps and (cfg.refit_tokens or cfg.jumprelu_after_topk):
+        if self.step >= self.n_steps and (cfg.refit_tokens or cfg.jumprelu_after_topk):
             self._finish(it)
         self._save_final()
-        return TrainResult(self.tc, history, self.n_dead, rate)
+        seconds = self.elapsed_before + time.perf_counter() - t_start
+        if cfg.minutes is not None:
+            self.log(f"wall-time budget {cfg.minutes:g} min: trained {self.step} steps, "
+                     f"{self.tokens:,} tokens "
+                     f"({self.tc.cfg.n_layers} x {self.tc.cfg.n_features} {self.tc.cfg.kind.upper()}) "
+                     f"in {seconds / 60:.1f} min at {rate:,.0f} tokens/s")
+        return TrainResult(self.tc, history, self.n_dead, rate, self.tokens, seconds)
+
+    def _time_left(self, t_start: float, t0: float, step0: int, bar) -> bool:
+        """Under a wall-time budget: re-size the step budget from the measured step time (until
+        the learning-rate decay begins) and say whether one more step fits."""
+        if self.cfg.minutes is None or self.step == step0:
+            return True
+        now = time.perf_counter()
+        budget = self.cfg.minutes * 60 - self.elapsed_before - (now - t_start)
+        per_step = (now - t0) / (self.step - step0)
+        # the finishing steps read about init_tokens and encode them; the final save ~ a checkpoint
+        reserve = per_step * (1 + self.cfg.init_tokens / self.cfg.batch_size * self.cfg.jumprelu_after_topk) \
+            + self.save_seconds
+        decaying = self.step >= self.n_steps * (1 - self.cfg.lr_decay_frac)
+        if not decaying:
+            fit = self.step + int(max(0.0, budget - reserve) // per_step)
+            self.n_steps = max(self.step, min(self.cfg.n_steps, fit))
+            bar.total = self.n_steps
+        if budget - reserve >= per_step:
+            return True
+        if self.step < self.n_steps:
+            self.log(f"note: the wall-time budget leaves no time for step {self.step + 1}; ending at "
+                     f"{self.step} of {self.n_steps} planned steps")
+            self.n_steps = self.step
+        return False
 
     def _finish(self, it: Iterator) -> None:
         """Closed-form steps on the next batches (refit.py): TopK -> JumpReLU, then the
@@ -259,7 +319,7 @@ class Trainer:
         if type(self.dist) is not Distributed:
             self.log("note: the closed-form finishing steps run in single-process training only; skipped")
             return
-        if self.cfg.jumprelu_after_topk and self.tc.cfg.activation == "topk":
+        if self.cfg.jumprelu_after_topk and self.tc.cfg.activation != "jumprelu":
             sample = _take_tokens(it, self.cfg.init_tokens)
             if not sample:
                 self.log("note: no data left to turn TopK into JumpReLU; the transcoder stays TopK")
@@ -301,9 +361,11 @@ class Trainer:
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
         directory = self.dist.checkpoint_dir(self.run_dir, self.step)
         state = dict(step=self.step, tokens=self.tokens, train_config=self.cfg.to_dict(),
-                     data_position=dict(batches=self.step, tokens=self.tokens), n_dead=self.n_dead)
+                     data_position=dict(batches=self.step, tokens=self.tokens), n_dead=self.n_dead,
+                     n_steps=self.n_steps, elapsed_s=self.elapsed_before + time.perf_counter() - self._t_fit)
         save_checkpoint(directory, self.tc, self.optimizer, state,
                         extra={"last_active": self.last_active.cpu()})
         self.dist.barrier()                                   # every shard is complete
@@ -313,6 +375,7 @@ class Trainer:
                               self.run_dir / POINTER)
             if old is not None and old != self.step:
                 shutil.rmtree(self.run_dir / f"ckpt-{old:08d}", ignore_errors=True)
+        self.save_seconds = time.perf_counter() - t
 
     def _checkpoint_on_interrupt(self) -> None:
         """A checkpoint at the current step (single-process runs: other ranks may never reach
@@ -338,6 +401,8 @@ class Trainer:
             raise CltraceError(f"{directory}: the checkpoint was trained with other settings {diff}",
                                hint="resume with the same options, or choose a new --out")
         self.step, self.tokens, self.n_dead = state["step"], state["tokens"], state["n_dead"]
+        self.n_steps = state.get("n_steps", self.cfg.n_steps)
+        self.elapsed_before = state.get("elapsed_s", 0.0)
         self.last_active = extra["last_active"].to(self.device)
         self.initialised = True
         self.log(f"resumed from step {self.step} ({self.tokens:,} tokens)")
