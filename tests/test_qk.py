@@ -69,6 +69,11 @@ def test_pairs_sum_to_real_score(setup):
         assert abs(float(P.sum()) - r.score) <= 1e-4 * max(abs(r.score), 1e-3), (l, h, q, k)
         assert r.relative_error < 1e-4 or abs(r.score) < 1e-3
         assert r.n_pairs > 0 and r.summary.startswith(f"head {l}.{h} attends")
+        m = len(tracer.source_ids) - len(tracer.constants)  # node rows; constants last
+        assert float(P[:m, :m].sum()) + r.constant_part == pytest.approx(float(P.sum()), rel=1e-6, abs=1e-7)
+        assert all(q in tracer.source_ids[:m] and k in tracer.source_ids[:m] for q, k, _ in r.pairs)
+        if r.pairs:
+            assert abs(r.pairs[0][2]) == pytest.approx(float(P[:m, :m].abs().max()), rel=1e-5)
 
 
 def test_rebuilt_scores_give_the_models_pattern(setup):

@@ -85,7 +85,9 @@ class QKResult:
 
     Source ids are the graph JSON's node ids (`{layer}_{feature}_{pos}`, `err_{layer}_{pos}`,
     `E_{token}_{pos}`) plus "bias" (constant parts) and "bos" (MLP outputs at a zeroed first
-    token). Values include the head's scaling, so all pairs sum to `score`.
+    token). Values include the head's scaling: all pairs sum to `score` (`pair_sum`). `pairs`
+    lists the top node-node pairs; the pairs with a constant on either side sum to
+    `constant_part`; the marginals include the constants.
     """
 
     layer: int
@@ -100,7 +102,8 @@ class QKResult:
     k_marginals: list[tuple[str, float]]  # Σ_s P[s, t] for the top key sources
     summary: str = ""
     softcap: float | None = None  # Gemma 2: the soft-cap applied after `score`
-    n_pairs: int = 0  # non-zero pairs in the full decomposition
+    n_pairs: int = 0  # non-zero node-node pairs
+    constant_part: float = 0.0  # Σ of the pairs with a constant source ("bias", "bos") on either side
 
     @property
     def relative_error(self) -> float:
@@ -121,6 +124,7 @@ class QKResult:
             "pattern": self.pattern,
             "softcap": self.softcap,
             "n_pairs": self.n_pairs,
+            "constant_part": self.constant_part,
             "summary": self.summary,
         }
 
@@ -473,7 +477,9 @@ class QKTracer:
         pair_sum = scaling * float(q_tot.double() @ k_tot.double())
         q_marg = scaling * (Q @ k_tot)
         k_marg = scaling * (K @ q_tot)
-        pairs, n_pairs = top_pairs(Q, K, scaling, top)
+        n_nodes = len(self.source_ids) - len(self.constants)
+        pairs, n_pairs = top_pairs(Q[:n_nodes], K[:n_nodes], scaling, top)  # node pairs only
+        node_sum = scaling * float(Q[:n_nodes].sum(0).double() @ K[:n_nodes].sum(0).double())
         ids = self.source_ids
         result = QKResult(
             layer=layer,
@@ -488,6 +494,7 @@ class QKTracer:
             k_marginals=_top_entries(k_marg, ids, top),
             softcap=self.rec.softcap[layer],
             n_pairs=n_pairs,
+            constant_part=pair_sum - node_sum,
         )
         result.summary = summarize(result, self.token_strings())
         return result
@@ -613,4 +620,6 @@ def summarize(r: QKResult, tokens: Sequence[str]) -> str:
     if len(r.pairs) > 1:
         q2, k2, v2 = r.pairs[1]
         text += f"; next: {describe_source(k2, tokens)} meets {describe_source(q2, tokens)} ({v2:+.2f})"
+    if r.constant_part:
+        text += f"; biases and first-token outputs give {r.constant_part:+.2f}"
     return text
