@@ -12,15 +12,9 @@ from cltrace.cli import main
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from test_attribution import make_transcoder
-    from tiny import tiny_model
+    from tiny import saved_run
 
-    root = tmp_path_factory.mktemp("trace")
-    lm = tiny_model("gemma")
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
-    make_transcoder(lm, "clt").save(root / "run1")
-    return root
+    return saved_run(tmp_path_factory.mktemp("trace"))
 
 
 def test_trace_writes_graph_and_pruned_json(saved, tmp_path, capsys):
@@ -50,11 +44,9 @@ def test_output_target_must_be_one_token(saved, tmp_path, capsys):
 
 
 def test_mismatched_or_missing_transcoder_is_a_clear_error(saved, tmp_path, capsys):
-    from tiny import tiny_model
+    from tiny import save_model, tiny_model
 
-    other = tiny_model("gemma", n_layers=2)
-    other.model.save_pretrained(tmp_path / "m2")
-    other.tokenizer.save_pretrained(tmp_path / "m2")
+    save_model(tiny_model("gemma", n_layers=2), tmp_path / "m2")
     rc = main(["trace", "the city", "--transcoder", str(saved / "run1"), "--model", str(tmp_path / "m2")])
     assert rc == 2 and "3 layers" in capsys.readouterr().err
     rc = main(["trace", "the city", "--transcoder", str(tmp_path / "nothing")])

@@ -103,12 +103,9 @@ def test_chosen_node_and_unknown_node(traced):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qk_trace")
-    lm = tiny_model("gemma")
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
-    make_transcoder(lm, "clt").save(root / "run1")
-    return root
+    from tiny import saved_run
+
+    return saved_run(tmp_path_factory.mktemp("qk_trace"))
 
 
 def test_trace_qk_cli(saved, tmp_path, capsys):

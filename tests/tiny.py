@@ -72,3 +72,19 @@ def tiny_model(family: str, seed: int = 0, n_layers: int = 3, d: int = 32):
             else:
                 p.normal_(0, 0.05)
     return from_pretrained_objects(model, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def save_model(lm, folder) -> None:
+    """Write a tiny LoadedModel as a model folder (weights + tokenizer) that `--model` reads."""
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+
+
+def saved_run(root, family: str = "gemma"):
+    """`root/model` (a tiny model) and `root/run1` (a calibrated CLT for it), for CLI tests."""
+    from test_attribution import make_transcoder
+
+    lm = tiny_model(family)
+    save_model(lm, root / "model")
+    make_transcoder(lm, "clt").save(root / "run1")
+    return root
