@@ -3,7 +3,7 @@
 Needs Debian's chromium at /usr/bin/chromium and Playwright for Python (no `playwright
 install`). The back-end is `SyntheticBackend` (the FakeBackend of these tests): it answers
 deterministically so every panel can be driven. A screenshot goes to
-$CLTRACE_ARTIFACTS/viewer.png (default test-artifacts/ at the repo root).
+$CLTRACE_ARTIFACTS/viewer.png when that is set, else to the test's temporary folder.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from cltrace.viewer.synthetic import SyntheticBackend, synthetic_graph
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.browser,
@@ -171,7 +170,7 @@ def test_box_select(page, base_url):
     wait_count(page, "selection-count", "> 0")
 
 
-def test_intervention_shows_new_probabilities(page, base_url):
+def test_intervention_shows_new_probabilities(page, base_url, tmp_path):
     open_graph(page, base_url)
     click_node(page, features(page)[0])
     page.select_option("#intervene-mode", "set")
@@ -184,7 +183,7 @@ def test_intervention_shows_new_probabilities(page, base_url):
     after = [float(x) for x in page.locator("td.after-prob").all_text_contents()]
     assert after == sorted(after, reverse=True) and after[0] > 0
     assert "and then the" in page.text_content("#intervene-continuation")
-    artifacts = Path(os.environ.get("CLTRACE_ARTIFACTS", REPO / "test-artifacts"))
+    artifacts = Path(os.environ.get("CLTRACE_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(artifacts / "viewer.png"), full_page=True)
     assert page.errors == []
