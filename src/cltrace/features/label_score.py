@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from cltrace.features.store import FeatureStore
     from cltrace.models.loading import LoadedModel
 
+# label_pool: per pool context, `positions` = int32 count of firing features at each scored
+# position (1..n-1) and `features` = their global ids (layer * F + index), position by position
 POOL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS label_pool (id INTEGER PRIMARY KEY, positions BLOB NOT NULL,
     features BLOB NOT NULL);
@@ -106,9 +108,10 @@ def compute_pool(
             x = model.capture(tokens).mlp_in[:, 1:].to(device, dtype)  # [B, n-1, L, d]
             for j, cid in enumerate(part):
                 acts = transcoder.activate(transcoder.encode(x[j]))  # [n-1, L, F]
-                pos, layer, feat = (acts > 0).nonzero(as_tuple=True)
+                pos, layer, feat = (acts > 0).nonzero(as_tuple=True)  # sorted by pos
                 fid = (layer * acts.shape[-1] + feat).cpu().numpy().astype("<i4")
-                rows.append((cid, (pos.cpu().numpy() + 1).astype("<i2").tobytes(), fid.tobytes()))
+                counts = np.bincount(pos.cpu().numpy(), minlength=acts.shape[0]).astype("<i4")
+                rows.append((cid, counts.tobytes(), fid.tobytes()))
     with store.transaction() as conn:
         conn.execute("DELETE FROM label_pool")
         conn.executemany("INSERT INTO label_pool (id, positions, features) VALUES (?, ?, ?)", rows)
@@ -121,9 +124,9 @@ def load_pool(store: "FeatureStore") -> Pool | None:
     if not rows:
         return None
     qs, fids = [], []
-    for r, (_, pos_blob, fid_blob) in enumerate(rows):
-        pos = np.frombuffer(pos_blob, "<i2").astype(np.int64)
-        qs.append(r * (n - 1) + pos - 1)
+    for r, (_, counts_blob, fid_blob) in enumerate(rows):
+        pos0 = np.repeat(np.arange(n - 1), np.frombuffer(counts_blob, "<i4"))  # position - 1
+        qs.append(r * (n - 1) + pos0)
         fids.append(np.frombuffer(fid_blob, "<i4").astype(np.int64))
     q, fid = np.concatenate(qs), np.concatenate(fids)
     order = np.lexsort((q, fid))

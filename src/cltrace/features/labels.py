@@ -42,7 +42,7 @@ class LabelConfig:
     min_lift: float = 3.0  # ... and be this many times commoner there than in the text,
     significance: float = 0.05  # ... by more than chance: Poisson tail p < this / candidates
     write_ratio: float = 0.5  # a further written token needs this share of the first's effect
-    pool_contexts: int = 48  # contexts with every activation recomputed (held-out negatives)
+    pool_contexts: int = 32  # contexts with every activation recomputed (held-out negatives)
     output_contexts: int = 2  # neutral contexts per feature for the output score
     output_len: int = 24  # tokens per neutral context (BOS included)
     steer_scale: float = 1.0  # steering adds this times the feature's max activation
