@@ -16,6 +16,8 @@ from torch import nn
 
 from tiny import WORDS
 
+from cltrace.transcoders.config import TranscoderConfig
+
 TEXT = " ".join(WORDS)
 
 
@@ -25,8 +27,7 @@ class StandInTranscoder(nn.Module):
     def __init__(self, n_layers: int, d_model: int, n_features: int, kind: str = "clt"):
         super().__init__()
         L, d, F = n_layers, d_model, n_features
-        self.cfg = SimpleNamespace(n_layers=L, d_model=d, n_features=F, kind=kind, skip=False,
-                                   activation="jumprelu")
+        self.cfg = TranscoderConfig(n_layers=L, d_model=d, n_features=F, kind=kind)  # JumpReLU, no skip
         self.w_enc = nn.Parameter(torch.randn(L, d, F) / d**0.5)
         self.b_enc = nn.Parameter(torch.zeros(L, F))
         self.log_threshold = nn.Parameter(torch.zeros(L, F))
@@ -67,6 +68,9 @@ class StandInTranscoder(nn.Module):
 
     def decoder_bias(self):
         return self.b_dec
+
+    def skip_weight(self, l):
+        return None
 
 
 def make_transcoder(lm, n_features: int = 16, kind: str = "clt", seed: int = 0,
