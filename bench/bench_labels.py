@@ -155,7 +155,8 @@ def show(rows: list[dict], n_pos: dict) -> None:
     print(f"  {'feature':>9}  {'detect':>6}  {'(pos)':>5}  {'output':>6}  {'density':>8}  label")
     for r in rows:
         print(
-            f"  {r['layer']:>4}:{r['index']:<4}  {fmt(r['detection']):>6}  {n_pos[(r['layer'], r['index'])]:>5}  "
+            f"  {r['layer']:>4}:{r['index']:<4}  {fmt(r['detection']):>6}  "
+            f"{n_pos[(r['layer'], r['index'])]:>5}  "
             f"{fmt(r['output']):>6}  {(r['density'] or 0):>8.3%}  {r['label']}"
         )
 
