@@ -41,6 +41,14 @@ def register(subparsers) -> None:
                         "e.g. 12_621_7)")
     p.add_argument("--qk-edges", type=int, default=8, help="attention edges explained by --qk")
     p.add_argument("--open", action="store_true", help="open the viewer on the graphs folder")
+    p.add_argument("--circuit", action="store_true",
+                   help="also summarise the graph as a circuit of named supernodes: writes "
+                        "<slug>.circuit.json and <slug>.circuit.svg beside the graph")
+    p.add_argument("--no-validate", action="store_true",
+                   help="with --circuit: skip checking the supernodes' predicted effects on the model")
+    p.add_argument("--features", default=None, metavar="DB",
+                   help="with --circuit: feature store whose labels name the supernodes; "
+                        "None: the run's features.sqlite when it exists")
     p.set_defaults(func=run)
 
 
@@ -74,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         from cltrace.attribution.qk_graph import report_qk
 
         report_qk(lm, transcoder, r, node_ids=args.qk_node, max_edges=args.qk_edges)
+    if args.circuit:
+        _write_circuit(args, r, lm, transcoder, loaded.run.feature_store)
     if args.open:
         _open_viewer(out.parent, loaded)
     return 0
@@ -113,6 +123,40 @@ def _report(graph, pruned, scores, strings, seconds, n_json_nodes, n_json_links)
     print(f"pruned graph: {n_json_nodes} nodes, {n_json_links} edges")
     for name, s in scores.items():
         print(f"{name:>9} scores: replacement {s.replacement:.3f}, completeness {s.completeness:.3f}")
+
+
+def _write_circuit(args, r, lm, transcoder, default_store) -> None:
+    """`--circuit`: supernodes, their edges and (unless --no-validate) their validation."""
+    from pathlib import Path
+
+    from cltrace.circuits.build import circuit_to_files
+    from cltrace.features.store import FeatureStore
+
+    db = Path(args.features).expanduser() if args.features else Path(default_store)
+    if args.features and not db.is_file():
+        from cltrace.errors import CltraceError
+
+        raise CltraceError(f"no feature store at {db}", "build one with `cltrace features RUN`")
+    store = FeatureStore(db) if db.is_file() else None
+    try:
+        c, json_path, svg_path = circuit_to_files(r.graph, r.pruned, r.json_path, lm, transcoder,
+                                                  store=store, validate=not args.no_validate)
+    finally:
+        if store is not None:
+            store.close()
+    print(f"circuit: {len(c.feature_nodes)} supernodes carry {c.influence_share:.0%} of the logit "
+          f"influence ({c.stats['n_grouped_features']} of {c.stats['n_pruned_features']} pruned-graph "
+          f"features); {c.stats['seconds_build']:.1f} s"
+          + (f" + {c.stats['seconds_validate']:.1f} s validation" if c.stats.get("seconds_validate") else ""))
+    for n in c.feature_nodes:
+        check = "" if n.measured is None or n.predicted is None else (
+            f"  pred {n.predicted:+.2f} meas {n.measured:+.2f}" + ("  FAILED" if n.failed else ""))
+        print(f"  {n.id:>4} {n.influence_share:6.1%}  {n.name}{check}")
+    f = c.faithfulness
+    if f.get("spearman_supernodes") is not None:
+        print(f"faithfulness (Spearman): supernodes {f['spearman_supernodes']:.2f}"
+              + (f", features {f['spearman_features']:.2f}" if f.get("spearman_features") is not None else ""))
+    print(f"circuit: {json_path}\ndiagram: {svg_path}")
 
 
 def _open_viewer(folder, loaded) -> None:
