@@ -262,8 +262,9 @@ class GraphDiff:
             items = self.by_status(status)
             lines.append(f"{len(items)} features {status}")
             for c in items[:top]:
-                info = c.b or c.a
-                lines.append(f"  {info.node_ids[0]}: influence {c.delta:+.3f}")
+                info = c.b if c.b is not None else c.a
+                nid = info.node_ids[0] if info is not None else "?"
+                lines.append(f"  {nid}: influence {c.delta:+.3f}")
         for side in ("a", "b"):
             for p in self.paths.get(side, [])[:2]:
                 lines.append(f"path in {side.upper()}: " + " -> ".join(p["nodes"]))

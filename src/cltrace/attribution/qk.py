@@ -64,6 +64,7 @@ from cltrace.attribution.replacement import (
 )
 from cltrace.errors import CltraceError
 from cltrace.models.loading import LoadedModel
+from cltrace.transcoders.interface import TranscoderLike
 
 Side = Literal["q", "k"]
 
@@ -307,7 +308,7 @@ class QKTracer:
     def __init__(
         self,
         lm: LoadedModel,
-        transcoder,
+        transcoder: TranscoderLike,
         prompt: str | Sequence[int] | Tensor,
         *,
         zero_bos: bool = True,
@@ -321,7 +322,7 @@ class QKTracer:
         self.zero_first = zero_bos and starts_with_special(lm, self.tokens)
         self.rec = _Recorded()
         with torch.no_grad(), _record_attention(lm, self.rec):
-            lm.model.base_model(input_ids=self.tokens[None].to(lm.device), use_cache=False)
+            lm.run(self.tokens[None].to(lm.device), with_logits=False)
         k = max(1, min(prefix_buckets, self.n))
         self.lengths = sorted({math.ceil(self.n * i / k) for i in range(1, k + 1)})
         self._forwards: dict[int, tuple[ReplacementForward, list, list]] = {}
@@ -355,6 +356,8 @@ class QKTracer:
         outputs at the zeroed first token ("bos": the difference of the two runs)."""
         b_dec = self.transcoder.decoder_bias().detach().float().to(self.lm.device)  # [L, d]
         taps0 = full.mlp_out_values[0].clone()  # [L, d]
+        frozen = full.frozen
+        assert frozen is not None  # the full forward records it
         if self.skip is not None:
             for l in range(self.L):
                 taps0[l] -= self.skip(l, full.mlp_in_values[0, l])
@@ -368,7 +371,7 @@ class QKTracer:
 
             residuals: list = [None] * self.L
             with _record_residuals(self.lm, residuals):
-                run_frozen(self.lm, self.tokens, full.frozen, torch.zeros_like(full.embed_values), mlp_out)
+                run_frozen(self.lm, self.tokens, frozen, torch.zeros_like(full.embed_values), mlp_out)
             return [r[0].float() for r in residuals]
 
         out = {"bias": run(False)}

@@ -103,8 +103,9 @@ def _from_files(a: str, b: str):
         pruned.append(prune(graph, settings.get("node_threshold", 0.8), settings.get("edge_threshold", 0.98)))
         answers.append(_answer_from_json(doc, int(graph.logit_tokens[0])))
         circuits.append(load_circuit(pruned_json))
+    answer_pair = (answers[0], answers[1])
     both = tuple(circuits) if all(c is not None for c in circuits) else None
-    return graphs, tuple(answers), tuple(pruned), both, (a, b)
+    return graphs, answer_pair, (pruned[0], pruned[1]), both, (a, b)
 
 
 def _answer_from_json(doc: dict, token: int) -> str:
@@ -135,5 +136,5 @@ def _from_prompts(args: argparse.Namespace):
         attribute(loaded.model, loaded.transcoder, p, cfg, transcoder_id=loaded.run.name)
         for p in (args.a, args.b)
     ]
-    answers = tuple(loaded.model.token_strings([int(g.logit_tokens[0])])[0] for g in graphs)
-    return graphs, answers, (prune(graphs[0]), prune(graphs[1])), None, (args.a, args.b)
+    a, b = (loaded.model.token_strings([int(g.logit_tokens[0])])[0] for g in graphs)
+    return graphs, (a, b), (prune(graphs[0]), prune(graphs[1])), None, (args.a, args.b)
