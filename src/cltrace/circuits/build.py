@@ -31,6 +31,7 @@ from cltrace.attribution.prune import PruneResult
 from cltrace.circuits.circuit import Circuit, CircuitEdge, CircuitNode, circuit_path
 from cltrace.circuits.group import FeatureSet, GroupConfig, Grouping, graph_feature_set, group_features
 from cltrace.errors import CltraceError
+from cltrace.transcoders.interface import TranscoderLike
 
 
 @dataclass
@@ -72,7 +73,7 @@ def build_circuit(
     graph: Graph,
     pruned: PruneResult,
     lm,
-    transcoder,
+    transcoder: TranscoderLike,
     *,
     store=None,
     cfg: CircuitConfig | None = None,
@@ -119,7 +120,7 @@ def build_circuit(
     return circuit
 
 
-def _validate(circuit: Circuit, graph: Graph, lm, transcoder, cfg: CircuitConfig) -> Circuit:
+def _validate(circuit: Circuit, graph: Graph, lm, transcoder: TranscoderLike, cfg: CircuitConfig) -> Circuit:
     try:
         from cltrace.circuits.validate import validate_circuit
     except ImportError:
@@ -291,7 +292,7 @@ def circuit_to_files(
     pruned: PruneResult,
     graph_json: Path,
     lm,
-    transcoder,
+    transcoder: TranscoderLike,
     *,
     store=None,
     cfg: CircuitConfig | None = None,
