@@ -447,17 +447,21 @@ def feature_set(
     )
 
 
-def graph_feature_set(graph, pruned, *, transcoder: TranscoderLike | None = None, store=None) -> FeatureSet:
+def graph_feature_set(
+    graph, pruned, *, transcoder: TranscoderLike | None = None, store=None, answer_logit: int = 0
+) -> FeatureSet:
     """A FeatureSet of an attribution `Graph` and its `PruneResult` (influence from prune).
 
     Share denominator: every feature and error node of the unpruned graph, so the shares of
     the groups, of the features left out and of the errors add up to at most 1.
+    `answer_logit`: which logit node (0..n_logits-1) the effect signs refer to.
     """
     view = graph_view(graph, pruned)
     keep = pruned.node_mask.nonzero().squeeze(1).cpu().numpy()
     infl = pruned.node_influence.detach().cpu().double().numpy()
     total = float(infl[: graph.token_offset].sum())
-    answer = f"{graph.n_layers + 1}_{int(graph.logit_tokens[0])}_{graph.n_pos - 1}"  # export.node_id's
+    token = int(graph.logit_tokens[answer_logit])
+    answer = f"{graph.n_layers + 1}_{token}_{graph.n_pos - 1}"  # export.node_id's logit id
     return feature_set(
         view,
         infl[keep],
