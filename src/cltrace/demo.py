@@ -18,9 +18,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cltrace import paths
 from cltrace.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from cltrace.runs import LoadedRun
+    from cltrace.transcoders.interface import TranscoderLike
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     return report
 
 
-def evaluate(loaded, tokens: int) -> None:
+def evaluate(loaded: LoadedRun, tokens: int) -> None:
     """`cltrace eval` on `tokens` held-out tokens (a tenth for the replacement metrics): print the
     table and write RUN/eval.json."""
     from cltrace.io import atomic_write_json
@@ -149,7 +154,7 @@ def evaluate(loaded, tokens: int) -> None:
     atomic_write_json(result.to_dict(), loaded.run.dir / "eval.json")
 
 
-def build_features(loaded, db: Path, tokens: int) -> None:
+def build_features(loaded: LoadedRun, db: Path, tokens: int) -> None:
     """`cltrace features` with its defaults: scan (or continue scanning) `tokens` held-out tokens."""
     from cltrace.features.store import FeatureStoreConfig, build_feature_store
 
@@ -169,7 +174,7 @@ def _bundled() -> set[str]:
 
 # -- experiments ------------------------------------------------------------------------------
 
-def write_report(cfg: DemoConfig, loaded, db: Path) -> Path:
+def write_report(cfg: DemoConfig, loaded: LoadedRun, db: Path) -> Path:
     """Trace every experiment, run its interventions, and write report.md with figures."""
     from cltrace.features.store import FeatureStore
     from cltrace.interventions.steer import Steerer
@@ -193,7 +198,7 @@ def write_report(cfg: DemoConfig, loaded, db: Path) -> Path:
     return report
 
 
-def run_experiment(exp: Experiment, lm, tc, steerer, store, cfg: DemoConfig) -> tuple[str, dict]:
+def run_experiment(exp: Experiment, lm, tc: TranscoderLike, steerer, store, cfg: DemoConfig) -> tuple[str, dict]:
     """Trace the prompt, ablate its top answer features, swap in the contrast concept."""
     from cltrace.report.svg import before_after_bars
 
@@ -316,7 +321,7 @@ def _trial_dict(t) -> dict:
             "n_interventions": t.n_interventions, "p_target": t.p_target, "top": t.top}
 
 
-def trace_and_save(prompt: str, lm, tc, cfg: DemoConfig, slug: str):
+def trace_and_save(prompt: str, lm, tc: TranscoderLike, cfg: DemoConfig, slug: str):
     """Attribute, prune, score and save one prompt's graph (full + viewer JSON)."""
     from cltrace.attribution.graph import AttributionConfig
     from cltrace.attribution.pipeline import trace_to_files
@@ -362,7 +367,7 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def _header(cfg: DemoConfig, run_dir: Path, tc) -> str:
+def _header(cfg: DemoConfig, run_dir: Path, tc: TranscoderLike) -> str:
     c = tc.cfg
     metrics = ""
     eval_path = run_dir / "eval.json"

@@ -26,6 +26,7 @@ import torch
 from cltrace.attribution.export import node_id
 from cltrace.attribution.qk import QKResult, QKTracer
 from cltrace.errors import CltraceError
+from cltrace.transcoders.interface import TranscoderLike
 
 #: JSON Schema of the `qk_tracing_results` object (Neuronpedia's fields; cltrace's are extra)
 QK_TRACING_SCHEMA: dict[str, Any] = {
@@ -105,7 +106,7 @@ def attention_edges(graph, pruned, max_edges: int | None = None) -> list[Attenti
     return edges if max_edges is None else edges[:max_edges]
 
 
-def target_direction(graph, transcoder, lm, index: int):
+def target_direction(graph, transcoder: TranscoderLike, lm, index: int):
     """(layer or None for a logit, position, direction read by the target node `index`)."""
     table = graph.nodes()
     kind, pos = table.type[index], int(table.pos[index])
@@ -157,7 +158,7 @@ def best_heads(
 
 def qk_for_graph(
     lm,
-    transcoder,
+    transcoder: TranscoderLike,
     graph,
     pruned=None,
     *,
@@ -240,7 +241,7 @@ def validate_qk(document: Mapping[str, Any]) -> None:
 
 def attach_to_trace(
     lm,
-    transcoder,
+    transcoder: TranscoderLike,
     trace,
     *,
     node_ids: Sequence[str] | None = None,
@@ -275,7 +276,7 @@ def attach_to_trace(
 
 
 def report_qk(
-    lm, transcoder, trace, *, node_ids: Sequence[str] | None = None, max_edges: int = 8
+    lm, transcoder: TranscoderLike, trace, *, node_ids: Sequence[str] | None = None, max_edges: int = 8
 ) -> QKAttachment:
     """`cltrace trace --qk / --qk-node`: attach, then print one line per explained head."""
     attachment = attach_to_trace(

@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from cltrace.models.loading import Captured, LoadedModel
+from cltrace.transcoders.interface import TranscoderLike, device_dtype
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,11 @@ class Edit:
     value: float = 0.0
 
 
-def _device_tc(transcoder) -> tuple[torch.device, torch.dtype]:
-    p = next(iter(transcoder.parameters()), None) if hasattr(transcoder, "parameters") else None
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-
-
 class _Plan:
     """The edits of a batch grouped by layer: row, position, feature, mode flag and value per edit."""
 
-    def __init__(self, transcoder, rows: Sequence[Sequence[Edit]], n_pos: int, device: torch.device):
+    def __init__(self, transcoder: TranscoderLike, rows: Sequence[Sequence[Edit]], n_pos: int,
+                 device: torch.device):
         self.by_layer: dict[int, tuple[Tensor, ...]] = {}
         flat = [(b, e) for b, row in enumerate(rows) for e in row]
         for layer in sorted({e.layer for _, e in flat}):
@@ -100,7 +97,7 @@ def probabilities(lm: LoadedModel, logits: Float[Tensor, "... vocab"]) -> Float[
 @torch.no_grad()
 def run_edits(
     lm: LoadedModel,
-    transcoder,
+    transcoder: TranscoderLike,
     tokens: Int[Tensor, "1 pos"],
     rows: Sequence[Sequence[Edit]],
     *,
@@ -129,14 +126,14 @@ def run_edits(
 
 def _run_chunk(
     lm: LoadedModel,
-    transcoder,
+    transcoder: TranscoderLike,
     tokens: Tensor,
     rows: Sequence[Sequence[Edit]],
     constrain: bool,
     clean: Captured | None,
 ) -> Tensor:
     B, n = len(rows), tokens.shape[1]
-    device, _ = _device_tc(transcoder)
+    device, _ = device_dtype(transcoder)
     plan = _Plan(transcoder, rows, n, device)
     pending: dict[int, Tensor] = {}
 

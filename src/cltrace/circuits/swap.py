@@ -41,6 +41,7 @@ from cltrace.circuits.batched import Edit, probabilities, run_edits
 from cltrace.circuits.predict import propagate, relative_changes
 from cltrace.errors import CltraceError
 from cltrace.interventions.steer import Intervention, TokenProb
+from cltrace.transcoders.interface import TranscoderLike
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _mapped(graph_b: Graph, nodes: list[int], spans: SubjectSpans) -> list[int]:
 
 def graph_guided_swap(
     lm,
-    transcoder,
+    transcoder: TranscoderLike,
     prompt_a: str,
     prompt_b: str,
     *,

@@ -38,6 +38,7 @@ from cltrace.circuits.batched import Edit, demeaned, probabilities, run_edits
 from cltrace.circuits.circuit import Circuit
 from cltrace.circuits.predict import logit_index, predicted_ablation_effects
 from cltrace.errors import CltraceError
+from cltrace.transcoders.interface import TranscoderLike
 
 
 @dataclass
@@ -126,7 +127,12 @@ class AblationMeasurement:
 
 
 def measure_groups(
-    graph: Graph, lm, transcoder, groups: Sequence[Sequence[int]], answer_id: int, cfg: ValidationConfig
+    graph: Graph,
+    lm,
+    transcoder: TranscoderLike,
+    groups: Sequence[Sequence[int]],
+    answer_id: int,
+    cfg: ValidationConfig,
 ) -> AblationMeasurement:
     """Ablate each group of feature nodes on the real model; predict the same from the graph."""
     until = lm.n_layers - 1 if cfg.constrain else None
@@ -143,7 +149,7 @@ def validate_circuit(
     circuit: Circuit,
     graph: Graph,
     lm,
-    transcoder,
+    transcoder: TranscoderLike,
     *,
     constrain: bool = True,
     cfg: ValidationConfig | None = None,

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from cltrace.commands import add_device_argument, add_parser
+
+if TYPE_CHECKING:
+    from cltrace.runs import LoadedRun
+    from cltrace.transcoders.interface import TranscoderLike
 
 
 def register(subparsers) -> None:
@@ -125,7 +130,7 @@ def _report(graph, pruned, scores, strings, seconds, n_json_nodes, n_json_links)
         print(f"{name:>9} scores: replacement {s.replacement:.3f}, completeness {s.completeness:.3f}")
 
 
-def _write_circuit(args, r, lm, transcoder, default_store) -> None:
+def _write_circuit(args, r, lm, transcoder: TranscoderLike, default_store) -> None:
     """`--circuit`: supernodes, their edges and (unless --no-validate) their validation."""
     from pathlib import Path
 
@@ -159,7 +164,7 @@ def _write_circuit(args, r, lm, transcoder, default_store) -> None:
     print(f"circuit: {json_path}\ndiagram: {svg_path}")
 
 
-def _open_viewer(folder, loaded) -> None:
+def _open_viewer(folder, loaded: LoadedRun) -> None:
     from cltrace.interventions.steer import Steerer
     from cltrace.viewer.model_backend import ModelBackend
     from cltrace.viewer.server import ViewerConfig, serve

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from cltrace.features.store import FeatureStore
     from cltrace.models.loading import LoadedModel
+    from cltrace.transcoders.interface import TranscoderLike
 
 # label_pool: per pool context, `positions` = int32 count of firing features at each scored
 # position (1..n-1) and `features` = their global ids (layer * F + index), position by position
@@ -89,7 +90,7 @@ def choose_pool_contexts(context_ids: Sequence[int], cfg: LabelConfig) -> list[i
 def compute_pool(
     store: "FeatureStore",
     model: "LoadedModel",
-    transcoder,
+    transcoder: TranscoderLike,
     cfg: LabelConfig,
     stats: TextStats,
     batch: int = 4,
@@ -97,9 +98,10 @@ def compute_pool(
     """Recompute every feature's activations on the pool contexts and store where they fire."""
     import torch
 
+    from cltrace.transcoders.interface import device_dtype
+
     ctx_ids = choose_pool_contexts(list(stats.row_of), cfg)
-    p = next(iter(transcoder.parameters()), None) if hasattr(transcoder, "parameters") else None
-    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    device, dtype = device_dtype(transcoder)
     rows = []
     for s in range(0, len(ctx_ids), batch):
         part = ctx_ids[s : s + batch]
@@ -235,7 +237,7 @@ class OutputJob:
 
 def output_scores(
     model: "LoadedModel",
-    transcoder,
+    transcoder: TranscoderLike,
     contexts: "Int[Tensor, 'c n']",
     jobs: Sequence[OutputJob],
     *,
@@ -267,7 +269,8 @@ def output_scores(
     return out
 
 
-def _steering_deltas(model: "LoadedModel", transcoder, jobs: Sequence[OutputJob]) -> "Float[Tensor, 'j l d']":
+def _steering_deltas(model: "LoadedModel", transcoder: TranscoderLike,
+                     jobs: Sequence[OutputJob]) -> "Float[Tensor, 'j l d']":
     import torch
 
     delta = torch.zeros(len(jobs), model.n_layers, model.d_model)

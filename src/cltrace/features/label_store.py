@@ -53,6 +53,7 @@ from cltrace.features.labels import (
 if TYPE_CHECKING:
     from cltrace.features.store import FeatureStore
     from cltrace.models.loading import LoadedModel
+    from cltrace.transcoders.interface import TranscoderLike
 
 LABEL_SCHEMA = (
     POOL_SCHEMA
@@ -101,7 +102,7 @@ def relabel(
     cfg: LabelConfig = DEFAULT_LABELS,
     *,
     model: "LoadedModel | None" = None,
-    transcoder=None,
+    transcoder: TranscoderLike | None = None,
     score_output: int | None = 0,
     show_progress: bool = False,
 ) -> RelabelSummary:
@@ -225,7 +226,7 @@ def _score_outputs(
     feats: list[_Feature],
     stats: TextStats,
     model: "LoadedModel",
-    transcoder,
+    transcoder: TranscoderLike,
     cfg: LabelConfig,
     n: int | None,
     show_progress: bool,
