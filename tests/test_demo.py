@@ -44,6 +44,10 @@ def test_demo_steps_run_through_the_library(tmp_path, monkeypatch, capsys):
     text = report.read_text()
     assert text.startswith("# cltrace demo report") and "## Two-hop recall" in text and "## Antonyms" in text
     assert "Held-out quality" in text           # the eval written above is in the header
+    sections = text.split("\n## ")[1:]                # each section opens with its circuit diagram
+    for section, slug in zip(sections, ("two-hop-recall", "sport-of-an-athlete", "antonyms"), strict=True):
+        assert section.split("\n\n")[1] == f"![circuit](graphs/{slug}.circuit.svg)"
+        assert (tmp_path / "demo" / "graphs" / f"{slug}.circuit.json").is_file()
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["name"] for r in results] == ["Two-hop recall", "Sport of an athlete", "Antonyms"]
     graph = Graph.load(tmp_path / "demo" / "graphs" / "antonyms.graph.safetensors")

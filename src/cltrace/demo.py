@@ -205,7 +205,8 @@ def run_experiment(exp: Experiment, lm, tc: TranscoderLike, steerer, store, cfg:
     traced = trace_and_save(exp.prompt, lm, tc, cfg, slug=_slug(exp.name))
     answer = _token_id(lm, exp.answer)
     top = key_features(traced.graph, answer, cfg.ablate_top)
-    lines = [f"## {exp.name}", "", f"*{exp.note}*", "",
+    circuit_lines, circuit_data = circuit_section(traced, lm, tc, store, answer)
+    lines = [f"## {exp.name}", "", *circuit_lines, f"*{exp.note}*", "",
              f"Prompt: `{exp.prompt}` — expected answer `{exp.answer!r}`.", "",
              _logit_table(traced, lm), "",
              f"Graph: {traced.graph.n_nodes} nodes / {int((traced.graph.adjacency != 0).sum()):,} edges before pruning, "
@@ -216,7 +217,8 @@ def run_experiment(exp: Experiment, lm, tc: TranscoderLike, steerer, store, cfg:
              f"(pruned {traced.scores['pruned'].completeness:.3f}); traced in {traced.seconds:.1f} s. "
              f"Open it in the viewer: `{traced.json_path.name}`.", ""]
     data: dict = {"name": exp.name, "prompt": exp.prompt, "answer": exp.answer,
-                  "graph": str(traced.json_path), "scores": {k: dataclasses.asdict(v) for k, v in traced.scores.items()}}
+                  "graph": str(traced.json_path), "scores": {k: dataclasses.asdict(v) for k, v in traced.scores.items()},
+                  "circuit": circuit_data}
     if top:
         lines += ["Features with the strongest direct effect on the answer's logit:", "",
                   "| layer | position (token) | feature | activation | edge to answer | label |",
@@ -328,6 +330,33 @@ def trace_and_save(prompt: str, lm, tc: TranscoderLike, cfg: DemoConfig, slug: s
 
     return trace_to_files(lm, tc, prompt, AttributionConfig(max_feature_nodes=cfg.max_feature_nodes),
                           cfg.out / "graphs" / f"{slug}.json", transcoder_id=cfg.run_dir().name)
+
+
+def circuit_section(traced, lm, tc: TranscoderLike, store, answer_id: int) -> tuple[list[str], dict]:
+    """The experiment's circuit (cltrace.circuits): its diagram first, then one line of numbers.
+    Explains the expected answer when it is one of the graph's output nodes, else the top token."""
+    from cltrace.circuits.build import circuit_to_files
+
+    graph = traced.graph
+    target = answer_id if answer_id in graph.logit_tokens.tolist() else None
+    c, json_path, svg_path = circuit_to_files(graph, traced.pruned, traced.json_path, lm, tc, store=store,
+                                              answer_id=target)
+    f, n = c.faithfulness, len(c.feature_nodes)
+    failed = sum(1 for x in c.feature_nodes if x.failed)
+    text = (f"Circuit for {c.answer!r}: {n} supernodes carry {c.influence_share:.0%} of the logit influence "
+            f"({c.stats['n_grouped_features']} of the pruned graph's {c.stats['n_pruned_features']} features; "
+            f"error nodes carry {c.stats['error_share']:.0%})")
+    if f.get("spearman_supernodes") is not None:
+        text += (f"; predicted vs measured effect of ablating each supernode: Spearman "
+                 f"{f['spearman_supernodes']:.2f} over supernodes"
+                 + (f", {f['spearman_features']:.2f} over the top {f['n_features']} features"
+                    if f.get("spearman_features") is not None else "")
+                 + f"; {failed} of {n} predictions failed (dashed red)")
+    seconds = c.stats["seconds_build"] + (c.stats.get("seconds_validate") or 0.0)
+    lines = [f"![circuit]({svg_path.parent.name}/{svg_path.name})", "",
+             text + f". Made in {seconds:.1f} s: `{json_path.name}`.", ""]
+    return lines, {"path": str(json_path), "n_supernodes": n, "influence_share": c.influence_share,
+                   "faithfulness": f, "n_failed": failed, "seconds": seconds}
 
 
 def key_features(graph, answer_id: int, k: int) -> list[dict]:
