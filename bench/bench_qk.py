@@ -99,7 +99,7 @@ def bench_set(lm, tc, name: str, args) -> dict:
     cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, progress=False)
     prompts = expand_template(TEMPLATE, {"city": args.cities.split(",")})
     start = time.perf_counter()
-    report = trace_prompt_set(lm, tc, prompts, cfg, template=TEMPLATE, transcoder_id=name)
+    report = trace_prompt_set(lm, tc, prompts, cfg, template=TEMPLATE, transcoder_id=name, store=_store(name))
     seconds = time.perf_counter() - start
     doc = report.to_dict()
     return {
@@ -111,6 +111,22 @@ def bench_set(lm, tc, name: str, args) -> dict:
             {k: p[k] for k in ("prompt", "answer", "answer_prob", "explained")} for p in doc["prompts"]
         ],
     }
+
+
+def _store(name: str):
+    """The run's feature store (names the supernodes), or None."""
+    from cltrace.errors import CltraceError
+    from cltrace.runs import resolve_run
+
+    try:
+        path = resolve_run(name).feature_store
+    except CltraceError:
+        return None
+    if not path.is_file():
+        return None
+    from cltrace.features.store import FeatureStore
+
+    return FeatureStore(path)
 
 
 def main(argv=None) -> int:

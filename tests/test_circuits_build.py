@@ -219,3 +219,23 @@ def test_circuit_config_checks():
     with pytest.raises(CltraceError):
         CircuitConfig(min_edge_share=2.0)
     assert CircuitConfig(group={"threshold": 0.3}).group.threshold == 0.3
+
+
+def test_the_circuit_can_explain_another_output_node(traced):
+    lm, tc, graph, pruned = traced
+    assert graph.n_logits >= 2
+    tok = int(graph.logit_tokens[1])
+    c = build_circuit(graph, pruned, lm, tc, validate=False, answer_id=tok)
+    assert c.answer_id == tok and c.answer_prob == pytest.approx(float(graph.logit_probabilities[1]))
+    assert c.nodes[-1].node_ids == [f"{graph.n_layers + 1}_{tok}_{graph.n_pos - 1}"]
+    from cltrace.circuits.validate import feature_index
+
+    index = feature_index(graph)
+    for e in c.edges:
+        if e.target == "logit" and e.source.startswith("sn"):
+            cols = [index[i] for i in c.node(e.source).node_ids]
+            assert e.weight == pytest.approx(
+                float(graph.adjacency[graph.logit_offset + 1, cols].sum()), rel=1e-4
+            )
+    with pytest.raises(CltraceError):
+        build_circuit(graph, pruned, lm, tc, validate=False, answer_id=10**6)

@@ -228,3 +228,37 @@ def test_suggest_supernodes_on_graph_json_finds_the_planted_groups():
     for name in ("dallas", "say_austin"):  # without decoders: the strong roles
         assert sorted(planted[name]) in found
     assert any(g["name"].startswith("'Dallas' @2") for g in got)
+
+
+def test_signed_influence_is_the_normalised_path_sum():
+    from cltrace.circuits.group import signed_influence
+
+    # nodes: 0 emb, 1 f1, 2 f2, 3 logit; edges 0->1 (2), 0->2 (-1), 1->2 (3), 1->3 (1), 2->3 (-3)
+    A = np.zeros((4, 4))
+    A[1, 0], A[2, 0], A[2, 1], A[3, 1], A[3, 2] = 2.0, -1.0, 3.0, 1.0, -3.0
+    e = signed_influence(A, 3)
+    n32, n31 = -3 / 4, 1 / 4  # row 3 normalised by |1| + |-3|
+    n21, n20, n10 = 3 / 4, -1 / 4, 1.0
+    assert e[2] == pytest.approx(n32)
+    assert e[1] == pytest.approx(n31 + n32 * n21)
+    assert e[0] == pytest.approx(n31 * n10 + n32 * n20 + n32 * n21 * n10)
+    assert e[3] == 0
+
+
+def test_features_pushing_the_answer_opposite_ways_never_merge():
+    # two features at one position and layer, same input, decoders alike; one excites the
+    # answer, the other inhibits it: they must stay apart, and the names say which is which
+    ids = ["E_5_1", "0_1_1", "0_2_1", "0_3_1", "5_900_1"]
+    A = np.zeros((5, 5), dtype=np.float32)
+    A[1, 0] = A[2, 0] = A[3, 0] = 1.0
+    A[4, 1], A[4, 2], A[4, 3] = 1.0, 0.9, -1.0
+    view = GraphView(ids, A, [False, True, True, True, False])
+    infl = np.array([0, 1.0, 1.0, 1.0, 0])
+    cfg = GroupConfig(threshold=0.1, min_share=0.0, min_groups=0)
+    free = group_features(feature_set(view, infl, 4), cfg)
+    assert len(free.groups) == 1  # no sign: one group
+    signed = group_features(feature_set(view, infl, 4, answer="5_900_1"), cfg, ["<bos>", " hot"])
+    got = {tuple(sorted(g.node_ids)): g for g in signed.groups}
+    assert set(got) == {("0_1_1", "0_2_1"), ("0_3_1",)}
+    assert got[("0_1_1", "0_2_1")].name == "' hot' @1 L0 (+)" and got[("0_3_1",)].name == "' hot' @1 L0 (−)"
+    assert got[("0_3_1",)].effect < 0 < got[("0_1_1", "0_2_1")].effect

@@ -7,29 +7,15 @@ import errno
 
 import pytest
 
+import test_store
 from cltrace import cli
 from cltrace.activations import store as store_mod
 from cltrace.activations.store import ActivationStore, is_disk_full
 from cltrace.errors import CltraceError
 from test_store import N_TOKENS, SHARD, cfg, harvest, make_docs, shard_files, shard_list
-from tiny import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLTRACE_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_model("gemma")
-
-
-@pytest.fixture(scope="module")
-def reference(lm, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    harvest(lm, out)
-    return out
+# test_store's fixtures: CLTRACE_HOME in tmp_path (autouse), the tiny model, an uninterrupted store
+_home, lm, reference = test_store._home, test_store.lm, test_store.reference
 
 
 def fill_disk_after(monkeypatch, n_shards: int) -> None:

@@ -172,3 +172,15 @@ def test_bad_edges_are_refused():
     with pytest.raises(CltraceError, match="sliding-window"):
         tracer.explain(0, 0, n - 1, n - 5)
     assert tracer.explain(1, 0, n - 1, n - 5).relative_error < 1e-4  # full layer: fine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pairs_sum_to_real_score_on_cuda():
+    lm = tiny_model("gemma")
+    tc = make_transcoder(lm, "clt")
+    lm.model.to("cuda")
+    tc.to("cuda")
+    tracer = QKTracer(lm, tc, PROMPT)
+    for l, h, q, k in edges(tracer)[:8]:
+        r = tracer.explain(l, h, q, k)
+        assert r.relative_error < 1e-4 or abs(r.score) < 1e-3

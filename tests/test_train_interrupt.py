@@ -8,17 +8,12 @@ import json
 import pytest
 import torch
 
+import test_train
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.train import Trainer, train
 from test_train import D, L, config, data
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = test_train.one_thread  # autouse fixture: one torch thread
 
 
 def ctrl_c_after(batches, n: int):

@@ -78,27 +78,33 @@ def build_circuit(
     store=None,
     cfg: CircuitConfig | None = None,
     validate: bool = True,
+    answer_id: int | None = None,
 ) -> Circuit:
     """The circuit of a pruned graph (module docstring). `lm` may be None when not validating
-    (answer text from the graph's tokens then unknown: its id is used)."""
+    (the answer's text is then its token id).
+
+    `answer_id`: the output token the circuit explains; it must be one of the graph's logit
+    nodes (None: the graph's first logit, its top token or first output target).
+    """
     cfg = cfg or CircuitConfig()
     start = time.perf_counter()
-    fs = graph_feature_set(graph, pruned, transcoder=transcoder, store=store)
+    k = answer_logit(graph, answer_id)
+    fs = graph_feature_set(graph, pruned, transcoder=transcoder, store=store, answer_logit=k)
     grouping = group_features(fs, cfg.group, graph.token_strings)
     index = _graph_indices(fs, pruned)
     parts = (
         _embedding_parts(graph, pruned, cfg)
         + _group_parts(grouping, index)
         + (_error_parts(graph, pruned, fs, cfg) if cfg.include_errors else [])
-        + [_logit_part(graph, lm)]
+        + [_logit_part(graph, lm, k)]
     )
     edges = circuit_edges(graph.adjacency, parts, cfg.min_edge_share)
     circuit = Circuit(
         prompt=graph.prompt,
         tokens=list(graph.token_strings),
         answer=parts[-1].node.name,
-        answer_id=int(graph.logit_tokens[0]),
-        answer_prob=float(graph.logit_probabilities[0]),
+        answer_id=int(graph.logit_tokens[k]),
+        answer_prob=float(graph.logit_probabilities[k]),
         model=graph.model_name,
         transcoder=graph.transcoder_id,
         nodes=[p.node for p in parts],
@@ -224,10 +230,23 @@ def _error_parts(graph: Graph, pruned: PruneResult, fs: FeatureSet, cfg: Circuit
     return parts
 
 
-def _logit_part(graph: Graph, lm) -> _Part:
+def answer_logit(graph: Graph, answer_id: int | None) -> int:
+    """Index (0..n_logits-1) of the answer's logit node."""
+    if answer_id is None:
+        return 0
+    tokens = graph.logit_tokens.tolist()
+    if int(answer_id) not in tokens:
+        raise CltraceError(
+            f"token {answer_id} is not one of the graph's output nodes {tokens}",
+            "trace with --output-target for that token",
+        )
+    return tokens.index(int(answer_id))
+
+
+def _logit_part(graph: Graph, lm, k: int) -> _Part:
     from cltrace.attribution.export import node_id
 
-    tok = int(graph.logit_tokens[0])
+    tok = int(graph.logit_tokens[k])
     text = lm.token_strings([tok])[0] if lm is not None else str(tok)
     nid = node_id(graph, "logit", graph.n_layers, graph.n_pos - 1, -1, tok)
     return _Part(
@@ -241,7 +260,7 @@ def _logit_part(graph: Graph, lm) -> _Part:
             evidence=[],
             influence_share=1.0,
         ),
-        [graph.logit_offset],
+        [graph.logit_offset + k],
     )
 
 
@@ -297,12 +316,15 @@ def circuit_to_files(
     store=None,
     cfg: CircuitConfig | None = None,
     validate: bool = True,
+    answer_id: int | None = None,
 ) -> tuple[Circuit, Path, Path]:
     """Build the circuit and write `<slug>.circuit.json` and `<slug>.circuit.svg` beside
     `graph_json` (`<slug>.json`)."""
     from cltrace.circuits.diagram import write_svg
 
-    circuit = build_circuit(graph, pruned, lm, transcoder, store=store, cfg=cfg, validate=validate)
+    circuit = build_circuit(
+        graph, pruned, lm, transcoder, store=store, cfg=cfg, validate=validate, answer_id=answer_id
+    )
     json_path = circuit.save(circuit_path(graph_json))
     svg_path = write_svg(circuit, json_path.with_suffix(".svg"))
     return circuit, json_path, svg_path

@@ -276,7 +276,8 @@ def circuit_svg(circuit: Circuit) -> str:
     by_id = {b.node.id: b for b in boxes}
     marker = (
         '<marker id="{0}" viewBox="0 0 10 10" refX="7" refY="5" markerUnits="userSpaceOnUse" '
-        'markerWidth="{2}" markerHeight="{2}" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="{1}"/></marker>'
+        'markerWidth="{2}" markerHeight="{2}" orient="auto">'
+        '<path d="M0,0 L10,5 L0,10 z" fill="{1}"/></marker>'
     )
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '

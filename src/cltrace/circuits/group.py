@@ -50,6 +50,7 @@ from cltrace.interventions.supernodes import (
     graph_view,
     parse_feature_id,
 )
+from cltrace.transcoders.interface import TranscoderLike
 
 _ERROR_ID = re.compile(r"^err_(\d+)_(\d+)$")
 _EMBED_ID = re.compile(r"^E_(-?\d+)_(\d+)$")
@@ -61,13 +62,15 @@ _SPLIT = re.compile(r"\s*(?:·|/|,|;|\|)\s*")
 class GroupConfig:
     """How features are grouped into supernodes (module docstring)."""
 
-    threshold: float = 0.5  # merge while the average similarity is at least this
+    threshold: float = 0.3  # merge while the average similarity is at least this
     span_factor: float = 0.6  # position gate for adjacent positions (0: one position only)
     layer_scale: float = 0.15  # layer similarity decays over this fraction of the layers
     w_layer: float = 1.0  # weights of the signals
     w_decoder: float = 1.0
     w_edges: float = 2.0
     w_labels: float = 1.0
+    sign_floor: float = 0.05  # features whose signed effects on the answer are opposite and both at
+    # least this share of the largest never share a group
     min_share: float = 0.02  # keep groups carrying at least this share of influence ...
     max_groups: int = 12  # ... at most this many ...
     min_groups: int = 3  # ... and at least this many (the strongest), when there are
@@ -167,6 +170,7 @@ class FeatureSet:
     n_layers: int
     evidence: list[Evidence] = field(default_factory=list)
     decoder_dirs: np.ndarray | None = None  # [m, d]
+    effect: np.ndarray | None = None  # [m] signed influence on the answer's logit
 
     @property
     def ids(self) -> list[str]:
@@ -233,7 +237,34 @@ def similarity(fs: FeatureSet, cfg: GroupConfig) -> np.ndarray:
         jac, both = jaccard_matrix([e.words() for e in fs.evidence])
         num = num + cfg.w_labels * np.where(both, jac, 0.0)
         den = den + cfg.w_labels * both  # only where both have labels
-    return np.where(gate > 0, gate * num / np.maximum(den, 1e-12), FORBIDDEN)
+    allowed = (gate > 0) & ~opposite_effects(fs.effect, cfg.sign_floor)
+    return np.where(allowed, gate * num / np.maximum(den, 1e-12), FORBIDDEN)
+
+
+def opposite_effects(effect: np.ndarray | None, floor: float) -> np.ndarray | bool:
+    """[m, m] pairs whose signed effects on the answer differ in sign, both at least `floor` of
+    the largest |effect| (False everywhere without effects)."""
+    if effect is None or not len(effect) or not np.abs(effect).max() > 0:
+        return False
+    strong = np.abs(effect) >= floor * np.abs(effect).max()
+    sign = np.sign(effect)
+    return (sign[:, None] * sign[None, :] < 0) & strong[:, None] & strong[None, :]
+
+
+def signed_influence(adjacency: np.ndarray, target: int, max_iter: int = 1000) -> np.ndarray:
+    """[n] signed influence of every node on node `target`: the sum over paths of the products
+    of edge weights, each divided by its target's total |input| (prune's influence, with signs)."""
+    A = adjacency.astype(np.float64)
+    norm = A / np.maximum(np.abs(A).sum(1, keepdims=True), 1e-30)
+    current = np.zeros(A.shape[0])
+    current[target] = 1.0
+    total = np.zeros_like(current)
+    for _ in range(max_iter):
+        current = current @ norm
+        if not current.any():
+            return total
+        total += current
+    raise RuntimeError("signed influence did not converge: the graph has a cycle")
 
 
 # --------------------------------------------------------------------------- grouping
@@ -250,6 +281,7 @@ class FeatureGroup:
     name: str
     positions: list[int]
     layers: tuple[int, int]
+    effect: float | None = None  # Σ of the members' signed influence on the answer (None: unknown)
 
 
 @dataclass
@@ -281,6 +313,7 @@ def group_features(
         if n < cfg.max_groups and (shares[k] >= cfg.min_share or n < cfg.min_groups) and shares[k] > 0
     ]
     groups = [_make_group(fs, clusters[k], shares[k], cfg, token_strings) for k in keep]
+    _distinct_names(groups)
     total = float(fs.influence.sum()) / denom
     grouped = sum(shares[k] for k in keep)
     return Grouping(groups, m, grouped, max(0.0, total - grouped), len(clusters))
@@ -297,7 +330,25 @@ def _make_group(
         [fs.evidence[k] for k in members] if fs.evidence else [], weights, cfg.max_evidence
     )
     name = group_name(evidence, positions, layers, token_strings)
-    return FeatureGroup([fs.ids[k] for k in members], list(members), share, evidence, name, positions, layers)
+    effect = None if fs.effect is None else float(fs.effect[members].sum())
+    return FeatureGroup(
+        [fs.ids[k] for k in members], list(members), share, evidence, name, positions, layers, effect
+    )
+
+
+def _distinct_names(groups: list[FeatureGroup]) -> None:
+    """Groups that got the same name (same evidence, or same position and layers) are told
+    apart by the sign of their effect on the answer ("(+)": they push it up, "(−)": down), then
+    by " #2", " #3", ... in order of influence."""
+    names = Counter(g.name for g in groups)
+    for g in groups:
+        if names[g.name] > 1 and g.effect is not None and g.effect != 0:
+            g.name = f"{g.name} ({'+' if g.effect > 0 else '−'})"
+    seen: Counter[str] = Counter()
+    for g in groups:
+        seen[g.name] += 1
+        if seen[g.name] > 1:
+            g.name = f"{g.name} #{seen[g.name]}"
 
 
 def shared_evidence(evidence: Sequence[Evidence], weights: np.ndarray, limit: int) -> list[str]:
@@ -357,15 +408,17 @@ def feature_set(
     influence: np.ndarray,
     n_layers: int,
     *,
-    transcoder=None,
+    transcoder: TranscoderLike | None = None,
     store=None,
     labels: Mapping[tuple[int, int], str] | None = None,
     total_influence: float | None = None,
+    answer: str | None = None,
 ) -> FeatureSet:
     """The feature nodes of `view` with their influence (`influence`: one value per view node).
 
     Share denominator: `total_influence`, by default the influence of every feature and error
-    node of the view.
+    node of the view. `answer`: the node id of the answer's logit, for the sign of each
+    feature's effect on it (no sign constraint without it).
     """
     rows, feats = view.feature_rows()
     flags = _feature_flags(view)
@@ -378,23 +431,45 @@ def feature_set(
         found = feature_evidence(store, feats)
     evidence = [found.get((f.layer, f.feature), Evidence()) for f in feats] if found else []
     dirs = decoder_directions(transcoder, feats) if transcoder is not None and feats else None
+    effect = None
+    if answer is not None and answer in view.node_ids:
+        effect = signed_influence(view.adjacency, view.node_ids.index(answer))[rows]
     return FeatureSet(
-        view, rows, feats, np.asarray(influence, dtype=np.float64)[rows], total, n_layers, evidence, dirs
+        view,
+        rows,
+        feats,
+        np.asarray(influence, dtype=np.float64)[rows],
+        total,
+        n_layers,
+        evidence,
+        dirs,
+        effect,
     )
 
 
-def graph_feature_set(graph, pruned, *, transcoder=None, store=None) -> FeatureSet:
+def graph_feature_set(
+    graph, pruned, *, transcoder: TranscoderLike | None = None, store=None, answer_logit: int = 0
+) -> FeatureSet:
     """A FeatureSet of an attribution `Graph` and its `PruneResult` (influence from prune).
 
     Share denominator: every feature and error node of the unpruned graph, so the shares of
     the groups, of the features left out and of the errors add up to at most 1.
+    `answer_logit`: which logit node (0..n_logits-1) the effect signs refer to.
     """
     view = graph_view(graph, pruned)
     keep = pruned.node_mask.nonzero().squeeze(1).cpu().numpy()
     infl = pruned.node_influence.detach().cpu().double().numpy()
     total = float(infl[: graph.token_offset].sum())
+    token = int(graph.logit_tokens[answer_logit])
+    answer = f"{graph.n_layers + 1}_{token}_{graph.n_pos - 1}"  # export.node_id's logit id
     return feature_set(
-        view, infl[keep], graph.n_layers, transcoder=transcoder, store=store, total_influence=total
+        view,
+        infl[keep],
+        graph.n_layers,
+        transcoder=transcoder,
+        store=store,
+        total_influence=total,
+        answer=answer,
     )
 
 
@@ -416,7 +491,11 @@ def json_influence(data: Mapping[str, Any], view: GraphView) -> np.ndarray:
 
 
 def suggest_supernodes(
-    data: Mapping[str, Any], *, transcoder=None, store=None, cfg: GroupConfig | None = None
+    data: Mapping[str, Any],
+    *,
+    transcoder: TranscoderLike | None = None,
+    store=None,
+    cfg: GroupConfig | None = None,
 ) -> list[dict]:
     """Suggested supernodes of a graph JSON document: [{"name", "node_ids"}], as the viewer's
     supernode sidecar holds them. Labels from `store`, else from the nodes' `clerp`s."""
@@ -431,8 +510,18 @@ def suggest_supernodes(
             for n in data.get("nodes", [])
             if (f := parse_feature_id(n.get("node_id", "")))
         }
+    logits = [n for n in data.get("nodes", []) if n.get("feature_type") == "logit"]
+    target = max(
+        logits, key=lambda n: (bool(n.get("is_target_logit")), float(n.get("token_prob") or 0)), default=None
+    )
     fs = feature_set(
-        view, json_influence(data, view), n_layers, transcoder=transcoder, store=store, labels=labels
+        view,
+        json_influence(data, view),
+        n_layers,
+        transcoder=transcoder,
+        store=store,
+        labels=labels,
+        answer=None if target is None else str(target["node_id"]),
     )
     tokens = meta.get("prompt_tokens")
     return [{"name": g.name, "node_ids": g.node_ids} for g in group_features(fs, cfg, tokens).groups]
