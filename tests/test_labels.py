@@ -224,6 +224,9 @@ def test_labels_table_sorts_filters_and_keeps_user_labels(copy):
         assert any(r["broad"] for r in store.labels_table(include_broad=True))
         by_output = [r["output"] for r in store.labels_table(order="output") if r["output"] is not None]
         assert by_output == sorted(by_output, reverse=True)
+        ev = store.label_evidence([(0, 1), (0, 0), (0, BROAD), (0, 6)])
+        assert set(ev[(0, 1)][0]) == {"Paris", "France"} and ev[(0, 1)][1] == ["tower"]
+        assert ev[(0, 0)] == (["Japan things"], []) and ev[(0, BROAD)] == ([], []) and (0, 6) not in ev
 
 
 def test_an_old_store_asks_for_a_relabel(copy):
@@ -298,9 +301,9 @@ def test_cli_lists_sorted_filtered_labels_and_relabels_in_place(copy, capsys):
     assert len(rows) >= N_SETS and all("→" in r for r in rows[:N_SETS])
     assert all(float(r.split()[1]) >= 0.9 for r in rows)
     assert "detection median" in out[-1] and "shuffled labels: 0.4" in out[-1]
-    assert main(["features", db, "--relabel", "--broad-density", "0.7"]) == 0   # pool stored: no model
+    assert main(["features", db, "--relabel", "--broad-density", "0.7"]) == 0  # pool stored: no model
     assert "relabelled" in capsys.readouterr().out
     with FeatureStore(db) as store:
-        assert not store.dashboard(0, BROAD)["label_broad"]                         # 60% < 70%
+        assert not store.dashboard(0, BROAD)["label_broad"]  # 60% < 70%
     assert main(["feature", db, "0:0"]) == 0
     assert "label score: detection 1.00" in capsys.readouterr().out

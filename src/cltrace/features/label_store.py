@@ -346,6 +346,45 @@ def label_info(store: "FeatureStore", fid: int) -> dict | None:
     }
 
 
+def label_evidence(
+    store: "FeatureStore", keys: list[tuple[int, int]]
+) -> dict[tuple[int, int], tuple[list, list]]:
+    """{(layer, index): (read texts, written texts)} of each feature's label: the automatic
+    label's items (none for a broad or never-active feature), a user label split at its
+    arrow and dots. Features without any label are left out."""
+    F = store.n_features
+    fids = {layer * F + index: (layer, index) for layer, index in dict.fromkeys(keys)}
+    out: dict[tuple[int, int], tuple[list, list]] = {}
+    ids = sorted(fids)
+    for s in range(0, len(ids), 500):
+        part = ids[s : s + 500]
+        marks = ",".join("?" * len(part))
+        for fid, text, broad, ev in store.conn.execute(
+            f"SELECT a.id, a.label, s.broad, s.evidence FROM auto_labels a LEFT JOIN label_scores s "
+            f"ON s.id = a.id WHERE a.id IN ({marks})",
+            part,
+        ):
+            if ev is None:
+                out[fids[fid]] = split_label(text)
+            else:
+                ev = json.loads(ev)
+                items = ([r["text"] for r in ev.get("reads", [])], [w["text"] for w in ev.get("writes", [])])
+                out[fids[fid]] = ([], []) if broad else items
+    for layer, index, text in store.conn.execute("SELECT layer, feature, label FROM user_labels"):
+        if (layer, index) in out or layer * F + index in fids:
+            out[(layer, index)] = split_label(text)
+    return out
+
+
+def split_label(text: str) -> tuple[list[str], list[str]]:
+    """`"Tokyo · Japan → Japanese"` -> (["Tokyo", "Japan"], ["Japanese"]); "(...)" -> ([], [])."""
+    if not text or text.startswith("("):
+        return [], []
+    reads, _, writes = text.partition("→")
+    part = lambda t: [w.strip() for w in t.split("·") if w.strip()]  # noqa: E731
+    return part(reads), part(writes)
+
+
 _ORDER_SQL = {
     "score": "s.detection IS NULL, s.detection DESC, a.id",
     "output": "s.output IS NULL, s.output DESC, a.id",

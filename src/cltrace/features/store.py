@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 from cltrace.errors import CltraceError
 from cltrace.features import dashboard as dash
 from cltrace.features.config import FeatureStoreConfig
-from cltrace.features.label_store import LABEL_SCHEMA, LABEL_TABLES, label_info, label_summary, labels_table
+from cltrace.features.label_store import (LABEL_SCHEMA, LABEL_TABLES, label_evidence, label_info, label_summary,
+                                          labels_table)
 from cltrace.features.labels import DEFAULT_LABELS, LabelConfig
 
 if TYPE_CHECKING:
@@ -302,6 +303,11 @@ class FeatureStore:
         with self._lock:
             return labels_table(self, min_score=min_score, min_output=min_output,
                                 order=order, limit=limit, include_broad=include_broad)  # type: ignore[arg-type]
+
+    def label_evidence(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], tuple[list, list]]:
+        """{(layer, index): (read texts, written texts)} (`features.label_store.label_evidence`)."""
+        with self._lock:
+            return label_evidence(self, list(keys))
 
     def label_summary(self) -> dict | None:
         """Score distributions of all labels and of shuffled labels (None before scored labels)."""
