@@ -20,10 +20,12 @@ the subject positions, and checks whether A's next token becomes B's answer.
 3. Interventions: A's top-k features are scaled by `suppress_factor` (×0) at their positions;
    B's top-k are set to `inject_scale` × their activation on B at the aligned A positions.
    Each (feature, position) counts as one pair touched.
-4. Search (cheap: one batched forward of A per ~16 settings): every k in `sizes` × every
-   `inject_scale` whose pair count stays within `max_pairs`. The chosen setting is the one
-   with the fewest pairs among those whose top token is B's answer (ties: higher P(B's
-   answer)); when none flips, the one with the highest P(B's answer) is reported, not flipped.
+4. Search (cheap: one batched forward of A per 16 settings): every k in `sizes` × every
+   `inject_scale` whose pair count stays within `max_pairs`, tried in order of pair count, a
+   batch at a time, stopping after the first batch in which one flips. The chosen setting is
+   the one with the fewest pairs among those whose top token is B's answer (ties: higher
+   P(B's answer)); when none flips, the one with the highest P(B's answer) is reported, not
+   flipped.
 """
 
 from __future__ import annotations
@@ -268,19 +270,8 @@ def graph_guided_swap(
     )
     settings = _settings(graph_a, graph_b, sup, inj, spans, cfg)
     tokens = graph_a.input_tokens.reshape(1, -1).to(lm.device)
-    logits = run_edits(lm, transcoder, tokens, [[]] + [e for _, _, e in settings], batch_size=cfg.batch_size)
+    logits, trials = _search(lm, transcoder, tokens, settings, answer_b, cfg.batch_size)
     probs = probabilities(lm, logits)
-    trials = [
-        SwapTrialRow(
-            k,
-            s,
-            len(e),
-            float(probs[j + 1, answer_b]),
-            lm.token_strings([int(probs[j + 1].argmax())])[0],
-            int(probs[j + 1].argmax()) == answer_b,
-        )
-        for j, (k, s, e) in enumerate(settings)
-    ]
     best = _choose(trials)
     row = 0 if best is None else best + 1
     edits = [] if best is None else settings[best][2]
@@ -319,7 +310,28 @@ def _settings(graph_a, graph_b, sup, inj, spans, cfg: SwapConfig) -> list[tuple[
                 continue
             seen.add(key)
             out.append((k, scale, edits))
-    return out
+    return sorted(out, key=lambda x: len(x[2]))
+
+
+def _search(lm, transcoder, tokens, settings, answer_b: int, batch_size: int):
+    """Clean run, then the settings in order of pair count, a batch at a time, stopping after the
+    first batch with a flip. Returns the logits (clean first) and one trial per evaluated setting."""
+    out = [run_edits(lm, transcoder, tokens, [[]])]
+    trials: list[SwapTrialRow] = []
+    for i in range(0, len(settings), batch_size):
+        chunk = settings[i : i + batch_size]
+        logits = run_edits(lm, transcoder, tokens, [e for _, _, e in chunk], batch_size=batch_size)
+        probs = probabilities(lm, logits)
+        top = probs.argmax(-1).tolist()
+        names = lm.token_strings(top)
+        trials += [
+            SwapTrialRow(k, s, len(e), float(probs[j, answer_b]), names[j], top[j] == answer_b)
+            for j, (k, s, e) in enumerate(chunk)
+        ]
+        out.append(logits)
+        if any(t.flipped for t in trials):
+            break
+    return torch.cat(out), trials
 
 
 def _choose(trials: list[SwapTrialRow]) -> int | None:
