@@ -1,13 +1,14 @@
-"""Supernodes: files by hand, automatic grouping by edge profile and decoder direction."""
+"""Supernodes: files by hand, the clustering primitives, and the suggestions (circuits.group)
+on a real pruned graph, intervened on."""
 
 import json
 
 import numpy as np
 import torch
 
+from cltrace.circuits.group import GroupConfig, suggest_supernodes
 from cltrace.interventions.supernodes import (
-    Supernode, agglomerate, cluster_features, graph_view, load_supernodes, name_group,
-    parse_feature_id, save_supernodes, suggest_supernodes)
+    Supernode, agglomerate, graph_view, load_supernodes, parse_feature_id, save_supernodes)
 
 
 def toy_graph() -> dict:
@@ -36,9 +37,9 @@ def test_agglomerate_merges_while_similar():
     assert agglomerate(sim, -1.0) == [[0, 1, 2, 3]]
 
 
-def test_cluster_by_edge_profile_finds_the_two_groups():
-    groups = cluster_features(graph_view(toy_graph()), threshold=0.5)
-    assert sorted(map(sorted, groups)) == [["0_1_2", "0_4_2", "1_3_2"], ["0_7_3", "1_9_3"]]
+def test_suggestions_find_the_two_groups_of_the_json_graph():
+    groups = suggest_supernodes(toy_graph(), cfg=GroupConfig(min_share=0.0, min_groups=0))
+    assert sorted(sorted(g["node_ids"]) for g in groups) == [["0_1_2", "0_4_2", "1_3_2"], ["0_7_3", "1_9_3"]]
 
 
 def test_decoder_directions_can_split_a_group():
@@ -48,14 +49,11 @@ def test_decoder_directions_can_split_a_group():
             w[:, :, 0] = 1.0
             w[4, :, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])   # 0_4 points elsewhere
             return w
-    groups = suggest_supernodes(toy_graph(), transcoder=Tc(), threshold=0.6, edge_weight=0.5)
-    names = [sorted(g["node_ids"]) for g in groups]
-    assert ["0_1_2", "1_3_2"] in names and not any("0_4_2" in g for g in names)
-
-
-def test_names_come_from_labels():
-    assert name_group(["0_1_2", "1_3_2"], {(0, 1): "Texas", (1, 3): "Texas"}) == "Texas (L0-1)"
-    assert name_group(["0_1_2"], None) == "L0 group of 1"
+    cfg = GroupConfig(threshold=0.75, w_decoder=3.0, min_share=0.0, min_groups=0)
+    names = [sorted(g["node_ids"]) for g in suggest_supernodes(toy_graph(), transcoder=Tc(), cfg=cfg)]
+    assert ["0_1_2", "1_3_2"] in names and ["0_4_2"] in names
+    without = [sorted(g["node_ids"]) for g in suggest_supernodes(toy_graph(), cfg=cfg)]
+    assert ["0_1_2", "0_4_2", "1_3_2"] in without
 
 
 def test_files_by_hand_and_sidecar(tmp_path):
@@ -75,13 +73,6 @@ def test_files_by_hand_and_sidecar(tmp_path):
     assert [g.name for g in load_supernodes(graph)] == ["Texas", "capital"]
 
 
-def test_graph_like_object():
-    class G:
-        node_ids = ["0_1_0", "0_2_0", "E_0_0"]
-        adjacency = torch.tensor([[0, 0, 1.0], [0, 0, 1.0], [0, 0, 0]])
-    assert cluster_features(graph_view(G()), threshold=0.9) == [["0_1_0", "0_2_0"]]
-
-
 def test_suggestions_on_a_real_pruned_graph_and_intervening_on_them():
     """Graph -> prune -> suggested groups (feature ids of kept nodes) -> one intervention each."""
     from test_features_standin import make_transcoder
@@ -99,8 +90,8 @@ def test_suggestions_on_a_real_pruned_graph_and_intervening_on_them():
     view = graph_view(graph, pruned)
     rows, feats = view.feature_rows()
     assert len(rows) == int(pruned.node_mask[: graph.n_features].sum())
-    groups = suggest_supernodes(graph, pruned=pruned, transcoder=tc, threshold=0.2)
-    assert groups and all(len(g["node_ids"]) >= 2 for g in groups)
+    groups = suggest_supernodes(graph, pruned=pruned, transcoder=tc)
+    assert groups and all(g["node_ids"] for g in groups)
     kept = {view.node_ids[r] for r in rows}
     assert all(set(g["node_ids"]) <= kept for g in groups)
     ivs = Supernode(groups[0]["name"], groups[0]["node_ids"]).interventions("scale", 0.0, n_layers=lm.n_layers)

@@ -475,7 +475,8 @@ def graph_feature_set(
 
 def json_influence(data: Mapping[str, Any], view: GraphView) -> np.ndarray:
     """Logit influence of each node of a graph JSON document, computed on its own links
-    (prune's definition, the logit nodes weighted by their `token_prob`)."""
+    (prune's definition, the logit nodes weighted by their `token_prob`, or equally when no
+    node has one)."""
     import torch
 
     from cltrace.attribution.prune import influence, normalize_rows
@@ -485,24 +486,44 @@ def json_influence(data: Mapping[str, Any], view: GraphView) -> np.ndarray:
         for n in data.get("nodes", [])
         if n.get("feature_type") == "logit"
     }
+    if probs and not any(probs.values()):
+        probs = dict.fromkeys(probs, 1.0 / len(probs))
     w = torch.tensor([probs.get(i, 0.0) for i in view.node_ids], dtype=torch.float64)
     A = torch.as_tensor(view.adjacency, dtype=torch.float64)
     return influence(normalize_rows(A), w).numpy()
 
 
 def suggest_supernodes(
-    data: Mapping[str, Any],
+    graph: Any,
     *,
+    pruned: Any = None,
     transcoder: TranscoderLike | None = None,
     store=None,
     cfg: GroupConfig | None = None,
 ) -> list[dict]:
-    """Suggested supernodes of a graph JSON document: [{"name", "node_ids"}], as the viewer's
-    supernode sidecar holds them. Labels from `store`, else from the nodes' `clerp`s."""
+    """Suggested supernodes: [{"name", "node_ids"}], as the supernode sidecar holds them.
+
+    Args:
+        graph: a graph JSON document (the viewer's; labels from its nodes' `clerp`s unless a
+            store is given), or an attribution `Graph` with its `PruneResult` as `pruned`.
+        transcoder: adds decoder-direction similarity.
+        store: a FeatureStore whose labels give the evidence and the names.
+    """
+    if isinstance(graph, Mapping):
+        fs, tokens = _json_feature_set(graph, transcoder, store)
+    else:
+        if pruned is None:
+            raise CltraceError("suggest_supernodes on a Graph needs its PruneResult (pruned=...)")
+        fs, tokens = graph_feature_set(graph, pruned, transcoder=transcoder, store=store), graph.token_strings
+    return [{"name": g.name, "node_ids": g.node_ids} for g in group_features(fs, cfg, tokens).groups]
+
+
+def _json_feature_set(data: Mapping[str, Any], transcoder, store) -> tuple[FeatureSet, list[str] | None]:
     view = graph_view(dict(data))
-    meta = data.get("metadata", {})
-    layers = [f.layer for f in view.feature_rows()[1]]
-    n_layers = max(layers) + 1 if layers else 1
+    logits = [n for n in data.get("nodes", []) if n.get("feature_type") == "logit"]
+    heads = [str(n.get("node_id", "")).split("_")[0] for n in logits]  # "{n_layers+1}_{token}_{pos}"
+    layers = [int(h) - 1 for h in heads if h.isdigit()] or [f.layer + 1 for f in view.feature_rows()[1]]
+    n_layers = max(layers, default=1)
     labels = None
     if store is None:
         labels = {
@@ -510,7 +531,6 @@ def suggest_supernodes(
             for n in data.get("nodes", [])
             if (f := parse_feature_id(n.get("node_id", "")))
         }
-    logits = [n for n in data.get("nodes", []) if n.get("feature_type") == "logit"]
     target = max(
         logits, key=lambda n: (bool(n.get("is_target_logit")), float(n.get("token_prob") or 0)), default=None
     )
@@ -523,8 +543,7 @@ def suggest_supernodes(
         labels=labels,
         answer=None if target is None else str(target["node_id"]),
     )
-    tokens = meta.get("prompt_tokens")
-    return [{"name": g.name, "node_ids": g.node_ids} for g in group_features(fs, cfg, tokens).groups]
+    return fs, data.get("metadata", {}).get("prompt_tokens")
 
 
 def layer_label(layers: tuple[int, int]) -> str:

@@ -7,7 +7,7 @@
 """
 
 from cltrace.interventions.steer import Intervention, Result, Steerer, TokenProb
-from cltrace.interventions.supernodes import Supernode, load_supernodes, save_supernodes, suggest_supernodes
+from cltrace.interventions.supernodes import Supernode, load_supernodes, save_supernodes
 
 __all__ = ["Intervention", "Result", "Steerer", "TokenProb", "Supernode", "load_supernodes",
-           "save_supernodes", "suggest_supernodes"]
+           "save_supernodes"]

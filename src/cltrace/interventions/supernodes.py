@@ -8,21 +8,15 @@ and writes), either `{name: [node ids]}` or the sidecar
 intervening. Logit ids have the same shape (`{n_layers+1}_{token}_{pos}`), so graph JSON is
 read by its `feature_type` and interventions drop layers ≥ the model's.
 
-Suggested: the pruned graph's feature nodes are clustered by
-
-- edge profile: the node's signed row (inputs) and column (outputs) of the adjacency
-  (row = target, col = source), compared by cosine similarity, and
-- decoder direction: the feature's total write Σ_{l'} W_dec_{l→l'}, by cosine similarity,
-
-mixed as `edge_weight · cos_edges + (1 - edge_weight) · cos_decoder`, with average-linkage
-agglomerative clustering that merges while the best pair's similarity is ≥ `threshold`
-(numpy only). Groups are named from the feature store's labels when one is given.
+Suggested: `cltrace.circuits.group.suggest_supernodes` (the one automatic grouping, also
+behind `cltrace trace --circuit`). This module keeps what it builds on: `GraphView` /
+`graph_view` (a graph JSON document or a pruned `Graph` as node ids and an adjacency),
+`cosine_matrix`, average-linkage `agglomerate`, and `decoder_directions`.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -193,12 +187,6 @@ def agglomerate(sim: np.ndarray, threshold: float) -> list[list[int]]:
     return sorted((sorted(c) for c in members if c), key=lambda c: (-len(c), c[0]))
 
 
-def edge_profiles(view: GraphView, rows: np.ndarray) -> np.ndarray:
-    """[m, 2n]: each feature node's signed inputs (its row) and outputs (its column)."""
-    adj = view.adjacency
-    return np.concatenate([adj[rows, :], adj[:, rows].T], axis=1)
-
-
 def decoder_directions(transcoder: TranscoderLike, feats: Sequence[FeatureNode]) -> np.ndarray:
     """[m, d]: each feature's total decoder write Σ_{l'} W_dec_{l→l'} (as in the feature store)."""
     import torch
@@ -212,51 +200,3 @@ def decoder_directions(transcoder: TranscoderLike, feats: Sequence[FeatureNode])
             for k, v in zip(rows, dirs.float().sum(1).cpu().numpy()):
                 out[k] = v
     return np.stack(out) if feats else np.zeros((0, 0))
-
-
-def cluster_features(view: GraphView, *, decoder_dirs: np.ndarray | None = None,
-                     threshold: float = 0.5, edge_weight: float = 0.5,
-                     min_size: int = 2) -> list[list[str]]:
-    """Groups of feature node ids (each of at least `min_size`), most similar merged first."""
-    rows, _ = view.feature_rows()
-    if len(rows) < 2:
-        return []
-    sim = cosine_matrix(edge_profiles(view, rows))
-    if decoder_dirs is not None and len(decoder_dirs):
-        sim = edge_weight * sim + (1 - edge_weight) * cosine_matrix(decoder_dirs)
-    groups = agglomerate(sim, threshold)
-    return [[view.node_ids[rows[k]] for k in g] for g in groups if len(g) >= min_size]
-
-
-def name_group(node_ids: Sequence[str], labels: dict[tuple[int, int], str] | None = None) -> str:
-    """A name from the members' labels (commonest first), else from their layers."""
-    feats = [f for f in map(parse_feature_id, node_ids) if f is not None]
-    layers = sorted({f.layer for f in feats})
-    span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-    found = [labels[(f.layer, f.feature)] for f in feats if labels and (f.layer, f.feature) in labels]
-    if found:
-        return f"{Counter(found).most_common(1)[0][0]} ({span})"
-    return f"{span} group of {len(feats)}"
-
-
-def suggest_supernodes(graph: Any, *, pruned: Any = None, transcoder: TranscoderLike | None = None,
-                       store=None,
-                       threshold: float = 0.5, edge_weight: float = 0.5, min_size: int = 2,
-                       max_groups: int = 20) -> list[dict]:
-    """Suggested supernodes for a (pruned) graph: [{"name", "node_ids"}], as the viewer wants.
-
-    Args:
-        graph: graph JSON dict, Graph, or Graph-like object (see `graph_view`).
-        pruned: the graph's PruneResult (for a Graph): cluster only the kept nodes.
-        transcoder: adds decoder-direction similarity when given.
-        store: a FeatureStore, to name groups by their members' labels.
-    """
-    view = graph_view(graph, pruned)
-    _, feats = view.feature_rows()
-    dirs = decoder_directions(transcoder, feats) if transcoder is not None else None
-    groups = cluster_features(view, decoder_dirs=dirs, threshold=threshold,
-                              edge_weight=edge_weight, min_size=min_size)[:max_groups]
-    labels = None
-    if store is not None:
-        labels = store.labels({(f.layer, f.feature) for g in groups for f in map(parse_feature_id, g)})
-    return [{"name": name_group(g, labels), "node_ids": g} for g in groups]
