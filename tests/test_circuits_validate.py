@@ -145,24 +145,33 @@ def test_direct_effect_is_minus_the_edge_sum_and_steering_is_linear(linear_toy):
     assert delta[0, : graph.n_features][below].abs().max() == 0
 
 
-def test_batched_edits_match_the_steerer():
-    lm = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_batched_edits_match_the_steerer(family):
+    """Each row equals the Steerer's run of the same interventions, with the clean prefix
+    before a batch's first edited position taken from a shared cache or recomputed."""
+    lm = tiny_model(family)
     tc = make_transcoder(lm, "clt", n_features=16)
     st = Steerer(lm, tc)
     tokens = lm.tokenize(PROMPT)
     acts = st.activations(tokens)
     on = (acts[1:] > 0).nonzero().tolist()  # (pos-1, layer, feature)
+    late = [x for x in on if x[0] + 1 >= 6]
     rows = [
         [Edit(l, p + 1, f) for p, l, f in on[:3]],
         [Edit(on[5][1], on[5][0] + 1, on[5][2], "scale", -2.0), Edit(1, -1, 4, "set", 3.0)],
         [],
+        [Edit(l, p + 1, f, "scale", 3.0) for p, l, f in late[:4]],  # a late first position: cached prefix
+        [Edit(2, -1, 7, "set", 2.0)],
     ]
     for constrain in (False, True):
         got = run_edits(lm, tc, tokens, rows, constrain=constrain, batch_size=2)
+        full = run_edits(lm, tc, tokens, rows, constrain=constrain, batch_size=2, reuse_prefix=False)
+        torch.testing.assert_close(got, full, rtol=0, atol=2e-4)
         for row, out in zip(rows, got):
             ivs = [Intervention(e.layer, e.feature, (e.pos,), e.mode, e.value) for e in row]
             want = st.logits(tokens, ivs, constrain_until=lm.n_layers - 1 if constrain else None)[0, -1]
             torch.testing.assert_close(out, want.float(), rtol=0, atol=2e-4)
+        assert (got[3] - got[2]).abs().max() > 1e-3 and (got[4] - got[2]).abs().max() > 1e-3
     assert (got[0] - got[2]).abs().max() > 1e-3  # the edits did act
 
 
@@ -182,7 +191,9 @@ def test_constrained_ablation_with_frozen_attention_and_norms_equals_the_direct_
     want = predicted_ablation_effects(graph, groups, 0, constrain_until=lm.n_layers - 1)
     rows = [[]] + [edits_for(graph, g) for g in groups]
     with frozen_attention(replay=fwd.frozen), lm.hooks(_frozen_norm_hooks(lm, replay=fwd.frozen)):
-        d = demeaned(run_edits(lm, tc, tokens, rows, constrain=True, batch_size=3), answer)
+        d = demeaned(
+            run_edits(lm, tc, tokens, rows, constrain=True, batch_size=3, reuse_prefix=False), answer
+        )
     got = (d[1:] - d[0]).tolist()
     assert got == pytest.approx(want, abs=2e-5, rel=1e-4)
     assert max(abs(w) for w in want) > 0.05

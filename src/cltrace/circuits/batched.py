@@ -19,6 +19,7 @@ model's softcap (if any) and the softmax. Parity with `Steerer` is tested.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -45,14 +46,20 @@ class Edit:
 class _Plan:
     """The edits of a batch grouped by layer: row, position, feature, mode flag and value per edit."""
 
-    def __init__(self, transcoder: TranscoderLike, rows: Sequence[Sequence[Edit]], n_pos: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        transcoder: TranscoderLike,
+        rows: Sequence[Sequence[Edit]],
+        n_pos: int,
+        device: torch.device,
+        start: int = 0,
+    ):
         self.by_layer: dict[int, tuple[Tensor, ...]] = {}
         flat = [(b, e) for b, row in enumerate(rows) for e in row]
         for layer in sorted({e.layer for _, e in flat}):
             sel = [(b, e) for b, e in flat if e.layer == layer]
             row = torch.tensor([b for b, _ in sel], device=device)
-            pos = torch.tensor([e.pos % n_pos for _, e in sel], device=device)
+            pos = torch.tensor([e.pos % n_pos - start for _, e in sel], device=device)
             feat = torch.tensor([e.feature for _, e in sel], device=device)
             is_set = torch.tensor([e.mode == "set" for _, e in sel], device=device)
             value = torch.tensor([float(e.value) for _, e in sel], device=device)
@@ -75,17 +82,27 @@ class _Plan:
 
 
 @torch.no_grad()
-def last_logits(lm: LoadedModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
-    """Pre-softcap logits at the last position (final-norm output through the unembedding)."""
+def last_logits(lm: LoadedModel, tokens: Int[Tensor, "batch pos"], past=None) -> Float[Tensor, "batch vocab"]:
+    """Pre-softcap logits at the last position (final-norm output through the unembedding).
+    With `past` (a transformers cache of a prefix), `tokens` continue that prefix."""
     state: dict[str, Tensor] = {}
 
     def keep(_m, _i, output):
         state["final"] = output[:, -1]
 
     with lm.hooks([(lm.adapter.final_norm(lm.model), keep)]):
-        lm.run(tokens, with_logits=False)
+        if past is None:
+            lm.run(tokens, with_logits=False)
+        else:
+            lm.model.base_model(input_ids=tokens, use_cache=True, **{_cache_kwarg(lm): past})
     unembed = lm.adapter.unembed(lm.model)
     return unembed(state["final"].to(unembed.weight.dtype)).float()
+
+
+def _cache_kwarg(lm: LoadedModel) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever the model takes."""
+    params = inspect.signature(lm.model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def probabilities(lm: LoadedModel, logits: Float[Tensor, "... vocab"]) -> Float[Tensor, "... vocab"]:
@@ -104,6 +121,7 @@ def run_edits(
     constrain: bool = False,
     batch_size: int = 16,
     clean: Captured | None = None,
+    reuse_prefix: bool = True,
 ) -> Float[Tensor, "row vocab"]:
     """Last-position pre-softcap logits of `tokens` with each row's edits applied (one row each).
 
@@ -114,14 +132,30 @@ def run_edits(
         constrain: constrained patching over every layer (see the module docstring).
         batch_size: rows per forward.
         clean: `lm.capture(tokens)` if already computed (constrained mode needs it).
+        reuse_prefix: positions before a batch's first edited position are the clean run's:
+            they are run once (batch 1) and their attention cache shared by the batch's rows
+            (rows are batched in order of their first edited position).
     """
     if constrain and clean is None:
         clean = lm.capture(tokens)
-    out = []
+    n = tokens.shape[1]
+    starts = [min((e.pos % n for e in row), default=n - 1) if reuse_prefix else 0 for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: starts[i])
+    out = torch.zeros(len(rows), lm.vocab_size, device=lm.device)
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        out.append(_run_chunk(lm, transcoder, tokens, chunk, constrain, clean))
-    return torch.cat(out) if out else torch.zeros(0, lm.vocab_size)
+        idx = order[i : i + batch_size]
+        start = min(starts[j] for j in idx)
+        logits = _run_chunk(lm, transcoder, tokens, [rows[j] for j in idx], constrain, clean, start)
+        out[idx] = logits.to(out.device)
+    return out
+
+
+def _prefix_cache(lm: LoadedModel, prefix: Tensor, batch: int):
+    """The transformers cache of a clean forward of `prefix` [1, m], repeated for `batch` rows."""
+    out = lm.model.base_model(input_ids=prefix, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(batch)
+    return cache
 
 
 def _run_chunk(
@@ -131,18 +165,21 @@ def _run_chunk(
     rows: Sequence[Sequence[Edit]],
     constrain: bool,
     clean: Captured | None,
+    start: int,
 ) -> Tensor:
+    """One forward of the rows; positions before `start` (no edits there) come from a cache."""
     B, n = len(rows), tokens.shape[1]
     device, _ = device_dtype(transcoder)
-    plan = _Plan(transcoder, rows, n, device)
+    plan = _Plan(transcoder, rows, n, device, start)
     pending: dict[int, Tensor] = {}
+    past = _prefix_cache(lm, tokens[:, :start], B) if start > 0 else None
 
     def patch(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
         if layer == 0:
             pending.clear()
         if constrain:
-            x = clean.mlp_in[:, :, layer].expand(B, -1, -1)
-            base = clean.mlp_out[:, :, layer].to(mlp_out.dtype).expand(B, -1, -1)
+            x = clean.mlp_in[:, start:, layer].expand(B, -1, -1)
+            base = clean.mlp_out[:, start:, layer].to(mlp_out.dtype).expand(B, -1, -1)
         else:
             x, base = mlp_in, mlp_out
         plan.writes(layer, x.to(device), pending)
@@ -150,7 +187,7 @@ def _run_chunk(
         return base if delta is None else base + delta.to(base.device, base.dtype)
 
     with lm.patch_mlp_outputs(patch):
-        return last_logits(lm, tokens.expand(B, -1))
+        return last_logits(lm, tokens[:, start:].expand(B, -1), past)
 
 
 def demeaned(logits: Float[Tensor, "... vocab"], token_id: int) -> Float[Tensor, "..."]:
