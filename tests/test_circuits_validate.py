@@ -276,6 +276,13 @@ def test_validate_circuit_fills_nodes_and_faithfulness():
         until = lm.n_layers - 1 if constrain else None
         pred = predicted_ablation_effects(graph, members, logit_index(graph, answer), constrain_until=until)
         assert n0.predicted == pytest.approx(pred[0], rel=1e-6)
+        steer = {s["id"]: s for s in out.stats["validation"]["steering"]["supernodes"]}
+        # ×2 is r = +1 against the ablation's r = -1: the linear graph predicts the mirror image
+        assert steer[n0.id]["predicted"] == pytest.approx(-n0.predicted, rel=1e-5, abs=1e-7)
+        ivs2 = [Intervention(i.layer, i.feature, i.positions, "scale", 2.0) for i in ivs]
+        after2 = st.logits(tokens, ivs2, constrain_until=until)[0, -1].float()
+        want2 = float(demeaned(after2, answer) - demeaned(before, answer))
+        assert steer[n0.id]["measured"] == pytest.approx(want2, abs=2e-4)
         f = out.faithfulness
         assert f["n_supernodes"] == len(fn) and f["n_features"] == 12
         assert f["spearman_features"] is not None and -1 <= f["spearman_features"] <= 1

@@ -2,7 +2,8 @@
 
 For every feature supernode, its member features are ablated (×0 at their own positions) on the
 real model and the change of the answer's demeaned logit is compared with what the graph
-predicts (`circuits.predict`):
+predicts (`circuits.predict`); each supernode is also steered (×`steer`, default 2), reported
+in ``stats["validation"]["steering"]``:
 
 - ``constrain=True`` (default, the paper's constrained patching): every MLP output is clamped
   to its clean value plus the ablated features' decoder writes (`Steerer` with
@@ -36,7 +37,7 @@ from cltrace.attribution.graph import Graph
 from cltrace.attribution.prune import influence, logit_weights, normalize_rows
 from cltrace.circuits.batched import Edit, demeaned, probabilities, run_edits
 from cltrace.circuits.circuit import Circuit
-from cltrace.circuits.predict import logit_index, predicted_ablation_effects
+from cltrace.circuits.predict import logit_index, propagate, relative_changes
 from cltrace.errors import CltraceError
 from cltrace.transcoders.interface import TranscoderLike
 
@@ -50,6 +51,7 @@ class ValidationConfig:
     rel_tol: float = 0.5  # failed when |m - p| > rel_tol · max(|p|, |m|) (0.5: off by 2x)
     floor: float = 0.1  # effects (logits) both below this are not judged
     batch_size: int = 16  # ablations per forward
+    steer: float | None = 2.0  # also steer each supernode ×this (stats only; None: skip)
 
     def __post_init__(self):
         if not 0.0 < self.rel_tol < 1.0:
@@ -103,10 +105,10 @@ def feature_index(graph: Graph) -> dict[str, int]:
     return {f"{l}_{f}_{p}": i for i, (l, p, f) in enumerate(feats)}
 
 
-def edits_for(graph: Graph, members: Sequence[int]) -> list[Edit]:
-    """×0 ablation edits of feature nodes, each at its own position."""
+def edits_for(graph: Graph, members: Sequence[int], scale: float = 0.0) -> list[Edit]:
+    """Edits scaling feature nodes by `scale` (0: ablation), each at its own position."""
     feats = graph.active_features[graph.selected_features]
-    return [Edit(int(feats[i, 0]), int(feats[i, 1]), int(feats[i, 2])) for i in members]
+    return [Edit(int(feats[i, 0]), int(feats[i, 1]), int(feats[i, 2]), "scale", scale) for i in members]
 
 
 def top_features_by_influence(graph: Graph, n: int) -> list[int]:
@@ -133,12 +135,17 @@ def measure_groups(
     groups: Sequence[Sequence[int]],
     answer_id: int,
     cfg: ValidationConfig,
+    scales: Sequence[float] | None = None,
 ) -> AblationMeasurement:
-    """Ablate each group of feature nodes on the real model; predict the same from the graph."""
+    """Scale each group of feature nodes (default ×0: ablate) on the real model; predict the same
+    from the graph."""
     until = lm.n_layers - 1 if cfg.constrain else None
-    pred = predicted_ablation_effects(graph, groups, logit_index(graph, answer_id), constrain_until=until)
+    scales = [0.0] * len(groups) if scales is None else list(scales)
+    r = torch.cat([relative_changes(graph, [g], s - 1.0) for g, s in zip(groups, scales)]) if groups else None
+    col = graph.logit_offset + logit_index(graph, answer_id)
+    pred = [] if r is None else propagate(graph, r, until)[:, col].tolist()
     tokens = graph.input_tokens.reshape(1, -1).to(lm.device)
-    rows = [[]] + [edits_for(graph, g) for g in groups]
+    rows = [[]] + [edits_for(graph, g, s) for g, s in zip(groups, scales)]
     logits = run_edits(lm, transcoder, tokens, rows, constrain=cfg.constrain, batch_size=cfg.batch_size)
     d = demeaned(logits, answer_id)
     probs = probabilities(lm, logits)[:, answer_id]
@@ -163,14 +170,18 @@ def validate_circuit(
     nodes = [n for n in circuit.feature_nodes if any(i in index for i in n.node_ids)]
     groups = [[index[i] for i in n.node_ids if i in index] for n in nodes]
     singles = top_features_by_influence(graph, cfg.top_features)
-    m = measure_groups(graph, lm, transcoder, groups + [[i] for i in singles], circuit.answer_id, cfg)
-    k = len(groups)
+    steered = groups if cfg.steer is not None else []
+    scales = [0.0] * (len(groups) + len(singles)) + [cfg.steer or 0.0] * len(steered)
+    m = measure_groups(
+        graph, lm, transcoder, groups + [[i] for i in singles] + steered, circuit.answer_id, cfg, scales
+    )
+    k, f = len(groups), len(groups) + len(singles)
     for node, p, meas, prob in zip(nodes, m.predicted[:k], m.measured[:k], m.prob_after[:k]):
         node.predicted, node.measured, node.measured_prob = p, meas, prob
         node.failed = is_failed(p, meas, cfg.rel_tol, cfg.floor)
     circuit.faithfulness = {
         "spearman_supernodes": spearman(m.predicted[:k], m.measured[:k]),
-        "spearman_features": spearman(m.predicted[k:], m.measured[k:]),
+        "spearman_features": spearman(m.predicted[k:f], m.measured[k:f]),
         "n_supernodes": k,
         "n_features": len(singles),
     }
@@ -181,8 +192,18 @@ def validate_circuit(
         "answer_prob_before": m.prob_before,
         "features": [
             {"node_id": ids[i], "predicted": p, "measured": q}
-            for i, p, q in zip(singles, m.predicted[k:], m.measured[k:])
+            for i, p, q in zip(singles, m.predicted[k:f], m.measured[k:f])
         ],
+        "steering": None
+        if cfg.steer is None
+        else {
+            "scale": cfg.steer,
+            "spearman": spearman(m.predicted[f:], m.measured[f:]),
+            "supernodes": [
+                {"id": n.id, "predicted": p, "measured": q, "prob_after": pr}
+                for n, p, q, pr in zip(nodes, m.predicted[f:], m.measured[f:], m.prob_after[f:])
+            ],
+        },
         "seconds": time.perf_counter() - start,
     }
     return circuit
