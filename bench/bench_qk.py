@@ -102,6 +102,9 @@ def bench_set(lm, tc, name: str, args) -> dict:
     report = trace_prompt_set(lm, tc, prompts, cfg, template=TEMPLATE, transcoder_id=name, store=_store(name))
     seconds = time.perf_counter() - start
     doc = report.to_dict()
+    from cltrace.attribution.recurring_diagram import write_merged
+
+    write_merged(report, Path(args.out).with_name("bench_qk_merged.json"), lm.n_layers, lm.name, name)
     return {
         "seconds": seconds,
         "n_prompts": len(prompts),

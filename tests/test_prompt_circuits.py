@@ -79,6 +79,13 @@ def test_planted_feature_recurs_at_full_coverage():
     assert any((0, 0, "{city}") in p.features and p.coverage > 0 for p in report.parts)
     part = next(p for p in report.parts if p.name.startswith("{city}"))
     assert all(x > 0 for x in part.per_prompt)
+    from cltrace.attribution.recurring_diagram import merged_circuit
+
+    circuit = merged_circuit(report, lm.n_layers)
+    city = next(nd for nd in circuit.nodes if nd.name.startswith("{city}"))
+    assert city.positions == [prompts[0][0].split().index("Tokyo") + 1]  # + BOS
+    assert city.name.endswith("· 100%")
+    assert any(e.target == "logit" for e in circuit.edges)
     doc = json.loads(json.dumps(report.to_dict()))
     entry = next(x for x in doc["recurring"] if (x["layer"], x["feature"], x["role"]) == (0, 0, "{city}"))
     assert entry["count"] == n and entry["frequency"] == 1.0
@@ -128,6 +135,10 @@ def test_circuits_cli(tmp_path, capsys):
     assert "3 prompts" in text and "merged circuit" in text
     doc = json.loads(out.read_text())
     assert doc["kind"] == "cltrace-recurring-circuit" and len(doc["prompts"]) == 3
+    svg = (tmp_path / "r.circuit.svg").read_text()
+    assert "<svg" in svg
+    merged = json.loads((tmp_path / "r.circuit.json").read_text())
+    assert merged["supernodes"][-1]["kind"] == "logit"
     rc = main(base + ["--template", "the capital of {city}", "--fill", "city=Tokyo,Paris"])
     assert rc == 2 and "changes the answer position" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("the capital of Texas is\nthe capital of France is\n")

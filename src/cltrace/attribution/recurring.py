@@ -137,6 +137,8 @@ class PromptResult:
     node_ids: dict[tuple, list[str]]
     explained: float = 0.0
     supernodes: list[tuple[str, set]] = field(default_factory=list)  # (name, member keys)
+    edges: dict[tuple, float] = field(default_factory=dict)  # (source key, target key) -> Σ weight;
+    # keys: kept features' (layer, feature, role), the answer logit ("logit",)
 
 
 def prompt_result(graph, pruned, answer: str, roles: list[str], fillers: dict[str, str]) -> PromptResult:
@@ -162,7 +164,26 @@ def prompt_result(graph, pruned, answer: str, roles: list[str], fillers: dict[st
         roles,
         dict(features),
         dict(ids),
+        edges=_key_edges(graph, pruned, roles),
     )
+
+
+def _key_edges(graph, pruned, roles: list[str]) -> dict[tuple, float]:
+    """Pruned edges between kept features and into the answer logit, summed by key pair."""
+    table = graph.nodes()
+
+    def key(i: int):
+        if i < graph.n_features:
+            return (int(table.layer[i]), int(table.feature[i]), roles[int(table.pos[i])])
+        return ("logit",) if i == graph.logit_offset else None
+
+    out: dict[tuple, float] = defaultdict(float)
+    tgt, src = pruned.edge_mask.nonzero(as_tuple=True)
+    for t, s_ in zip(tgt.tolist(), src.tolist()):
+        kt, ks = key(t), key(s_)
+        if kt is not None and ks is not None:
+            out[(ks, kt)] += float(graph.adjacency[t, s_])
+    return dict(out)
 
 
 # --------------------------------------------------------------------------- across prompts

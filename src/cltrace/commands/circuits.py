@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     from cltrace import paths
     from cltrace.attribution.graph import AttributionConfig
+    from cltrace.attribution.pipeline import slugify
     from cltrace.attribution.recurring import expand_template, parse_fill, trace_prompt_set
-    from cltrace.commands.trace import slugify
+    from cltrace.attribution.recurring_diagram import write_merged
     from cltrace.errors import CltraceError
     from cltrace.io import atomic_write_json
     from cltrace.runs import open_run
@@ -98,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     print(f"report: {out}")
+    svg = write_merged(report, out, loaded.model.n_layers, loaded.model_name, loaded.run.name)
+    if svg is not None:
+        print(f"merged circuit: {svg}")
     return 0
 
 
