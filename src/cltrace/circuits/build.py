@@ -3,9 +3,10 @@
 `build_circuit(graph, pruned, lm, transcoder)`:
 
 1. group the pruned graph's features into supernodes (`circuits.group`);
-2. add the token embeddings that carry at least `min_embedding_share` of the embeddings'
-   influence (at most `max_embeddings`) as input nodes, optionally the error nodes of each
-   position, and the answer's logit (the graph's first logit node) as the output node;
+2. add as input nodes the token embeddings that carry at least `min_embedding_share` of the
+   embeddings' influence (at most `max_embeddings`; any left without a kept edge is dropped),
+   optionally the error nodes of each position, and as the output node the answer's logit
+   (`answer_id`, by default the graph's first logit node);
 3. edges between supernodes: the signed sum of the full graph's edges between their members,
    ``W[T, S] = Σ_{t ∈ T, s ∈ S} A[t, s]``; an edge is kept when its |weight| is at least
    `min_edge_share` of the largest |weight| into the same target;
@@ -99,6 +100,8 @@ def build_circuit(
         + [_logit_part(graph, lm, k)]
     )
     edges = circuit_edges(graph.adjacency, parts, cfg.min_edge_share)
+    used = {e.source for e in edges}
+    parts = [p for p in parts if p.node.kind != "embedding" or p.node.id in used]  # no loose tokens
     circuit = Circuit(
         prompt=graph.prompt,
         tokens=list(graph.token_strings),

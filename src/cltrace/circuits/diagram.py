@@ -18,6 +18,7 @@ from cltrace.circuits.circuit import Circuit, CircuitNode
 
 COL_W, BOX_W, LINE_H, PAD = 176, 158, 14, 6
 LAYER_H, GAP, LEFT, TOP = 30, 10, 56, 78
+EMB_GAP = 2.5  # layer heights between the token row and layer 0 (room for its edges)
 POSITIVE, NEGATIVE = "#1c64d9", "#e8590c"
 FILL = {"features": "#fff8db", "embedding": "#eef1f4", "logit": "#dcf5df", "error": "#f3f0f7"}
 STROKE = {"features": "#8a8f98", "embedding": "#8a8f98", "logit": "#2b8a3e", "error": "#b0a8bb"}
@@ -107,7 +108,7 @@ def layout(circuit: Circuit) -> tuple[list[Box], float, float, list[int]]:
     L = n_layers_of(circuit)
     cols = sorted({p for n in circuit.nodes for p in n.positions})
     col_of = {p: k for k, p in enumerate(cols)}
-    base = TOP + (L + 2) * LAYER_H  # top of the embedding row
+    base = TOP + (L + 1 + EMB_GAP) * LAYER_H  # top of the embedding row
     boxes = []
     for n in circuit.nodes:
         x = LEFT + COL_W * (sum(col_of[p] for p in n.positions) / len(n.positions) + 0.5)
@@ -120,7 +121,7 @@ def layout(circuit: Circuit) -> tuple[list[Box], float, float, list[int]]:
             y = TOP - h / 2
         else:
             mid = (n.layers[0] + n.layers[1]) / 2 if n.layers else L / 2
-            y = base - (mid + 1) * LAYER_H - h / 2
+            y = base - (mid + EMB_GAP) * LAYER_H - h / 2
         boxes.append(Box(n, x, y, lines, len(name)))
     _push_up(boxes)
     shift = max(0.0, TOP - min(b.y for b in boxes)) if boxes else 0.0
@@ -211,14 +212,17 @@ def _header(circuit: Circuit, width: float) -> list[str]:
     title = f"{circuit.prompt!r} → {circuit.answer!r} (p = {circuit.answer_prob:.3f})"
     n_sn = len(circuit.feature_nodes)
     st = circuit.stats
+    n_feat = st.get("n_grouped_features")
     sub = (
-        f"{n_sn} supernodes carry {circuit.influence_share:.0%} of the logit influence through "
-        f"features and errors"
+        f"{n_sn} supernodes"
+        + (f" ({n_feat} features)" if n_feat is not None else "")
+        + f" carry {circuit.influence_share:.0%} of the influence on the logits that flows through "
+        "features and error nodes"
     )
     if st.get("error_share") is not None:
         sub += f"; error nodes {st['error_share']:.0%}"
     if st.get("dropped_share") is not None:
-        sub += f"; ungrouped pruned features {st['dropped_share']:.0%}"
+        sub += f"; pruned-graph features in no supernode {st['dropped_share']:.0%}"
     f = circuit.faithfulness or {}
     if f.get("spearman_supernodes") is not None:
         sub2 = "faithfulness (Spearman, predicted vs measured ablation): "
@@ -236,10 +240,10 @@ def _header(circuit: Circuit, width: float) -> list[str]:
 
 def _axes(circuit: Circuit, boxes: list[Box], cols: list[int], height: float) -> list[str]:
     L = n_layers_of(circuit)
-    base = max((b.y for b in boxes if b.node.kind == "embedding"), default=TOP + (L + 2) * LAYER_H)
+    base = max((b.y for b in boxes if b.node.kind == "embedding"), default=TOP + (L + 1 + EMB_GAP) * LAYER_H)
     out = []
     for layer in range(0, L, max(1, L // 6)):
-        y = base - (layer + 1) * LAYER_H
+        y = base - (layer + EMB_GAP) * LAYER_H
         out.append(
             f'<text x="8" y="{y + 4:.1f}" fill="#999" font-size="10">L{layer}</text>'
             f'<line x1="32" y1="{y:.1f}" x2="40" y2="{y:.1f}" stroke="#ccc"/>'

@@ -331,6 +331,8 @@ def _make_group(
     )
     name = group_name(evidence, positions, layers, token_strings)
     effect = None if fs.effect is None else float(fs.effect[members].sum())
+    if not evidence and effect:  # a position-only name says at least which way the group pushes
+        name = f"{name} ({'+' if effect > 0 else '−'})"
     return FeatureGroup(
         [fs.ids[k] for k in members], list(members), share, evidence, name, positions, layers, effect
     )
@@ -342,7 +344,7 @@ def _distinct_names(groups: list[FeatureGroup]) -> None:
     by " #2", " #3", ... in order of influence."""
     names = Counter(g.name for g in groups)
     for g in groups:
-        if names[g.name] > 1 and g.effect is not None and g.effect != 0:
+        if names[g.name] > 1 and g.effect and not g.name.endswith((" (+)", " (−)")):
             g.name = f"{g.name} ({'+' if g.effect > 0 else '−'})"
     seen: Counter[str] = Counter()
     for g in groups:
