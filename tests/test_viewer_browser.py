@@ -161,13 +161,17 @@ def test_supernode_create_and_suggest(page, base_url, graph_dir):
 
 
 def test_box_select(page, base_url):
+    """Shift-drag selects a box (a plain drag pans the view)."""
     open_graph(page, base_url)
     box = page.locator("#overlay-canvas").bounding_box()
     page.mouse.move(box["x"] + 75, box["y"] + 20)
+    page.keyboard.down("Shift")
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=5)
     page.mouse.up()
+    page.keyboard.up("Shift")
     wait_count(page, "selection-count", "> 0")
+    assert page.evaluate("window.__viewerState().tf") == {"k": 1, "x": 0, "y": 0}
 
 
 def test_intervention_shows_new_probabilities(page, base_url, tmp_path):

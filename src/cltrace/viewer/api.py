@@ -10,6 +10,11 @@ Routes:
     GET  /api/graph/<name>/supernodes           saved groups (sidecar, else the graph's qParams)
     POST /api/graph/<name>/supernodes           save groups: {supernodes: [{name, node_ids}]}
     GET  /api/graph/<name>/supernodes/suggest   back-end suggestions
+    GET  /api/graph/<name>/circuit              the circuit file beside the graph ({circuit: null} if none)
+    GET  /api/graph/<name>/subgraphs            saved pinned subgraphs
+    POST /api/graph/<name>/subgraphs            save them: {subgraphs: [{name, pinnedIds, supernodes}]}
+    GET  /compare?a=<name>&b=<name>             compare page
+    GET  /api/compare?a=<name>&b=<name>         the two graphs' feature-level differences
     GET  /api/feature/<layer>/<index>?graph=<name>
     POST /api/intervene                         {graph, interventions: [...], generate}
 """
@@ -24,7 +29,8 @@ from typing import Any, Callable
 
 from cltrace.viewer.backend import BackendError, GraphRef, ViewerBackend, find_feature_node
 from cltrace.viewer.graphs import GraphError, GraphStore
-from cltrace.viewer.validation import BadRequest, parse_intervention, parse_json, parse_supernodes
+from cltrace.viewer.validation import (BadRequest, parse_intervention, parse_json, parse_subgraphs,
+                                       parse_supernodes)
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -71,6 +77,11 @@ class ViewerApp:
             ("GET", re.compile(r"/api/graph/" + name + r"/supernodes/suggest"), self.suggest),
             ("GET", re.compile(r"/api/graph/" + name + r"/supernodes"), self.get_supernodes),
             ("POST", re.compile(r"/api/graph/" + name + r"/supernodes"), self.save_supernodes),
+            ("GET", re.compile(r"/api/graph/" + name + r"/circuit"), self.get_circuit),
+            ("GET", re.compile(r"/api/graph/" + name + r"/subgraphs"), self.get_subgraphs),
+            ("POST", re.compile(r"/api/graph/" + name + r"/subgraphs"), self.save_subgraphs),
+            ("GET", re.compile(r"/compare"), self.compare_page),
+            ("GET", re.compile(r"/api/compare"), self.compare),
             ("GET", re.compile(r"/api/graph/" + name), self.get_graph),
             ("GET", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})"),
              self.feature),
@@ -148,6 +159,37 @@ class ViewerApp:
         groups = parse_supernodes(parse_json(body), ids)
         path = self.store.write_supernodes(graph, groups)
         return json_response({"saved": len(groups), "file": path.name})
+
+    def get_circuit(self, name: str, **_: Any) -> Response:
+        graph = self.store.load(name)
+        circuit = self.store.read_circuit(graph)  # 422 for a malformed circuit file
+        if circuit is None:
+            return json_response({"circuit": None, "message": "no circuit file beside this graph "
+                                  "(trace with `cltrace trace ... --circuit`)"})
+        return json_response({"circuit": circuit})
+
+    def get_subgraphs(self, name: str, **_: Any) -> Response:
+        return json_response({"subgraphs": self.store.read_subgraphs(self.store.load(name))})
+
+    def save_subgraphs(self, name: str, body: bytes, **_: Any) -> Response:
+        graph = self.store.load(name)
+        ids = {str(n["node_id"]) for n in graph.data["nodes"]}
+        items = parse_subgraphs(parse_json(body), ids)
+        path = self.store.write_subgraphs(graph, items)
+        return json_response({"saved": len(items), "file": path.name})
+
+    def compare_page(self, **_: Any) -> Response:
+        return self._asset("compare.html")
+
+    def compare(self, query: dict[str, list[str]], **_: Any) -> Response:
+        from cltrace.viewer.compare import compare_graphs
+
+        a, b = query.get("a", []), query.get("b", [])
+        if len(a) != 1 or len(b) != 1:
+            raise BadRequest("give two graphs: /api/compare?a=<name>&b=<name>")
+        ga, gb = self.store.load(a[0]), self.store.load(b[0])
+        return json_response(compare_graphs(ga, gb, self.store.read_circuit(ga),
+                                            self.store.read_circuit(gb)))
 
     def suggest(self, name: str, **_: Any) -> Response:
         graph = self.store.load(name)

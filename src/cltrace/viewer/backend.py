@@ -53,6 +53,7 @@ class InterventionRequest:
     graph: str
     interventions: list[Intervention] = field(default_factory=list)
     generate: int = 0             # tokens of greedy continuation to return (0: none)
+    freeze_attention: bool = False  # constrained patching: clean MLP outputs up to the last layer
 
 
 class BackendError(Exception):

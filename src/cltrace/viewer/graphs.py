@@ -22,6 +22,9 @@ from cltrace.supernode_file import (SIDECAR_SUFFIX, SupernodeFileError, parse_su
                                     sidecar_path, write_supernodes)
 from cltrace.viewer.backend import GraphRef
 
+CIRCUIT_SUFFIX = ".circuit.json"      # docs/CIRCUIT_FORMAT.md, written by `cltrace trace --circuit`
+SUBGRAPHS_SUFFIX = ".subgraphs.json"  # pinned subgraphs saved by the viewer
+NOT_GRAPHS = (SIDECAR_SUFFIX, CIRCUIT_SUFFIX, SUBGRAPHS_SUFFIX)
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ +=,@()-]*$")
 NAME_CHARS = "letters, digits, spaces and . _ - + = , @ ( )"
 MAX_NAME_LEN = 255
@@ -75,7 +78,7 @@ class GraphStore:
         seen: dict[str, Path] = {}
         for folder in self.folders:
             for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
-                if path.name.endswith(SIDECAR_SUFFIX):
+                if path.name.endswith(NOT_GRAPHS):
                     continue
                 name = path.relative_to(folder).with_suffix("").as_posix()
                 if name not in seen and self._inside(path.resolve(), folder):
@@ -140,9 +143,48 @@ class GraphStore:
         """Save groups atomically next to the graph (`<name>.supernodes.json`)."""
         return write_supernodes(graph.path, groups, graph_name=graph.name)
 
+    def read_circuit(self, graph: GraphRef) -> dict | None:
+        """The circuit file beside the graph (`<slug>.circuit.json`), or None when there is none."""
+        data = self._read_sidecar(graph, CIRCUIT_SUFFIX)
+        if data is None:
+            return None
+        if not isinstance(data.get("supernodes"), list) or not isinstance(data.get("edges"), list):
+            raise GraphError(f"{_beside(graph, CIRCUIT_SUFFIX).name}: missing 'supernodes' or 'edges' "
+                             "(docs/CIRCUIT_FORMAT.md)", 422)
+        return data
+
+    def read_subgraphs(self, graph: GraphRef) -> list[dict]:
+        """Saved pinned subgraphs ([] when none were saved)."""
+        data = self._read_sidecar(graph, SUBGRAPHS_SUFFIX)
+        items = (data or {}).get("subgraphs", [])
+        return items if isinstance(items, list) else []
+
+    def write_subgraphs(self, graph: GraphRef, subgraphs: list[dict]) -> Path:
+        from cltrace.io import atomic_write_json
+
+        path = _beside(graph, SUBGRAPHS_SUFFIX)
+        return atomic_write_json({"version": 1, "graph": graph.name, "subgraphs": subgraphs}, path)
+
+    def _read_sidecar(self, graph: GraphRef, suffix: str) -> dict | None:
+        path = _beside(graph, suffix)
+        if path.is_symlink() or not path.is_file():  # never follow a link out
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, UnicodeDecodeError) as err:
+            raise GraphError(f"unreadable {path.name}: {err}", 422) from None
+        if not isinstance(data, dict):
+            raise GraphError(f"unreadable {path.name}: top level is not an object", 422)
+        return data
+
     @staticmethod
     def _inside(path: Path, folder: Path) -> bool:
         return path == folder or folder in path.parents
+
+
+def _beside(graph: GraphRef, suffix: str) -> Path:
+    """`graphs/x.json` -> `graphs/x<suffix>`."""
+    return graph.path.with_name(graph.path.name.removesuffix(".json") + suffix)
 
 
 def _size(path: Path) -> int:

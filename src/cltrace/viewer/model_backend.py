@@ -30,6 +30,7 @@ class ModelBackend:
     def feature(self, graph: GraphRef, layer: int, index: int) -> dict | None:
         if self.store is None:
             return self.null.feature(graph, layer, index)
+        check_same_transcoder(self.store, graph)
         try:
             return self.store.dashboard(layer, index)
         except CltraceError as err:  # the store's "no feature L:i in this store"
@@ -46,9 +47,11 @@ class ModelBackend:
         ivs = [Intervention(layer=i.layer, feature=i.feature, mode=i.mode, value=i.value,
                             positions=None if i.pos is None else (i.pos,))
                for i in request.interventions]
+        # freeze attention: constrained patching through the last layer (interventions.steer)
+        frozen = {"constrain_until": self.steerer.tc.cfg.n_layers - 1} if request.freeze_attention else {}
         with self._lock:
             try:
-                result = self.steerer.run(prompt, ivs, top_k=TOP_K, generate=request.generate)
+                result = self.steerer.run(prompt, ivs, top_k=TOP_K, generate=request.generate, **frozen)
             except CltraceError as err:  # an index out of range: the message names the ranges
                 raise BackendError(err.message, status=400) from err
             except ValueError as err:     # positions outside the prompt
@@ -57,6 +60,16 @@ class ModelBackend:
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return self.null.suggest_supernodes(graph)
+
+
+def check_same_transcoder(store: Any, graph: GraphRef) -> None:
+    """A 409 when the store was built from another transcoder than the graph's."""
+    theirs = (graph.metadata.get("cltrace") or {}).get("transcoder")
+    ours = (getattr(store, "meta", None) or {}).get("transcoder")
+    if theirs and ours and ours not in ("in-memory", theirs):
+        raise BackendError(f"the feature store was built from transcoder {ours!r} but this graph was "
+                           f"traced with {theirs!r}: its dashboards would describe other features; "
+                           f"serve with --features <the store of {theirs}>", status=409)
 
 
 def load_model_backend(features: str | None, transcoder: str | None,

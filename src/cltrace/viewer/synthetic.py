@@ -102,6 +102,53 @@ def synthetic_graph(n_nodes: int = 60, n_links: int = 240, n_layers: int = 6,
     }
 
 
+def synthetic_circuit(graph: dict, n_groups: int = 4, seed: int = 0) -> dict:
+    """A circuit file (docs/CIRCUIT_FORMAT.md) over `graph`: `n_groups` feature supernodes of
+    same-layer features, the prompt's embeddings and the top logit; edges are the summed graph
+    links between supernodes. The first group is validated, the second failed, the rest not."""
+    rng = random.Random(seed)
+    feats = [n for n in graph["nodes"] if n["feature_type"] == FEATURE_TYPE]
+    by_layer: dict[str, list[dict]] = {}
+    for n in sorted(feats, key=lambda n: n["influence"]):
+        by_layer.setdefault(n["layer"], []).append(n)
+    layers = sorted(by_layer, key=int)[:n_groups]
+    tokens = graph["metadata"]["prompt_tokens"]
+    logit = next(n for n in graph["nodes"] if n["feature_type"] == "logit")
+    sns = [_sn(f"emb:{p}", tok, "embedding", [n["node_id"] for n in graph["nodes"]
+           if n["feature_type"] == "embedding" and n["ctx_idx"] == p], [p]) for p, tok in enumerate(tokens)]
+    for k, layer in enumerate(layers):
+        members = by_layer[layer][:3]
+        sn = _sn(f"sn{k}", f"group {k} · L{layer}", "features", [n["node_id"] for n in members],
+                 sorted({n["ctx_idx"] for n in members}), layers=[int(layer), int(layer)],
+                 influence_share=round(0.3 / (k + 1), 3))
+        if k < 2:
+            sn.update(predicted_effect=-1.5 + k, measured_effect=-1.2 - 2 * k,
+                      measured_prob=round(rng.uniform(0.05, 0.4), 3), failed=k == 1)
+        sns.append(sn)
+    sns.append(_sn("logit", logit["clerp"], "logit", [logit["node_id"]], [logit["ctx_idx"]],
+                   influence_share=1.0))
+    owner = {nid: sn["id"] for sn in sns for nid in sn["node_ids"]}
+    sums: dict[tuple[str, str], float] = {}
+    for link in graph["links"]:
+        s, t = owner.get(link["source"]), owner.get(link["target"])
+        if s and t and s != t:
+            sums[(s, t)] = sums.get((s, t), 0.0) + link["weight"]
+    edges = [{"source": s, "target": t, "weight": round(w, 5)} for (s, t), w in sums.items()]
+    return {"version": 1, "prompt": graph["metadata"]["prompt"], "tokens": tokens,
+            "answer": LOGIT_TOKENS[0], "answer_id": 9000, "answer_prob": 0.45, "model": "synthetic",
+            "transcoder": "synthetic", "influence_share": 0.5,
+            "faithfulness": {"spearman_supernodes": 0.5, "spearman_features": None,
+                             "n_supernodes": 2, "n_features": None},
+            "supernodes": sns, "edges": edges, "stats": {}}
+
+
+def _sn(sid: str, name: str, kind: str, node_ids: list[str], positions: list[int],
+        layers: list[int] | None = None, influence_share: float = 0.0) -> dict:
+    return {"id": sid, "name": name, "kind": kind, "node_ids": node_ids, "positions": positions,
+            "layers": layers, "evidence": [], "influence_share": influence_share,
+            "predicted_effect": None, "measured_effect": None, "measured_prob": None, "failed": None}
+
+
 class SyntheticBackend:
     """Deterministic answers for every back-end call (tests, benchmark, demos)."""
 
@@ -114,7 +161,11 @@ class SyntheticBackend:
                 "promoted": [{"token": t, "value": 1.0 - 0.1 * k}
                              for k, t in enumerate(LOGIT_TOKENS[:3])],
                 "suppressed": [{"token": t, "value": -1.0 + 0.1 * k}
-                               for k, t in enumerate(LOGIT_TOKENS[3:])]}
+                               for k, t in enumerate(LOGIT_TOKENS[3:])],
+                "quantiles": [{"low": 0.5 * k, "high": 0.5 * (k + 1), "examples": contexts[:1]}
+                              for k in range(2)],
+                "label_source": "auto", "label_reads": ["Dallas"], "label_writes": ["Texas"],
+                "label_broad": False, "label_detection": 0.91, "label_output": 0.5}
 
     def intervene(self, graph: GraphRef, request: InterventionRequest) -> dict:
         logits = [n for n in graph.data["nodes"] if n.get("feature_type") == "logit"]
@@ -127,7 +178,8 @@ class SyntheticBackend:
         after.sort(key=lambda x: -x["prob"])
         words = ["and", "then", "the", "capital"][: request.generate]
         return {"before": before, "after": after, "continuation_before": None,
-                "continuation": " ".join(words) or None}
+                "continuation": " ".join(words) or None,
+                "freeze_attention": request.freeze_attention}
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return suggest_by_shared_target(graph.data)

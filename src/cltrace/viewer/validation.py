@@ -76,8 +76,11 @@ def parse_intervention(data: dict, n_pos: int | None = None) -> InterventionRequ
         raise BadRequest("graph must be a non-empty string")
     items = _list(data.get("interventions"), "interventions", MAX_INTERVENTIONS, lo=1)
     generate = _int(data.get("generate", 0), "generate", 0, MAX_GENERATE)
+    freeze = data.get("freeze_attention", False)
+    if not isinstance(freeze, bool):
+        raise BadRequest("freeze_attention must be true or false")
     return InterventionRequest(graph, [_intervention(x, i, n_pos) for i, x in enumerate(items)],
-                               generate)
+                               generate, freeze)
 
 
 def parse_supernodes(data: dict, node_ids: set[str]) -> list[dict]:
@@ -97,3 +100,38 @@ def parse_supernodes(data: dict, node_ids: set[str]) -> list[dict]:
             raise BadRequest(f"{where}.node_ids has ids not in the graph: {unknown[:3]}")
         clean.append({"name": name.strip(), "node_ids": list(dict.fromkeys(ids))})
     return clean
+
+
+MAX_SUBGRAPHS = 200
+
+
+def parse_subgraphs(data: dict, node_ids: set[str]) -> list[dict]:
+    """Validate `{subgraphs: [{name, pinnedIds: [id], supernodes: [[name, id, ...]]}]}`
+    (Neuronpedia's qParams names) against the graph's node ids."""
+    items = _list(data.get("subgraphs"), "subgraphs", MAX_SUBGRAPHS)
+    clean = []
+    for i, item in enumerate(items):
+        where = f"subgraphs[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where} must be an object")
+        name = item.get("name")
+        if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_GROUP_NAME:
+            raise BadRequest(f"{where}.name must be a string of 1 to {MAX_GROUP_NAME} characters")
+        pinned = _ids(item.get("pinnedIds"), f"{where}.pinnedIds", node_ids)
+        groups = _list(item.get("supernodes", []), f"{where}.supernodes", MAX_GROUPS)
+        supernodes = []
+        for k, group in enumerate(groups):
+            if not isinstance(group, list) or len(group) < 2 or not isinstance(group[0], str):
+                raise BadRequest(f"{where}.supernodes[{k}] must be [name, node id, ...]")
+            supernodes.append([group[0][:MAX_GROUP_NAME],
+                               *_ids(group[1:], f"{where}.supernodes[{k}]", node_ids)])
+        clean.append({"name": name.strip(), "pinnedIds": pinned, "supernodes": supernodes})
+    return clean
+
+
+def _ids(value: Any, field: str, node_ids: set[str]) -> list[str]:
+    ids = _list(value, field, MAX_GROUP_NODES)
+    unknown = [x for x in ids if not isinstance(x, str) or x not in node_ids]
+    if unknown:
+        raise BadRequest(f"{field} has ids not in the graph: {unknown[:3]}")
+    return list(dict.fromkeys(ids))

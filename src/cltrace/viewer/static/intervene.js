@@ -1,4 +1,5 @@
-// Interventions panel: steer selected features (or ticked supernodes), show old vs new top-k.
+// Interventions panel: steer or ablate the selected / pinned features or supernodes, show old vs
+// new top-k and continuations; every run is kept in a side list (#intervene-history).
 
 import { el, postJSON } from "./api.js";
 import { featureIndex } from "./model.js";
@@ -22,10 +23,11 @@ export function buildRequest(graphName, targets, form) {
       pos: form.allPositions ? null : n.ctx, mode: form.mode, value: form.value,
     })),
     generate: form.generate,
+    freeze_attention: Boolean(form.freeze),
   };
 }
 
-export async function runIntervention(request, out) {
+export async function runIntervention(request, out, describe = "") {
   out.error.textContent = "";
   out.result.replaceChildren(el("p", { className: "muted", textContent: "running…" }));
   out.continuation.textContent = "";
@@ -36,6 +38,7 @@ export async function runIntervention(request, out) {
       out.continuation.textContent = `continuation: ${reply.continuation}`;
       if (reply.continuation_before) out.continuation.textContent += `  (was: ${reply.continuation_before})`;
     }
+    if (out.history) out.history.prepend(historyItem(request, reply, describe));
   } catch (err) {
     out.result.replaceChildren();
     out.error.textContent = err.message;
@@ -56,6 +59,17 @@ function comparisonTable(before, after) {
   }
   table.append(body);
   return table;
+}
+
+// One line per run: what was done, the top token before → after, the continuation.
+function historyItem(request, reply, describe) {
+  const first = request.interventions[0];
+  const what = `${first.mode === "set" ? "set to" : "×"} ${first.value}` + (request.freeze_attention ? " · frozen attention" : "");
+  const b = (reply.before || [])[0] || {}, a = (reply.after || [])[0] || {};
+  return el("li", { "data-testid": "intervene-history-item" },
+    el("b", { textContent: describe || `${request.interventions.length} feature(s)` }), ` ${what}: `,
+    el("code", { textContent: b.token ?? "" }), ` ${fmt(b.prob)} → `, el("code", { textContent: a.token ?? "" }),
+    ` ${fmt(a.prob)}`, reply.continuation ? el("div", { className: "continuation", textContent: `“${reply.continuation}”` }) : "");
 }
 
 function fmt(p) { return typeof p === "number" ? p.toFixed(4) : ""; }

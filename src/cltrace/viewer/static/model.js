@@ -34,7 +34,9 @@ export function buildModel(json) {
   const tokens = json.metadata.prompt_tokens || [];
   const nPos = nodes.reduce((m, n) => Math.max(m, n.ctx + 1), Math.max(tokens.length, 1));
   const nRows = nodes.reduce((m, n) => Math.max(m, n.row), 1) + 1;
-  return { nodes, byId, links, tokens, nPos, nRows, metadata: json.metadata };
+  const ranked = nodes.filter((n) => n.type === "feature" || n.type === "error")
+    .sort((x, y) => (x.influence ?? 1) - (y.influence ?? 1));  // strongest first
+  return { nodes, byId, links, tokens, nPos, nRows, ranked, metadata: json.metadata };
 }
 
 function assignRows(nodes) {
