@@ -5,16 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cltrace.circuits.group import (
-    Evidence,
-    GroupConfig,
-    feature_set,
-    group_features,
-    group_name,
-    parse_label,
-    shared_evidence,
-    suggest_supernodes,
-)
+from cltrace.circuits.evidence import Evidence, parse_label, shared_evidence
+from cltrace.circuits.group import GroupConfig, feature_set, group_features, group_name, suggest_supernodes
 from cltrace.interventions.supernodes import GraphView
 
 N_LAYERS, D = 8, 32

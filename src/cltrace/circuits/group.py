@@ -16,18 +16,22 @@ Signals, for every pair of feature nodes i, j kept by pruning (each in [0, 1]):
 
   sim(i, j) = g · Σ_k w_k s_k / Σ_k w_k   (over the signals available)
 
+A pair whose signed influences on the answer's logit (`signed_influence`: prune's influence
+with signs kept) are opposite, both at least `sign_floor` of the largest, never shares a group
+either: a supernode pushes the answer one way.
+
 Average-linkage agglomerative clustering merges while the best pair's similarity is at least
 `threshold`. The groups are then ranked by the logit influence they carry (prune's node
 influence, as a share of the influence of all feature and error nodes); those carrying at
 least `min_share` are kept, at most `max_groups` (the `min_groups` strongest are kept even
 below the share). The rest is dropped and its share reported. Nothing depends on the prompt.
 
-Names come from the evidence most members share ("Tokyo · Japan → Japanese": read side
-before the arrow, write side after); without evidence, from the position's token, the
-position and the layers ("' Tokyo' @5 L2-6").
+Names come from the label evidence most members share (`circuits.evidence`; "Tokyo · Japan →
+Japanese": read side before the arrow, write side after); without evidence, from the
+position's token, the position, the layers and the sign of the effect ("' Tokyo' @5 L2-6 (+)").
 
-`suggest_supernodes` runs the same grouping on a graph JSON document (the viewer's), so the
-viewer's suggestions and the circuits are one implementation.
+`suggest_supernodes` runs the same grouping on a graph JSON document (the viewer's) or a
+pruned Graph: the one automatic grouping of cltrace.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from cltrace.circuits.evidence import Evidence, feature_evidence, jaccard_matrix, parse_label, shared_evidence
 from cltrace.errors import CltraceError
 from cltrace.interventions.supernodes import (
     FeatureNode,
@@ -55,7 +60,6 @@ from cltrace.transcoders.interface import TranscoderLike
 _ERROR_ID = re.compile(r"^err_(\d+)_(\d+)$")
 _EMBED_ID = re.compile(r"^E_(-?\d+)_(\d+)$")
 FORBIDDEN = -1e9  # similarity of pairs that must never share a group
-_SPLIT = re.compile(r"\s*(?:·|/|,|;|\|)\s*")
 
 
 @dataclass
@@ -90,69 +94,6 @@ class GroupConfig:
                 f"need 0 <= min_groups <= max_groups and max_groups >= 1, got "
                 f"{self.min_groups} and {self.max_groups}"
             )
-
-
-# --------------------------------------------------------------------------- label evidence
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Words of one label: what the feature reads (fires on) and what it writes (promotes)."""
-
-    reads: frozenset[str] = frozenset()
-    writes: frozenset[str] = frozenset()
-
-    def words(self) -> set[str]:
-        return {f"r:{w.lower()}" for w in self.reads} | {f"w:{w.lower()}" for w in self.writes}
-
-    def __bool__(self) -> bool:
-        return bool(self.reads or self.writes)
-
-
-def parse_label(label: str | None) -> Evidence:
-    """`"Tokyo · Japan/Osaka → Japanese"` -> reads {Tokyo, Japan, Osaka}, writes {Japanese}.
-
-    Labels that say nothing (empty, "(never active)", "(too broad …)") give no evidence; a
-    trailing "…" (mixed contexts) is dropped from the word.
-    """
-    if not label or label.lstrip().startswith("(") or "too broad" in label.lower():
-        return Evidence()
-    reads, _, writes = label.partition("→")
-
-    def words(part: str) -> frozenset[str]:
-        parts = (re.sub(r"\s*\(.*?\)\s*", " ", w).strip().strip("…").strip() for w in _SPLIT.split(part))
-        return frozenset(w for w in parts if w and w not in ("∅", "␣"))
-
-    return Evidence(words(reads), words(writes))
-
-
-def feature_evidence(store, feats: Sequence[FeatureNode]) -> dict[tuple[int, int], Evidence]:
-    """Label evidence of each (layer, feature) from a feature store; {} without a store.
-
-    Uses the store's structured evidence when it offers it (`label_evidence(keys)` returning
-    {key: (reads, writes)}), else parses `store.labels(keys)`.
-    """
-    if store is None or not feats:
-        return {}
-    keys = list(dict.fromkeys((f.layer, f.feature) for f in feats))
-    if hasattr(store, "label_evidence"):
-        found = store.label_evidence(keys)
-        return {k: Evidence(frozenset(r), frozenset(w)) for k, (r, w) in found.items()}
-    return {k: parse_label(v) for k, v in store.labels(keys).items()}
-
-
-def jaccard_matrix(sets: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """[m, m] Jaccard overlaps and an [m, m] mask of the pairs where both sets are non-empty."""
-    vocab = {w: k for k, w in enumerate(sorted(set().union(*sets)))} if sets else {}
-    X = np.zeros((len(sets), max(1, len(vocab))))
-    for i, s in enumerate(sets):
-        for w in s:
-            X[i, vocab[w]] = 1.0
-    inter = X @ X.T
-    sizes = X.sum(1)
-    union = sizes[:, None] + sizes[None, :] - inter
-    both = (sizes[:, None] > 0) & (sizes[None, :] > 0)
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), both
 
 
 # --------------------------------------------------------------------------- features of a view
@@ -351,35 +292,6 @@ def _distinct_names(groups: list[FeatureGroup]) -> None:
         seen[g.name] += 1
         if seen[g.name] > 1:
             g.name = f"{g.name} #{seen[g.name]}"
-
-
-def shared_evidence(evidence: Sequence[Evidence], weights: np.ndarray, limit: int) -> list[str]:
-    """Words the members share, most influence-weighted support first: reads, then "→ writes".
-
-    A word counts when members carrying at least a third of the labelled members' influence
-    (and at least two members when more than two are labelled) have it; a lone labelled
-    feature's words all count.
-    """
-    labelled = [(e, float(w)) for e, w in zip(evidence, weights) if e]
-    if not labelled:
-        return []
-    total = sum(w for _, w in labelled) or 1.0
-    need_members = 2 if len(labelled) > 2 else 1
-    out: list[str] = []
-    for side in ("reads", "writes"):
-        support: Counter[str] = Counter()
-        count: Counter[str] = Counter()
-        spelling: dict[str, str] = {}
-        for e, w in labelled:
-            for word in getattr(e, side):
-                key = word.lower()
-                support[key] += w / total
-                count[key] += 1
-                spelling.setdefault(key, word)
-        ranked = [k for k, s in support.most_common() if s >= 1 / 3 and count[k] >= need_members]
-        budget = limit - len(out) if side == "writes" else max(1, limit - 2)
-        out += [("→ " if side == "writes" else "") + spelling[k] for k in ranked[:budget]]
-    return out
 
 
 def group_name(
