@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cltrace.transcoders.config import TranscoderConfig
-from cltrace.transcoders.evaluate import evaluate_activations, evaluate_replacement, replacement_patch
+from cltrace.transcoders.evaluate import evaluate_activations, evaluate_replacement, replacement_patch, report
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.train import synthetic_batches
 from tiny import tiny_model
@@ -27,7 +27,16 @@ def test_activation_metrics_by_definition():
         assert m.nmse[l] == pytest.approx((err / var).item(), rel=1e-4)
         assert m.l0[l] == pytest.approx((out.acts[:, l] > 0).sum().item() / 120)
         assert m.dead[l] == int(((out.acts[:, l] > 0).sum(0) == 0).sum())
+        density = sorted(((out.acts[:, l] > 0).sum(0) / 120).tolist())
+        assert m.median_density[l] == pytest.approx((density[15] + density[16]) / 2)   # 32 features
+        assert m.dense[l] == sum(d > 0.1 for d in density)
     assert m.n_tokens == 120
+    every = sorted(((out.acts > 0).sum(0) / 120).flatten().tolist())
+    s = m.summary()
+    assert s["median_density"] == pytest.approx((every[47] + every[48]) / 2)
+    assert s["dense_share"] == pytest.approx(sum(d > 0.1 for d in every) / 96)
+    assert s["dead_share"] == pytest.approx(sum(d == 0 for d in every) / 96)
+    assert s["dense_share"] > 0 and "median density" in report(m)    # fire_frac 0.2: dense ones exist
 
 
 @pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", True)])

@@ -193,6 +193,7 @@ class TrainConfig:
 # throughput in the first steps and sizes the token budget to fit (`tokens` is then a cap), so
 # they fit on any CPU: bf16 ones (AMX, AVX512-bf16) reach more tokens than AVX2-only ones
 # (fp32; CLTRACE_PRECISION=fp32 stands in for one). Throughput: bench/bench_train.py, README.
+# AuxK acts on features silent for dead_window_tokens (20k: these runs see 10^5-10^6 tokens).
 #   demo     18 x 1024 TopK CLT (k = 64) + AuxK, 10 minutes of training harvested on the fly
 #            (data loading included), then TopK -> JumpReLU; sized so that the whole
 #            `cltrace demo` fits 30 minutes on an AVX2-only 2-core CPU.
@@ -204,11 +205,11 @@ class TrainConfig:
 #   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(model=DEFAULT_MODEL, n_features=1024, activation="topk", topk=64, minutes=10.0,
-                 tokens=2_000_000, batch_size=1024, lr=2e-3, dead_window_tokens=40_000, checkpoint_every=20,
+                 tokens=2_000_000, batch_size=1024, lr=2e-3, dead_window_tokens=20_000, checkpoint_every=20,
                  jumprelu_after_topk=True, auxk_alpha=1 / 32),
     "session": dict(model=DEFAULT_MODEL, n_features=2048, activation="batchtopk", topk=20, minutes=45.0,
                     tokens=5_000_000, batch_size=1024, lr=2e-3, checkpoint_every=50,
-                    dead_window_tokens=100_000, jumprelu_after_topk=True, auxk_alpha=1 / 32),
+                    dead_window_tokens=20_000, jumprelu_after_topk=True, auxk_alpha=1 / 32),
     "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(model=DEFAULT_MODEL, n_features=16384, tokens=50_000_000, batch_size=4096,
                   dead_window_tokens=10_000_000, checkpoint_every=500),

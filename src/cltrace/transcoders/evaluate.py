@@ -4,6 +4,8 @@ Activation level, on held-out (MLP input, MLP output) batches, per layer l:
     nmse_l = Σ ||ŷ_l - y_l||² / Σ ||y_l - mean(y_l)||²,   fve_l = 1 - nmse_l
     l0_l   = mean number of active features per token
     dead_l = features never active on these tokens;  dense_l = active on > `dense_frac` of them
+    density of a feature = the fraction of tokens it is active on; its median per layer and over
+    all features, and the shares of dense and dead features (readable features are rare)
 Replacement model, on token sequences: every MLP output (positions ≥ 1; position 0 is the
 BOS attention sink the transcoder never saw) replaced by the transcoder's reconstruction:
     top-1 agreement with the real model's next-token argmax, KL(real || replacement), and
@@ -14,9 +16,10 @@ BOS attention sink the transcoder never saw) replaced by the transcoder's recons
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +39,23 @@ class ActivationMetrics:
     fve: list[float]
     l0: list[float]
     dead: list[int]
-    dense: list[int]
+    dense: list[int]        # features active on > dense_frac of the tokens
+    median_density: list[float] = field(default_factory=list)   # per layer (absent in old eval.json)
+    median_density_all: float | None = None                      # over every feature
+    n_features: int | None = None                                # per layer
+    dense_frac: float = 0.1
 
     def summary(self) -> dict[str, float]:
-        mean = lambda v: sum(v) / len(v)  # noqa: E731
-        return {"nmse": mean(self.nmse), "fve": mean(self.fve), "l0": mean(self.l0),
-                "dead": sum(self.dead), "dense": sum(self.dense)}
+        def mean(v):
+            return sum(v) / len(v)
+
+        out = {"nmse": mean(self.nmse), "fve": mean(self.fve), "l0": mean(self.l0),
+               "dead": sum(self.dead), "dense": sum(self.dense)}
+        if self.n_features:
+            total = self.n_features * len(self.nmse)
+            out.update(dead_share=sum(self.dead) / total, dense_share=sum(self.dense) / total,
+                       median_density=self.median_density_all, l0_share=out["l0"] / self.n_features)
+        return out
 
 
 @dataclass
@@ -82,8 +96,11 @@ def evaluate_activations(tc: Transcoder, batches: Iterable, *, max_tokens: int |
         raise CltraceError("no evaluation tokens", hint="check the held-out store or --tokens")
     var = sq - total.pow(2).sum(1) / n                        # Σ ||y - mean(y)||²
     nmse = (err / var.clamp_min(1e-12)).tolist()
+    density = fires.double() / n                                              # [L, F]
     return ActivationMetrics(n, nmse, [1 - v for v in nmse], (fires.sum(1) / n).tolist(),
-                             (fires == 0).sum(1).tolist(), (fires > dense_frac * n).sum(1).tolist())
+                             (fires == 0).sum(1).tolist(), (fires > dense_frac * n).sum(1).tolist(),
+                             density.quantile(0.5, dim=1).tolist(), density.quantile(0.5).item(), n_feat,
+                             dense_frac)
 
 
 def replacement_patch(tc: Transcoder) -> Callable[[int, Tensor, Tensor], Tensor]:
@@ -153,13 +170,19 @@ def evaluate_replacement(tc: Transcoder, model, token_batches: Iterable[Tensor])
 
 def report(act: ActivationMetrics, rep: ReplacementMetrics | None = None) -> str:
     """A plain-text table of the metrics."""
-    lines = [f"{'layer':>5} {'nmse':>7} {'fve':>7} {'L0':>8} {'dead':>6} {'dense':>6}"]
+    med = act.median_density or [float("nan")] * len(act.nmse)
+    lines = [f"{'layer':>5} {'nmse':>7} {'fve':>7} {'L0':>8} {'dead':>6} {'dense':>6} {'med dens':>9}"]
     for l in range(len(act.nmse)):
         lines.append(f"{l:>5} {act.nmse[l]:>7.3f} {act.fve[l]:>7.3f} {act.l0[l]:>8.1f} "
-                     f"{act.dead[l]:>6} {act.dense[l]:>6}")
+                     f"{act.dead[l]:>6} {act.dense[l]:>6} {med[l]:>9.2e}")
     s = act.summary()
     lines.append(f"{'all':>5} {s['nmse']:>7.3f} {s['fve']:>7.3f} {s['l0']:>8.1f} "
-                 f"{s['dead']:>6} {s['dense']:>6}   ({act.n_tokens:,} tokens)")
+                 f"{s['dead']:>6} {s['dense']:>6} {s.get('median_density') or float('nan'):>9.2e}"
+                 f"   ({act.n_tokens:,} tokens)")
+    if "dead_share" in s:
+        lines.append(f"features: {s['dead_share']:.1%} dead (never active), {s['dense_share']:.1%} dense "
+                     f"(active on > {act.dense_frac:.0%} of tokens), median density "
+                     f"{s['median_density']:.2e}, L0 {s['l0_share']:.2%} of the width")
     if rep is not None:
         lines.append(f"replacement model on {rep.n_tokens:,} tokens: top-1 agreement "
                      f"{rep.top1_agreement:.3f}, KL {rep.kl:.3f} nats, CE real {rep.ce_real:.3f} / "
