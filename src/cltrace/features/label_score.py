@@ -12,9 +12,10 @@ firing from silent positions, 0.5 = chance.
 
 *Output*: steer the feature up (add `steer_scale` x its max activation times its decoder to
 every target layer's MLP output, at every position but BOS) on neutral held-out text, in one
-batched forward for many features; score = the mean percentile, among all vocabulary
-tokens, of the logit rise of the tokens the label says it writes (1 = raised most, 0.5 =
-chance). Ranks at a position equal ranks of the log-probability change.
+batched forward for many features; score = the mean percentile of the logit rise of the
+tokens the label says it writes, among the words of the scanned text (the population those
+tokens are drawn from; 1 = raised most, 0.5 = chance). Ranks at a position equal ranks of
+the log-probability change.
 
 *Baseline*: the same scores with labels shuffled between features (a cyclic shift of a
 random order, so no feature keeps its own): a scorer that cannot fail would score it high.
@@ -240,16 +241,19 @@ def output_scores(
     transcoder: TranscoderLike,
     contexts: "Int[Tensor, 'c n']",
     jobs: Sequence[OutputJob],
+    reference: Sequence[int],
     *,
     batch: int = 8,
     show_progress: bool = False,
 ) -> list[tuple[float, float]]:
-    """(own, shuffled) output score of each job, from one steered forward per (job, context)."""
+    """(own, shuffled) output score of each job, from one steered forward per (job, context);
+    percentiles are taken among the `reference` token ids."""
     import torch
 
     from cltrace.progress import progress
 
     contexts = contexts.to(model.device)
+    ref = torch.as_tensor(list(reference), device=model.device)
     C = contexts.shape[0]
     with torch.no_grad():
         clean = model.run(contexts).float()[:, 1:]  # [C, n-1, V]
@@ -265,12 +269,13 @@ def output_scores(
         rise = logits - clean.repeat(len(part), 1, 1)
         for j, job in enumerate(part):
             r = rise[j * C : (j + 1) * C].flatten(0, 1)  # [C*(n-1), V]
-            out.append((_percentile(r, job.own), _percentile(r, job.other)))
+            out.append((_percentile(r, job.own, ref), _percentile(r, job.other, ref)))
     return out
 
 
-def _steering_deltas(model: "LoadedModel", transcoder: TranscoderLike,
-                     jobs: Sequence[OutputJob]) -> "Float[Tensor, 'j l d']":
+def _steering_deltas(
+    model: "LoadedModel", transcoder: TranscoderLike, jobs: Sequence[OutputJob]
+) -> "Float[Tensor, 'j l d']":
     import torch
 
     delta = torch.zeros(len(jobs), model.n_layers, model.d_model)
@@ -296,13 +301,13 @@ def _steered_logits(
         return model.run(tokens).float()[:, 1:]
 
 
-def _percentile(rise: "Float[Tensor, 'p v']", ids: Sequence[int]) -> float:
-    """Mean over positions and `ids` of the share of the vocabulary that rose less."""
+def _percentile(rise: "Float[Tensor, 'p v']", ids: Sequence[int], ref: "Int[Tensor, ' r']") -> float:
+    """Mean over positions and `ids` of the share of the reference tokens that rose less."""
     import torch
 
     idx = torch.as_tensor(list(ids), device=rise.device)
     mine = rise[:, idx]  # [p, k]
-    below = (rise[:, :, None] < mine[:, None, :]).float().mean(1)  # [p, k]
+    below = (rise[:, ref, None] < mine[:, None, :]).float().mean(1)  # [p, k]
     return float(below.mean())
 
 

@@ -253,9 +253,10 @@ def _score_outputs(
         list(stats.row_of), LabelConfig(pool_contexts=cfg.output_contexts, seed=cfg.seed + 3)
     )
     contexts = torch.as_tensor(stats.tokens[[stats.row_of[c] for c in ctx_ids], : cfg.output_len])
-    for f, (own, other) in zip(
-        cands, output_scores(model, transcoder, contexts, jobs, show_progress=show_progress)
-    ):
+    vocab = dict(store.conn.execute("SELECT id, text FROM vocab"))
+    words = sorted(t for t in stats.token_key if any(ch.isalnum() for ch in vocab.get(t, "")))
+    scores = output_scores(model, transcoder, contexts, jobs, words, show_progress=show_progress)
+    for f, (own, other) in zip(cands, scores):
         f.output, f.output_shuffled = own, other
         f.label.output = own
 
