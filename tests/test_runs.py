@@ -53,7 +53,7 @@ def test_wrong_paths_are_clear_errors_with_hints(tmp_path, home):
     _transcoder().save(home / "runs" / "known" / "transcoder")
     with pytest.raises(CltraceError, match="no transcoder run at") as err:
         runs.resolve_run(tmp_path / "nothing")
-    assert "known" in err.value.hint              # the runs that do exist are listed
+    assert "known" in err.value.hint  # the runs that do exist are listed
     (tmp_path / "empty").mkdir()
     with pytest.raises(CltraceError, match="holds no transcoder"):
         runs.resolve_run(tmp_path / "empty")
@@ -90,7 +90,10 @@ def test_store_path(tmp_path, home):
     assert runs.store_path(db) == db
     assert runs.store_path("r", tmp_path / "other.db") == tmp_path / "other.db"
     assert runs.store_path("r") == (home / "runs" / "r").resolve() / "features.sqlite"
-    assert runs.store_path(home / "runs" / "r" / "transcoder") == (home / "runs" / "r").resolve() / "features.sqlite"
+    assert (
+        runs.store_path(home / "runs" / "r" / "transcoder")
+        == (home / "runs" / "r").resolve() / "features.sqlite"
+    )
 
 
 def test_one_device_rule():
@@ -109,16 +112,20 @@ def test_every_command_defaults_to_the_same_device():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    defaults = {name: next((a.default for a in p._actions if a.dest == "device"), "none")
-                for name, p in sub.choices.items()}
+    defaults = {
+        name: next((a.default for a in p._actions if a.dest == "device"), "none")
+        for name, p in sub.choices.items()
+    }
     with_device = {n: d for n, d in defaults.items() if d != "none"}
     assert {"trace", "features", "eval", "intervene", "serve", "train", "harvest", "demo"} <= set(with_device)
     assert set(with_device.values()) == {"auto"}
 
 
 def test_the_viewer_and_the_demo_do_not_import_the_cli_commands():
-    code = ("import sys, cltrace.viewer.server, cltrace.viewer.backend, cltrace.viewer.model_backend, "
-            "cltrace.demo, cltrace.runs; "
-            "print(sorted(m for m in sys.modules if m.startswith('cltrace.commands') or m == 'cltrace.cli'))")
+    code = (
+        "import sys, cltrace.viewer.server, cltrace.viewer.backend, cltrace.viewer.model_backend, "
+        "cltrace.demo, cltrace.runs; "
+        "print(sorted(m for m in sys.modules if m.startswith('cltrace.commands') or m == 'cltrace.cli'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

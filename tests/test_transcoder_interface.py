@@ -4,12 +4,12 @@ stage typed on it (the Steerer) runs on the stand-in, which has no training code
 from __future__ import annotations
 
 import torch
-from test_features_standin import StandInTranscoder, make_standin
-from tiny import tiny_model
 
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.interface import TranscoderLike, device_dtype
 from cltrace.transcoders.model import Transcoder
+from test_features_standin import StandInTranscoder, make_standin
+from tiny import tiny_model
 
 
 def test_both_implementations_satisfy_the_protocol():
@@ -36,5 +36,5 @@ def test_steering_runs_on_the_standin_and_is_causal():
     iv = Intervention(1, 3, (2,), "set", float(base[2, 1, 3]) + 2.0)
     logits_before = steerer.logits(tokens)
     logits_after = steerer.logits(tokens, [iv])
-    assert not torch.allclose(logits_before, logits_after)           # the edit reaches the output
+    assert not torch.allclose(logits_before, logits_after)  # the edit reaches the output
     torch.testing.assert_close(logits_before[:, :2], logits_after[:, :2])  # and nothing before pos 2

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from cltrace.models.loading import LoadedModel
     from cltrace.transcoders.model import Transcoder
 
-TRANSCODER_SUBDIR = "transcoder"       # where `cltrace train` saves the transcoder inside a run
+TRANSCODER_SUBDIR = "transcoder"  # where `cltrace train` saves the transcoder inside a run
 CIRCUIT_TRACER_CONFIG = "config.yaml"  # circuit-tracer's transcoder folders
 TranscoderFormat = Literal["cltrace", "circuit-tracer"]
 
@@ -34,9 +34,9 @@ TranscoderFormat = Literal["cltrace", "circuit-tracer"]
 class Run:
     """Where a run's files are (nothing loaded)."""
 
-    dir: Path                   # the run folder: feature store, eval.json, checkpoints
-    transcoder_dir: Path        # the folder holding the transcoder's files (dir or dir/transcoder)
-    format: TranscoderFormat    # how the transcoder is stored
+    dir: Path  # the run folder: feature store, eval.json, checkpoints
+    transcoder_dir: Path  # the folder holding the transcoder's files (dir or dir/transcoder)
+    format: TranscoderFormat  # how the transcoder is stored
 
     @property
     def name(self) -> str:
@@ -58,7 +58,7 @@ class LoadedRun:
     run: Run
     model: LoadedModel
     transcoder: Transcoder
-    model_name: str             # the bundled name or folder the model was loaded from
+    model_name: str  # the bundled name or folder the model was loaded from
     device: str
 
 
@@ -68,10 +68,13 @@ def run_folder(spec: str | Path) -> Path:
         if candidate.is_dir():
             return candidate.resolve()
     if Path(spec).expanduser().exists():
-        raise CltraceError(f"{spec} is a file, not a run folder",
-                           "pass the folder `cltrace train` wrote (or a run name)")
-    raise CltraceError(f"no transcoder run at {str(spec)!r}: no such folder, and no run of that name in "
-                       f"{paths.runs_dir()}", _known_runs_hint())
+        raise CltraceError(
+            f"{spec} is a file, not a run folder", "pass the folder `cltrace train` wrote (or a run name)"
+        )
+    raise CltraceError(
+        f"no transcoder run at {str(spec)!r}: no such folder, and no run of that name in {paths.runs_dir()}",
+        _known_runs_hint(),
+    )
 
 
 def resolve_run(spec: str | Path) -> Run:
@@ -85,9 +88,11 @@ def resolve_run(spec: str | Path) -> Run:
             return Run(run_dir, tc_dir, "cltrace")
         if (tc_dir / CIRCUIT_TRACER_CONFIG).is_file():
             return Run(run_dir, tc_dir, "circuit-tracer")
-    raise CltraceError(f"{folder} holds no transcoder (no {CONFIG_FILE} in it or in {TRANSCODER_SUBDIR}/)",
-                       f"pass the folder `cltrace train` wrote; if training is still running, wait for it "
-                       f"(or `cltrace train --out {run_dir} --resume`)")
+    raise CltraceError(
+        f"{folder} holds no transcoder (no {CONFIG_FILE} in it or in {TRANSCODER_SUBDIR}/)",
+        f"pass the folder `cltrace train` wrote; if training is still running, wait for it "
+        f"(or `cltrace train --out {run_dir} --resume`)",
+    )
 
 
 def load_transcoder(run: Run | str | Path, device: str = "auto") -> Transcoder:
@@ -114,13 +119,17 @@ def model_name(run: Run, transcoder: Transcoder, override: str | None = None) ->
         return override
     if transcoder.cfg.model_name:
         return transcoder.cfg.model_name
-    print(f"note: {run.name} does not say which model it was trained on; using {DEFAULT_MODEL} "
-          "(pass --model to choose)", file=sys.stderr)
+    print(
+        f"note: {run.name} does not say which model it was trained on; using {DEFAULT_MODEL} "
+        "(pass --model to choose)",
+        file=sys.stderr,
+    )
     return DEFAULT_MODEL
 
 
-def open_run(spec: str | Path | Run, model: str | None = None, device: str = "auto",
-             dtype: str = "float32") -> LoadedRun:
+def open_run(
+    spec: str | Path | Run, model: str | None = None, device: str = "auto", dtype: str = "float32"
+) -> LoadedRun:
     """Resolve a run, load its transcoder and its model on one device."""
     import torch
 

@@ -5,10 +5,13 @@ The one sequence behind `cltrace trace` and the demo's experiments.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cltrace import paths
 from cltrace.attribution.export import to_frontend_json, write_json
 from cltrace.attribution.graph import AttributionConfig, Graph, attribute
 from cltrace.attribution.prune import GraphScores, PruneResult, graph_scores, prune
@@ -28,6 +31,17 @@ class TraceResult:
     graph_path: Path                   # full graph, safetensors
     n_json_nodes: int
     n_json_links: int
+
+
+def slugify(text: str, limit: int = 48) -> str:
+    """A file-name-safe slug of the prompt plus a short hash (distinct prompts, distinct files)."""
+    words = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-") or "graph"
+    return f"{words}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
+def default_graph_path(prompt: str) -> Path:
+    """Where a traced prompt's pruned JSON goes when no path is given: the graphs folder."""
+    return paths.graphs_dir() / f"{slugify(prompt)}.json"
 
 
 def trace_to_files(lm, transcoder: TranscoderLike, prompt, cfg: AttributionConfig, out: Path, *,

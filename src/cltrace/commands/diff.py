@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cltrace import paths
     from cltrace.attribution.diff import diff_graphs
-    from cltrace.commands.trace import slugify
+    from cltrace.attribution.pipeline import slugify
     from cltrace.io import atomic_write_json
 
     files = [_looks_like_file(x) for x in (args.a, args.b)]

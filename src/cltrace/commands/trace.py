@@ -60,9 +60,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cltrace import paths
     from cltrace.attribution.graph import AttributionConfig
-    from cltrace.attribution.pipeline import trace_to_files
+    from cltrace.attribution.pipeline import default_graph_path, trace_to_files
     from cltrace.errors import CltraceError
     from cltrace.runs import open_run
 
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                             output_targets=targets,
                             edge_dtype="bfloat16" if args.bf16 else "float32",
                             backward_dtype="bfloat16" if args.bf16 else "float32")
-    out = Path(args.out) if args.out else paths.graphs_dir() / f"{slugify(args.prompt)}.json"
+    out = Path(args.out) if args.out else default_graph_path(args.prompt)
     r = trace_to_files(lm, transcoder, args.prompt, cfg, out, transcoder_id=loaded.run.name,
                        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     _report(r.graph, r.pruned, r.scores, r.logit_strings, r.seconds, r.n_json_nodes, r.n_json_links)
@@ -106,15 +105,6 @@ def single_token(lm, text: str) -> int:
             hint += f", or try {' ' + text!r} (with the leading space most tokenizers use)"
         raise CltraceError(f"--output-target {text!r} is {len(ids)} tokens {shown}, not one", hint)
     return int(ids[0])
-
-
-def slugify(text: str, limit: int = 48) -> str:
-    """A file-name-safe slug of the prompt plus a short hash (distinct prompts, distinct files)."""
-    import hashlib
-    import re
-
-    words = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-") or "graph"
-    return f"{words}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
 def _report(graph, pruned, scores, strings, seconds, n_json_nodes, n_json_links) -> None:

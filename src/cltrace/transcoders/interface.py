@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class TranscoderLike(Protocol):
     """The read side of a transcoder (see docs/ARCHITECTURE.md, "Transcoder")."""
 
-    cfg: TranscoderConfig   # n_layers, d_model, n_features, kind, skip, activation, model_name
+    cfg: TranscoderConfig  # n_layers, d_model, n_features, kind, skip, activation, model_name
 
     def encode(self, x: Float[Tensor, "... L d"]) -> Float[Tensor, "... L F"]:
         """Pre-activations W_enc x + b_enc."""
@@ -37,8 +37,9 @@ class TranscoderLike(Protocol):
         """The activation function (JumpReLU, or TopK)."""
         ...
 
-    def decode(self, acts: Float[Tensor, "... L F"], x: Float[Tensor, "... L d"] | None = None
-               ) -> Float[Tensor, "... L d"]:
+    def decode(
+        self, acts: Float[Tensor, "... L F"], x: Float[Tensor, "... L d"] | None = None
+    ) -> Float[Tensor, "... L d"]:
         """Reconstructed MLP outputs; `x` (the MLP inputs) is needed for a skip transcoder."""
         ...
 
@@ -64,6 +65,7 @@ class TranscoderLike(Protocol):
 
 
 if TYPE_CHECKING:
+
     def _transcoder_satisfies_the_protocol(tc: Transcoder) -> TranscoderLike:  # checked by pyright
         return tc
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from cltrace import paths
 from cltrace.errors import CltraceError
 from cltrace.transcoders.config import TrainConfig
 from cltrace.transcoders.train import TrainResult
 
+if TYPE_CHECKING:
+    from cltrace.data.corpus import Split
+
 
 class TrainingData(NamedTuple):
-    batches: Iterable        # activation batches (.mlp_in, .mlp_out: [B, L, d])
+    batches: Iterable  # activation batches (.mlp_in, .mlp_out: [B, L, d])
     n_layers: int
     d_model: int
 
@@ -29,7 +32,7 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "checkpoint.json").exists()
 
 
-def training_data(cfg: TrainConfig, device: str, split: str = "train") -> TrainingData:
+def training_data(cfg: TrainConfig, device: str, split: Split = "train") -> TrainingData:
     """The store's batches when `cfg.store` is set (repeated, reshuffled, when it is smaller than
     the run), else a live harvest of the corpus `split` with the run's model."""
     if cfg.store:
@@ -40,10 +43,13 @@ def training_data(cfg: TrainConfig, device: str, split: str = "train") -> Traini
             raise CltraceError(f"{cfg.store} holds layers {store.layers}; a transcoder needs all of them")
         epochs = -(-cfg.tokens_needed // max(store.n_tokens, 1))
         if epochs > 1:
-            print(f"note: the store holds {store.n_tokens:,} tokens, fewer than the {cfg.tokens_needed:,} "
-                  f"this run reads: {epochs} passes over it, reshuffled each time")
-        batches = store.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
-                                     epochs=epochs)
+            print(
+                f"note: the store holds {store.n_tokens:,} tokens, fewer than the {cfg.tokens_needed:,} "
+                f"this run reads: {epochs} passes over it, reshuffled each time"
+            )
+        batches = store.iter_batches(
+            cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epochs=epochs
+        )
         return TrainingData(batches, len(store.layers), store.d_model)
     from cltrace.activations.harvest import HarvestConfig, iter_activation_batches
     from cltrace.data.corpus import iter_documents
@@ -51,13 +57,25 @@ def training_data(cfg: TrainConfig, device: str, split: str = "train") -> Traini
 
     hcfg = HarvestConfig(ctx_len=cfg.context_len, seed=cfg.seed)
     model = load_model(cfg.model, device=device, dtype=hcfg.torch_forward_dtype(device))
-    batches = iter_activation_batches(model, iter_documents(split), hcfg, batch_tokens=cfg.batch_size,
-                                      max_tokens=cfg.tokens_needed, drop_last=True)
+    batches = iter_activation_batches(
+        model,
+        iter_documents(split),
+        hcfg,
+        batch_tokens=cfg.batch_size,
+        max_tokens=cfg.tokens_needed,
+        drop_last=True,
+    )
     return TrainingData(batches, model.n_layers, model.d_model)
 
 
-def train_run(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-              device: str = "auto", split: str = "train") -> TrainResult:
+def train_run(
+    cfg: TrainConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    split: Split = "train",
+) -> TrainResult:
     """Train (or with `resume`, continue) the run in `out` (default: `default_run_dir(cfg)`) and
     print its summary; the transcoder is saved to out/transcoder."""
     from cltrace.hardware import resolve_device
@@ -70,11 +88,13 @@ def train_run(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool =
     if resume and not has_checkpoint(out):
         raise CltraceError(f"nothing to resume in {out}", hint="drop --resume to start a new run")
     if not resume and has_checkpoint(out):
-        raise CltraceError(f"{out} already holds a run",
-                           hint="add --resume to continue it, or choose another --out")
+        raise CltraceError(
+            f"{out} already holds a run", hint="add --resume to continue it, or choose another --out"
+        )
     data = training_data(cfg, device, split)
-    result = train(cfg, data.batches, data.n_layers, data.d_model, out, resume=resume, device=device,
-                   dist=dist)
+    result = train(
+        cfg, data.batches, data.n_layers, data.d_model, out, resume=resume, device=device, dist=dist
+    )
     if dist.is_main:
         print(summary(result, out))
     return result
@@ -85,8 +105,10 @@ def summary(result: TrainResult, out: Path) -> str:
     last = result.history[-1] if result.history else None
     lines = []
     if last is not None:
-        lines.append(f"trained {last.step} steps ({last.tokens:,} tokens) at {result.tokens_per_s:,.0f} "
-                     f"tokens/s: nmse {last.nmse:.3f}, L0 {last.l0:.1f}, {result.dead} dead features")
+        lines.append(
+            f"trained {last.step} steps ({last.tokens:,} tokens) at {result.tokens_per_s:,.0f} "
+            f"tokens/s: nmse {last.nmse:.3f}, L0 {last.l0:.1f}, {result.dead} dead features"
+        )
     lines.append(f"transcoder saved to {out}/transcoder  (next: cltrace eval {out})")
     return "\n".join(lines)
 
