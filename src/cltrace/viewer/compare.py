@@ -25,12 +25,22 @@ def align(tokens_a: list[str], tokens_b: list[str]) -> list[dict[str, Any]]:
     matcher = difflib.SequenceMatcher(a=tokens_a, b=tokens_b, autojunk=False)
     slots: list[dict[str, Any]] = []
     for op, a0, a1, b0, b1 in matcher.get_opcodes():
-        runs = ([([a0 + i], [b0 + i]) for i in range(a1 - a0)] if op == "equal"
-                else [(list(range(a0, a1)), list(range(b0, b1)))])
+        runs = (
+            [([a0 + i], [b0 + i]) for i in range(a1 - a0)]
+            if op == "equal"
+            else [(list(range(a0, a1)), list(range(b0, b1)))]
+        )
         for pa, pb in runs:
-            slots.append({"slot": len(slots), "status": "shared" if op == "equal" else "changed",
-                          "a": pa, "b": pb, "tokens_a": [tokens_a[p] for p in pa],
-                          "tokens_b": [tokens_b[p] for p in pb]})
+            slots.append(
+                {
+                    "slot": len(slots),
+                    "status": "shared" if op == "equal" else "changed",
+                    "a": pa,
+                    "b": pb,
+                    "tokens_a": [tokens_a[p] for p in pa],
+                    "tokens_b": [tokens_b[p] for p in pb],
+                }
+            )
     return slots
 
 
@@ -61,8 +71,18 @@ def _node_changes(fa: dict, fb: dict) -> list[dict[str, Any]]:
             status = "changed"
         else:
             status = "appeared" if b else "vanished"
-        changes.append({"kind": "feature", "layer": key[0], "feature": key[1], "slot": key[2],
-                        "status": status, "delta_activation": act_b - act_a, "a": a, "b": b})
+        changes.append(
+            {
+                "kind": "feature",
+                "layer": key[0],
+                "feature": key[1],
+                "slot": key[2],
+                "status": status,
+                "delta_activation": act_b - act_a,
+                "a": a,
+                "b": b,
+            }
+        )
     changes.sort(key=lambda c: -abs(c["delta_activation"]))
     return changes
 
@@ -86,8 +106,10 @@ def compare_supernodes(ca: dict, cb: dict, in_a: dict[int, int], in_b: dict[int,
     ka, kb = _circuit_keys(ca, in_a), _circuit_keys(cb, in_b)
     by_a = {str(s.get("id")): s for s in ca.get("supernodes", [])}
     by_b = {str(s.get("id")): s for s in cb.get("supernodes", [])}
-    pairs = sorted(((len(x & y) / len(x | y), ia, ib) for ia, x in ka.items()
-                    for ib, y in kb.items() if x | y), reverse=True)
+    pairs = sorted(
+        ((len(x & y) / len(x | y), ia, ib) for ia, x in ka.items() for ib, y in kb.items() if x | y),
+        reverse=True,
+    )
     used_a, used_b, out = set(), set(), []
     for jac, ia, ib in pairs:
         if jac >= MIN_JACCARD and ia not in used_a and ib not in used_b:
@@ -102,15 +124,23 @@ def compare_supernodes(ca: dict, cb: dict, in_a: dict[int, int], in_b: dict[int,
 
 def _sn(status: str, a: dict | None, b: dict | None, overlap: float) -> dict[str, Any]:
     def side(s):
-        return None if s is None else {"id": s.get("id"), "name": s.get("name"),
-                                       "influence_share": float(s.get("influence_share") or 0.0)}
+        return (
+            None
+            if s is None
+            else {
+                "id": s.get("id"),
+                "name": s.get("name"),
+                "influence_share": float(s.get("influence_share") or 0.0),
+            }
+        )
 
     delta = (side(b) or {}).get("influence_share", 0.0) - (side(a) or {}).get("influence_share", 0.0)
     return {"status": status, "delta_influence": delta, "overlap": overlap, "a": side(a), "b": side(b)}
 
 
-def compare_graphs(ga: GraphRef, gb: GraphRef, circuit_a: dict | None = None,
-                   circuit_b: dict | None = None) -> dict[str, Any]:
+def compare_graphs(
+    ga: GraphRef, gb: GraphRef, circuit_a: dict | None = None, circuit_b: dict | None = None
+) -> dict[str, Any]:
     """The compare page's document (module docstring)."""
     tokens_a = [str(t) for t in ga.metadata.get("prompt_tokens") or []]
     tokens_b = [str(t) for t in gb.metadata.get("prompt_tokens") or []]
@@ -120,8 +150,13 @@ def compare_graphs(ga: GraphRef, gb: GraphRef, circuit_a: dict | None = None,
     nodes = _node_changes(_features(ga, in_a), _features(gb, in_b))
     counts = {k: sum(n["status"] == k for n in nodes) for k in ("appeared", "vanished", "changed")}
     both = circuit_a is not None and circuit_b is not None
-    return {"kind": "cltrace-viewer-compare", "version": 1,
-            "a": {"name": ga.name, "prompt": ga.metadata.get("prompt"), "tokens": tokens_a},
-            "b": {"name": gb.name, "prompt": gb.metadata.get("prompt"), "tokens": tokens_b},
-            "alignment": slots, "counts": counts, "nodes": nodes[:MAX_NODES],
-            "supernodes": compare_supernodes(circuit_a, circuit_b, in_a, in_b) if both else None}
+    return {
+        "kind": "cltrace-viewer-compare",
+        "version": 1,
+        "a": {"name": ga.name, "prompt": ga.metadata.get("prompt"), "tokens": tokens_a},
+        "b": {"name": gb.name, "prompt": gb.metadata.get("prompt"), "tokens": tokens_b},
+        "alignment": slots,
+        "counts": counts,
+        "nodes": nodes[:MAX_NODES],
+        "supernodes": compare_supernodes(circuit_a, circuit_b, in_a, in_b) if both else None,
+    }

@@ -32,7 +32,8 @@ function markReady(error = null) {
   window.__viewerError = error;
   // For tests and benchmarks: screen positions (CSS px, canvas-relative) of visible nodes.
   window.__viewerNodes = () => state.model.nodes.filter((n) => state.view.nodeOn[n.i])
-    .map((n) => ({ id: n.id, type: n.type, x: sx(n, state.tf), y: sy(n, state.tf), label: n.label }));
+    .map((n) => ({ id: n.id, type: n.type, x: sx(n, state.tf), y: sy(n, state.tf), label: n.label,
+      n_in: n.ins.length, n_out: n.outs.length }));
   window.__viewerState = () => ({ mode: state.mode, tf: { ...state.tf }, pinned: [...pins.pinned],
     groups: pins.groups, clicked: state.clicked, selected: [...state.ui.selected], labels: state.ui.labelCount,
     paths: state.ui.paths ? state.ui.paths.links.length : 0, matches: state.ui.matches.size });
