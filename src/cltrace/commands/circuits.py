@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_parser
+from cltrace.commands import add_device_argument, add_parser
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--transcoder", required=True, metavar="RUN", help="transcoder run name or directory")
     p.add_argument("--model", default=None, help="model; None: the one the transcoder was trained on")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_device_argument(p)
     p.add_argument("--max-feature-nodes", type=int, default=4096, help="feature targets per prompt graph")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: share of influence kept")
     p.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_parser
+from cltrace.commands import add_device_argument, add_parser
 
 
 def register(subparsers) -> None:
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
         "--transcoder", default=None, metavar="RUN", help="transcoder run (needed for two prompts)"
     )
     p.add_argument("--model", default=None, help="model; None: the one the transcoder was trained on")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (for two prompts)")
+    add_device_argument(p)  # used for two prompts
     p.add_argument("--max-feature-nodes", type=int, default=4096, help="feature targets per prompt graph")
     p.add_argument(
         "--min-change",
