@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from cltrace.models import DEFAULT_MODEL
+
 TEXT = ("Fact: the currency of the country whose capital is Tokyo is the yen. The opposite of "
         "hot is cold, and Dallas is a city in the state of Texas, whose capital is the city of "
         "Austin. Michael Jordan plays the sport of basketball. The Eiffel Tower is located in "
@@ -134,7 +136,7 @@ def run_case(lm, tc, tokens, max_nodes, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--random-model", action="store_true", help="random weights, same shape")
     p.add_argument("--kind", default="plt", choices=["plt", "clt"])
     p.add_argument("--features", type=int, default=4096, help="features per layer")

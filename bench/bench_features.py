@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
+from cltrace.models import DEFAULT_MODEL
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m", help="bundled name, model folder, or 'tiny'")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, model folder, or 'tiny'")
     p.add_argument("--run", default=None, help="a trained transcoder run (default: random init)")
     p.add_argument("--features", type=int, default=2048, help="features per layer (random init)")
     p.add_argument("--fire-frac", type=float, default=0.02, help="fraction of tokens each random feature fires on")

@@ -24,6 +24,7 @@ import torch
 
 from cltrace.activations.harvest import (HarvestConfig, batch_contexts, harvest_contexts,
                                          iter_activation_batches, iter_contexts, limit_contexts)
+from cltrace.models import DEFAULT_MODEL
 from cltrace.models.loading import LoadedModel, load_model
 
 
@@ -116,7 +117,7 @@ def disk_harvest(model: str, docs: Iterable[str], out: str, n_tokens: int) -> No
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--text", nargs="+", default=None, help="files or folders (default: the corpus)")
     p.add_argument("--tokens", type=int, default=12_192, help="tokens per throughput pass")
     p.add_argument("--repeats", type=int, default=2)
