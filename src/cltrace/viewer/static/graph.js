@@ -105,14 +105,14 @@ function queueOverlay() {
   requestAnimationFrame(() => { overlayQueued = false; paintOverlay(); });
 }
 
-// While zooming or panning, the painted canvases move by a CSS transform (cheap) and the
-// overlay is redrawn; 150 ms after the last move everything is repainted crisply.
+// While zooming or panning, the painted canvases (overlay included) move by one CSS transform,
+// which costs a composite and no repaint; 150 ms after the last move everything is repainted
+// crisply at the new transform.
 function setTransform(tf) {
   state.tf = tf;
   const s = tf.k / state.painted.k;
   const dx = tf.x - state.painted.x * s, dy = tf.y - state.painted.y * s;
   $("canvas-stack").style.transform = `translate(${dx}px, ${dy}px) scale(${s})`;
-  queueOverlay();
   clearTimeout(settleTimer);
   settleTimer = setTimeout(() => { paintAll(); scheduleUrl(); }, 150);
 }
@@ -225,7 +225,7 @@ function setView(mode) {
   state.mode = mode;
   const graph = mode === "graph";
   document.body.dataset.view = mode;
-  for (const id of ["canvas-stack", "overlay-canvas", "hint"]) $(id).hidden = !graph;
+  for (const id of ["canvas-stack", "hint"]) $(id).hidden = !graph;
   $("unit-view").hidden = graph;
   $("circuit-panel").hidden = mode !== "circuit";
   document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("active", b.dataset.view === mode));
@@ -236,7 +236,7 @@ function setView(mode) {
 
 // --- pointer (full graph) -----------------------------------------------------------------
 function pointer(event) {
-  const rect = $("overlay-canvas").getBoundingClientRect();
+  const rect = $("graph-wrap").getBoundingClientRect();  // the overlay itself moves while panning
   return { x: event.clientX - rect.left, y: event.clientY - rect.top };
 }
 
@@ -265,10 +265,12 @@ function nameOf(n) {
 let drag = null;
 
 function onDown(event) {
+  if (state.mode !== "graph" || event.button !== 0) return;
   drag = { start: pointer(event), last: pointer(event), moved: false, box: event.shiftKey };
 }
 
 function onMove(event) {
+  if (state.mode !== "graph") return;
   const p = pointer(event);
   if (drag) {
     const dx = p.x - drag.start.x, dy = p.y - drag.start.y;
@@ -312,6 +314,7 @@ function onUp(event) {
 }
 
 function onWheel(event) {
+  if (state.mode !== "graph") return;
   event.preventDefault();
   const p = pointer(event);
   const factor = Math.exp(-event.deltaY * (event.deltaMode === 1 ? 0.05 : 0.0015));
@@ -410,7 +413,7 @@ function wire() {
     if (state.clicked) state.ui.paths = tracePaths(state.model.byId.get(state.clicked));
     queueOverlay();
   });
-  const canvas = $("overlay-canvas");
+  const canvas = $("graph-wrap");
   canvas.addEventListener("mousedown", onDown);
   canvas.addEventListener("mousemove", onMove);
   canvas.addEventListener("wheel", onWheel, { passive: false });
