@@ -256,8 +256,10 @@ def run_experiment(exp: Experiment, lm, tc: TranscoderLike, steerer, store, cfg:
 def _subject_section(exp: Experiment, graph, store, data: dict, k: int = 8) -> list[str]:
     """The features at the subject word's (last) token, ranked by their total direct effect
     on the rest of the graph (Σ |outgoing edges|): where the concept enters."""
+    assert exp.subject is not None, "called for experiments with a subject"
     strings = graph.token_strings
-    hits = [p for p, t in enumerate(strings) if exp.subject.strip().lower() in t.strip().lower() and t.strip()]
+    subject = exp.subject.strip().lower()
+    hits = [p for p, t in enumerate(strings) if subject in t.strip().lower() and t.strip()]
     if not hits:
         return []
     pos = hits[-1]
@@ -287,6 +289,7 @@ def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, da
     features, how strongly, at the last position or position by position), best one shown."""
     from cltrace.report.svg import before_after_bars
 
+    assert exp.swap_prompt is not None and exp.swap_answer is not None, "called for swap experiments"
     target = _token_id(lm, exp.swap_answer)
     trials = steerer.swap_sweep(exp.prompt, exp.swap_prompt, target)
     best = trials[0]

@@ -83,12 +83,11 @@ def register(subparsers) -> None:
 def interventions_from_args(args: argparse.Namespace, n_layers: int) -> list:
     """Interventions from --set/--scale/--add and --supernode."""
     from cltrace.errors import CltraceError
-    from cltrace.interventions.steer import Intervention
+    from cltrace.interventions.steer import Intervention, Mode
     from cltrace.interventions.supernodes import load_supernodes
 
-    out = [Intervention(l, i, pos, mode, v)
-           for mode, items in (("set", args.set_), ("scale", args.scale), ("add", args.add))
-           for l, i, pos, v in items]
+    by_mode: tuple[tuple[Mode, list], ...] = (("set", args.set_), ("scale", args.scale), ("add", args.add))
+    out = [Intervention(l, i, pos, mode, v) for mode, items in by_mode for l, i, pos, v in items]
     if args.supernode:
         if not args.supernodes:
             raise CltraceError("--supernode needs --supernodes FILE", "name the file that defines the groups")

@@ -29,6 +29,7 @@ from cltrace.errors import CltraceError
 from cltrace.transcoders.model import Transcoder
 
 if TYPE_CHECKING:
+    from cltrace.data.corpus import Split
     from cltrace.models.loading import LoadedModel
 
 
@@ -207,7 +208,7 @@ EVAL_CONTEXT_LEN = 128   # tokens per held-out context (BOS included)
 
 
 def evaluate_on_text(tc: Transcoder, model: LoadedModel | None, *, tokens: int = 20_000,
-                     replacement_tokens: int = 2_000, split: str = "heldout",
+                     replacement_tokens: int = 2_000, split: Split = "heldout",
                      text: list[str] | None = None, store: str | Path | None = None) -> EvalResult:
     """Activation metrics on `tokens` held-out tokens (read from an activation `store`, else
     harvested from the corpus `split` or the `text` files) and the replacement model's metrics on
