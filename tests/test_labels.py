@@ -307,3 +307,23 @@ def test_cli_lists_sorted_filtered_labels_and_relabels_in_place(copy, capsys):
         assert not store.dashboard(0, BROAD)["label_broad"]  # 60% < 70%
     assert main(["feature", db, "0:0"]) == 0
     assert "label score: detection 1.00" in capsys.readouterr().out
+
+
+def test_word_logits_equal_the_models_logits_with_and_without_steering(lm, tc):
+    from cltrace.features.label_score import OutputJob, _steering_deltas, _word_logits
+
+    tokens = lm.tokenize("the capital of Texas is Austin")
+    ref = [5, 9, 17, 30]
+    w_ref = lm.adapter.unembed(lm.model).weight[ref]
+    torch.testing.assert_close(_word_logits(lm, tokens, None, w_ref), lm.run(tokens)[:, 1:, ref])
+    delta = _steering_deltas(lm, tc, [OutputJob(0, 0, 2.0, (), ())])
+    w = tc.decoder_weight(0)[0]  # [L, d]: the feature writes every layer
+
+    def add(layer, _mlp_in, out):
+        out = out.clone()
+        out[:, 1:] += 2.0 * w[layer]
+        return out
+
+    with lm.patch_mlp_outputs(add):
+        want = lm.run(tokens)[:, 1:, ref]
+    torch.testing.assert_close(_word_logits(lm, tokens, delta, w_ref), want)

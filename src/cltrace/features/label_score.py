@@ -243,33 +243,40 @@ def output_scores(
     jobs: Sequence[OutputJob],
     reference: Sequence[int],
     *,
-    batch: int = 8,
+    batch: int = 16,
     show_progress: bool = False,
 ) -> list[tuple[float, float]]:
-    """(own, shuffled) output score of each job, from one steered forward per (job, context);
-    percentiles are taken among the `reference` token ids."""
+    """(own, shuffled) output score of each job, from one steered forward per (job, context).
+
+    Percentiles are taken among the `reference` token ids, which must hold every job's ids;
+    only their logits are computed (final-norm output times their unembedding rows: the
+    logits before any soft-capping).
+    """
     import torch
 
     from cltrace.progress import progress
 
     contexts = contexts.to(model.device)
-    ref = torch.as_tensor(list(reference), device=model.device)
+    ref = list(reference)
+    col = {t: j for j, t in enumerate(ref)}
+    w_ref = model.adapter.unembed(model.model).weight[torch.as_tensor(ref, device=model.device)]  # [r, d]
     C = contexts.shape[0]
-    with torch.no_grad():
-        clean = model.run(contexts).float()[:, 1:]  # [C, n-1, V]
+    clean = _word_logits(model, contexts, None, w_ref)  # [C, n-1, r]
     out: list[tuple[float, float]] = []
     per = max(1, batch // C)
     for s in progress(
         range(0, len(jobs), per), desc="output scores", unit="batch", disable=None if show_progress else True
     ):
         part = jobs[s : s + per]
-        delta = _steering_deltas(model, transcoder, part)  # [J, L, d]
-        tokens = contexts.repeat(len(part), 1)  # [J*C, n]
-        logits = _steered_logits(model, tokens, delta.repeat_interleave(C, 0))  # [J*C, n-1, V]
-        rise = logits - clean.repeat(len(part), 1, 1)
+        delta = _steering_deltas(model, transcoder, part).repeat_interleave(C, 0)  # [J*C, L, d]
+        rise = _word_logits(model, contexts.repeat(len(part), 1), delta, w_ref) - clean.repeat(
+            len(part), 1, 1
+        )
         for j, job in enumerate(part):
-            r = rise[j * C : (j + 1) * C].flatten(0, 1)  # [C*(n-1), V]
-            out.append((_percentile(r, job.own, ref), _percentile(r, job.other, ref)))
+            r = rise[j * C : (j + 1) * C].flatten(0, 1)  # [C*(n-1), r]
+            out.append(
+                (_percentile(r, [col[t] for t in job.own]), _percentile(r, [col[t] for t in job.other]))
+            )
     return out
 
 
@@ -285,29 +292,37 @@ def _steering_deltas(
     return delta
 
 
-def _steered_logits(
-    model: "LoadedModel", tokens: "Int[Tensor, 'b n']", delta: "Float[Tensor, 'b l d']"
-) -> "Float[Tensor, 'b n-1 v']":
-    import torch
+def _word_logits(
+    model: "LoadedModel",
+    tokens: "Int[Tensor, 'b n']",
+    delta: "Float[Tensor, 'b l d'] | None",
+    w_ref: "Float[Tensor, 'r d']",
+) -> "Float[Tensor, 'b n-1 r']":
+    """Logits of the reference tokens at positions 1.., with `delta[b, l]` added to every
+    layer's MLP output at those positions (None: a clean run)."""
+    import contextlib
 
-    delta = delta.to(model.device, model.dtype)
+    import torch
 
     def patch(layer: int, _mlp_in: "Tensor", mlp_out: "Tensor") -> "Tensor":
         out = mlp_out.clone()
-        out[:, 1:] += delta[:, layer, None, :].to(out.dtype)
+        out[:, 1:] += delta[:, layer, None, :].to(out.device, out.dtype)
         return out
 
-    with torch.no_grad(), model.patch_mlp_outputs(patch):
-        return model.run(tokens).float()[:, 1:]
+    hooks = model.patch_mlp_outputs(patch) if delta is not None else contextlib.nullcontext()
+    with torch.no_grad(), hooks:
+        hidden = model.run(tokens, with_logits=False).last_hidden_state[
+            :, 1:
+        ]  # [b, n-1, d] after the final norm
+        return (hidden.to(w_ref.dtype) @ w_ref.T).float()
 
 
-def _percentile(rise: "Float[Tensor, 'p v']", ids: Sequence[int], ref: "Int[Tensor, ' r']") -> float:
-    """Mean over positions and `ids` of the share of the reference tokens that rose less."""
+def _percentile(rise: "Float[Tensor, 'p r']", cols: Sequence[int]) -> float:
+    """Mean over positions and `cols` of the share of the reference tokens that rose less."""
     import torch
 
-    idx = torch.as_tensor(list(ids), device=rise.device)
-    mine = rise[:, idx]  # [p, k]
-    below = (rise[:, ref, None] < mine[:, None, :]).float().mean(1)  # [p, k]
+    mine = rise[:, torch.as_tensor(cols, device=rise.device)]  # [p, k]
+    below = (rise[:, :, None] < mine[:, None, :]).float().mean(1)  # [p, k]
     return float(below.mean())
 
 
