@@ -209,7 +209,8 @@ def run_experiment(exp: Experiment, lm, tc: TranscoderLike, steerer, store, cfg:
     lines = [f"## {exp.name}", "", *circuit_lines, f"*{exp.note}*", "",
              f"Prompt: `{exp.prompt}` — expected answer `{exp.answer!r}`.", "",
              _logit_table(traced, lm), "",
-             f"Graph: {traced.graph.n_nodes} nodes / {int((traced.graph.adjacency != 0).sum()):,} edges before pruning, "
+             f"Graph: {traced.graph.n_nodes} nodes / {int((traced.graph.adjacency != 0).sum()):,} edges "
+             f"before pruning, "
              f"{traced.n_json_nodes} nodes / {traced.n_json_links:,} links after; "
              f"replacement score {traced.scores['unpruned'].replacement:.3f} "
              f"(pruned {traced.scores['pruned'].replacement:.3f}), completeness "

@@ -49,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
         serve(config, backend)
     except (ValueError, OSError) as err:
         raise CltraceError(f"cannot start the viewer: {err}",
-                           hint="is another program using the port? try --port 0")
+                           hint="is another program using the port? try --port 0") from err
     return 0
