@@ -70,6 +70,20 @@ def test_a_corrupt_or_truncated_config_is_a_clear_error(tmp_path, home):
     (tmp_path / "tc" / "config.json").write_text('{"n_layers": 2}')
     with pytest.raises(CltraceError):
         runs.load_transcoder(tmp_path / "tc", "cpu")
+    (tmp_path / "tc" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CltraceError, match="expected a JSON object"):
+        runs.load_transcoder(tmp_path / "tc", "cpu")
+
+
+def test_missing_or_corrupt_weights_are_clear_errors(tmp_path, home):
+    _transcoder().save(tmp_path / "tc")
+    weights = tmp_path / "tc" / "transcoder.safetensors"
+    weights.unlink()
+    with pytest.raises(CltraceError, match="no file"):
+        runs.load_transcoder(tmp_path / "tc", "cpu")
+    weights.write_bytes(b"garbage")
+    with pytest.raises(CltraceError, match="not a readable safetensors file"):
+        runs.load_transcoder(tmp_path / "tc", "cpu")
 
 
 def test_the_model_is_named_by_the_override_then_the_config_then_the_default(tmp_path, home, capsys):
