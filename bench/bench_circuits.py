@@ -442,12 +442,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from cltrace.commands.trace import load_transcoder
     from cltrace.features.store import FeatureStore
     from cltrace.models.loading import load_model
+    from cltrace.runs import load_transcoder
 
     run = Path(args.run)
-    _, tc = load_transcoder(str(run / "transcoder"), "cpu")
+    tc = load_transcoder(run, "cpu")
     lm = load_model(args.model, device="cpu")
     db = run / "features.sqlite"
     store = FeatureStore(db) if db.exists() else None
