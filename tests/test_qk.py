@@ -184,3 +184,13 @@ def test_pairs_sum_to_real_score_on_cuda():
     for l, h, q, k in edges(tracer)[:8]:
         r = tracer.explain(l, h, q, k)
         assert r.relative_error < 1e-4 or abs(r.score) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["gemma", "gpt2"])
+@pytest.mark.parametrize("kind", ["plt", "skip"])
+def test_pairs_sum_with_other_transcoders(family, kind):
+    lm = tiny_model(family)
+    tracer = QKTracer(lm, make_transcoder(lm, kind), PROMPT)
+    for l, h, q, k in edges(tracer)[::3]:
+        r = tracer.explain(l, h, q, k)
+        assert abs(float(full_pairs(tracer, l, h, q, k).sum()) - r.score) <= 1e-4 * max(abs(r.score), 1e-3)
