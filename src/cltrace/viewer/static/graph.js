@@ -78,9 +78,21 @@ function repaint() {
   paintAll();
 }
 
+function takeSnapshot(snap) {
+  const src = ["weak", "strong", "nodes", "overlay"].map((id) => $(`${id}-canvas`));
+  snap.width = src[0].width; snap.height = src[0].height;
+  snap.style.width = src[0].style.width; snap.style.height = src[0].style.height;
+  const ctx = snap.getContext("2d");
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, snap.width, snap.height);
+  for (const canvas of src) ctx.drawImage(canvas, 0, 0);
+  snap.hidden = false;
+  $("canvas-stack").style.visibility = "hidden";
+}
+
 function paintAll() {
   clearTimeout(settleTimer);
-  $("canvas-stack").style.transform = "";
+  $("snap-canvas").hidden = true;
+  $("canvas-stack").style.visibility = "";
   state.painted = { ...state.tf };
   drawNodesLayer(state.ctx.nodes, state.model, state.view, state.size, state.tf);
   paintOverlay();
@@ -105,14 +117,16 @@ function queueOverlay() {
   requestAnimationFrame(() => { overlayQueued = false; paintOverlay(); });
 }
 
-// While zooming or panning, the painted canvases (overlay included) move by one CSS transform,
-// which costs a composite and no repaint; 150 ms after the last move everything is repainted
-// crisply at the new transform.
+// While zooming or panning, a snapshot of the four painted layers (one canvas) moves by a CSS
+// transform: one composited layer a frame, no repaint. 150 ms after the last move everything
+// is repainted crisply at the new transform.
 function setTransform(tf) {
   state.tf = tf;
   const s = tf.k / state.painted.k;
   const dx = tf.x - state.painted.x * s, dy = tf.y - state.painted.y * s;
-  $("canvas-stack").style.transform = `translate(${dx}px, ${dy}px) scale(${s})`;
+  const snap = $("snap-canvas");
+  if (snap.hidden) takeSnapshot(snap);
+  snap.style.transform = `translate(${dx}px, ${dy}px) scale(${s})`;
   clearTimeout(settleTimer);
   settleTimer = setTimeout(() => { paintAll(); scheduleUrl(); }, 150);
 }
