@@ -588,6 +588,9 @@ def _top_entries(values: Tensor, ids: list[str], top: int) -> list[tuple[str, fl
 # --------------------------------------------------------------------------- words
 
 
+_CONSTANTS = ("bias", "bos")
+
+
 def describe_source(source_id: str, tokens: Sequence[str]) -> str:
     """'feature 3:212 at " Tokyo"', 'error 4 at " the"', 'token " the"', 'bias'."""
     if source_id == "bias":
@@ -623,6 +626,13 @@ def summarize(r: QKResult, tokens: Sequence[str]) -> str:
     if len(r.pairs) > 1:
         q2, k2, v2 = r.pairs[1]
         text += f"; next: {describe_source(k2, tokens)} meets {describe_source(q2, tokens)} ({v2:+.2f})"
+    k_best = next(((i, v) for i, v in r.k_marginals if i not in _CONSTANTS), None)
+    q_best = next(((i, v) for i, v in r.q_marginals if i not in _CONSTANTS), None)
+    if k_best and q_best:
+        text += (
+            f"; strongest key source {describe_source(k_best[0], tokens)} ({k_best[1]:+.2f}), "
+            f"query source {describe_source(q_best[0], tokens)} ({q_best[1]:+.2f})"
+        )
     if r.constant_part:
         text += f"; biases and first-token outputs give {r.constant_part:+.2f}"
     return text
