@@ -128,3 +128,37 @@ def test_show_serves_the_graph_without_ipython(folder):
         assert json.loads(reply.read())["metadata"]["slug"] == "in memory"
     if "IPython" not in sys.modules:
         assert isinstance(url, str)
+
+
+class _ScoredStore:
+    meta = {"transcoder": "synthetic"}
+
+    def labels_table(self, include_broad=False):
+        return [{"layer": 2, "index": 7, "label": "seven", "detection": 0.8, "output": 0.3, "broad": False}]
+
+
+def test_labels_route(folder):
+    from cltrace.viewer.backend import GraphRef, NullBackend
+    from cltrace.viewer.model_backend import ModelBackend
+
+    graph = synthetic_graph(20, 40, seed=3)
+    graph["nodes"].append(
+        {
+            **graph["nodes"][-1],
+            "node_id": "2_7_3",
+            "layer": "2",
+            "feature": 7,
+            "feature_type": "cross layer transcoder",
+        }
+    )
+    ref = GraphRef("g", folder / "g.json", graph)
+    assert ModelBackend(store=_ScoredStore()).labels(ref) == {
+        "2_7_3": {"label": "seven", "detection": 0.8, "output": 0.3, "broad": False}
+    }
+    server, _ = start_in_thread(ViewerConfig(graph_dirs=[folder], port=0), NullBackend())
+    try:
+        status, body = request(server, "GET", "/api/graph/a/labels")
+        assert status == 200 and body["labels"] == {} and "--features" in body["message"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -251,7 +251,8 @@ def test_subgraph_scores_match_hand_values(page, base_url):
       const { buildModel } = await import('/static/model.js');
       const json = await (await fetch('/api/graph/tiny')).json();
       const m = buildModel(json);
-      return [graphScores(m), graphScores(m, new Set(m.nodes.filter(n => n.type !== 'feature').map(n => n.id)))];
+      const noFeatures = new Set(m.nodes.filter(n => n.type !== 'feature').map(n => n.id));
+      return [graphScores(m), graphScores(m, noFeatures)];
     }""")
     assert scores[0] == {"replacement": pytest.approx(0.5), "completeness": pytest.approx(0.8)}
     assert scores[1] == {"replacement": pytest.approx(0.0), "completeness": pytest.approx(0.5)}
@@ -312,7 +313,9 @@ def test_intervention_on_pins_with_freeze(page, base_url):
     page.fill("#qparams-text", json.dumps({"pinnedIds": ids}))
     page.click("#qparams-import")
     page.check("input[name=intervene-on][value=pinned]")
-    assert page.text_content("#intervene-targets") == "2 feature(s) will be steered"
+    page.wait_for_function(
+        "document.querySelector('#intervene-targets').textContent === '2 feature(s) will be steered'"
+    )
     page.check("#intervene-freeze")
     with page.expect_request("**/api/intervene") as req:
         page.click("#intervene-ablate")
@@ -397,3 +400,21 @@ def test_state_in_url_reopens(page, base_url):
     page.goto(f"{base_url}/graph/circ?view=subgraph&pinnedIds={first['id']}")
     page.wait_for_function("window.__viewerReady === true")
     assert state(page)["mode"] == "subgraph" and units(page) == 1
+
+
+def test_search_sorted_and_filtered_by_label_score(page, base_url):
+    open_graph(page, base_url)
+    page.wait_for_function("window.__labelScores > 0")
+    page.select_option("#search-sort", "score")
+    page.fill("#search", "synthetic")
+    page.wait_for_selector("[data-testid=search-result] .score")
+    scores = [float(x) for x in page.locator("[data-testid=search-result] .score").all_text_contents()]
+    assert len(scores) > 3 and scores == sorted(scores, reverse=True)
+    page.fill("#search-min", "0.5")
+    page.dispatch_event("#search-min", "change")
+    page.wait_for_function(
+        "[...document.querySelectorAll('[data-testid=search-result] .score')]"
+        ".every(s => Number(s.textContent) >= 0.5)"
+    )
+    kept = [float(x) for x in page.locator("[data-testid=search-result] .score").all_text_contents()]
+    assert kept and min(kept) >= 0.5 and len(kept) <= len(scores)

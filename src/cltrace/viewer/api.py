@@ -11,6 +11,7 @@ Routes:
     POST /api/graph/<name>/supernodes           save groups: {supernodes: [{name, node_ids}]}
     GET  /api/graph/<name>/supernodes/suggest   back-end suggestions
     GET  /api/graph/<name>/circuit              the circuit file beside the graph ({circuit: null} if none)
+    GET  /api/graph/<name>/labels               {labels: {node_id: {label, detection, output, broad}}}
     GET  /api/graph/<name>/subgraphs            saved pinned subgraphs
     POST /api/graph/<name>/subgraphs            save them: {subgraphs: [{name, pinnedIds, supernodes}]}
     GET  /compare?a=<name>&b=<name>             compare page
@@ -78,6 +79,7 @@ class ViewerApp:
             ("GET", re.compile(r"/api/graph/" + name + r"/supernodes"), self.get_supernodes),
             ("POST", re.compile(r"/api/graph/" + name + r"/supernodes"), self.save_supernodes),
             ("GET", re.compile(r"/api/graph/" + name + r"/circuit"), self.get_circuit),
+            ("GET", re.compile(r"/api/graph/" + name + r"/labels"), self.get_labels),
             ("GET", re.compile(r"/api/graph/" + name + r"/subgraphs"), self.get_subgraphs),
             ("POST", re.compile(r"/api/graph/" + name + r"/subgraphs"), self.save_subgraphs),
             ("GET", re.compile(r"/compare"), self.compare_page),
@@ -167,6 +169,13 @@ class ViewerApp:
             return json_response({"circuit": None, "message": "no circuit file beside this graph "
                                   "(trace with `cltrace trace ... --circuit`)"})
         return json_response({"circuit": circuit})
+
+    def get_labels(self, name: str, **_: Any) -> Response:
+        graph = self.store.load(name)
+        labels = getattr(self.backend, "labels", None)
+        found = labels(graph) if labels is not None else {}
+        return json_response({"labels": found, "message": None if found else
+                              "no label scores: serve with --features DB (a store with scored labels)"})
 
     def get_subgraphs(self, name: str, **_: Any) -> Response:
         return json_response({"subgraphs": self.store.read_subgraphs(self.store.load(name))})

@@ -26,6 +26,7 @@ class ModelBackend:
         self.steerer = steerer
         self.null = NullBackend()
         self._lock = threading.Lock()  # one forward at a time: the server is multi-threaded
+        self._label_rows: dict[tuple[int, int], dict] | None = None  # store.labels_table, once
 
     def feature(self, graph: GraphRef, layer: int, index: int) -> dict | None:
         if self.store is None:
@@ -60,6 +61,35 @@ class ModelBackend:
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return self.null.suggest_supernodes(graph)
+
+    def labels(self, graph: GraphRef) -> dict[str, dict]:
+        """Label and label scores of the graph's features, by node id ({} without scores)."""
+        if self.store is None:
+            return {}
+        check_same_transcoder(self.store, graph)
+        with self._lock:
+            if self._label_rows is None:
+                try:
+                    rows = self.store.labels_table(include_broad=True)
+                except CltraceError:  # a store without label scores
+                    rows = []
+                self._label_rows = {(r["layer"], r["index"]): r for r in rows}
+        return labels_by_node(graph, self._label_rows)
+
+
+def labels_by_node(graph: GraphRef, rows: dict[tuple[int, int], dict]) -> dict[str, dict]:
+    """{node_id: {label, detection, output, broad}} for the graph's features found in `rows`."""
+    from cltrace.viewer.backend import FEATURE_TYPE, feature_index
+
+    out = {}
+    for node in graph.data.get("nodes", []):
+        index = feature_index(node)
+        if node.get("feature_type") != FEATURE_TYPE or index is None:
+            continue
+        row = rows.get((int(node.get("layer") or 0), index))
+        if row is not None:
+            out[str(node["node_id"])] = {k: row.get(k) for k in ("label", "detection", "output", "broad")}
+    return out
 
 
 def check_same_transcoder(store: Any, graph: GraphRef) -> None:

@@ -183,3 +183,10 @@ class SyntheticBackend:
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return suggest_by_shared_target(graph.data)
+
+    def labels(self, graph: GraphRef) -> dict[str, dict]:
+        """Detection score (index % 100) / 100 for every feature; output None; never broad."""
+        return {n["node_id"]: {"label": f"fake feature {n['layer']}/{n['feature']}",
+                               "detection": (int(n["feature"]) % 100) / 100, "output": None,
+                               "broad": False}
+                for n in graph.data["nodes"] if n.get("feature_type") == FEATURE_TYPE}

@@ -229,7 +229,8 @@ function showGroup(unit) {
     el("ol", { id: "group-members", className: "connections" }, ...unit.nodeIds.map((id) => {
       const n = state.model.byId.get(id);
       return el("li", {}, el("a", { href: "#", className: "node-link", textContent: n.label || id, title: id,
-        onclick: (e) => { e.preventDefault(); openNode(n); } }));
+        onclick: (e) => { e.preventDefault(); openNode(n); } }),
+      n.score != null ? el("span", { className: "score", textContent: ` ${n.score.toFixed(2)}` }) : "");
     })));
 }
 
@@ -513,6 +514,22 @@ async function main() {
   requestAnimationFrame(() => setTimeout(markReady, 0));  // after the first frame is painted
   supernodes.load();
   pins.loadSaved();
+  loadLabelScores();
+}
+
+// Label detection scores from the feature store (when served with one) onto the nodes.
+async function loadLabelScores() {
+  try {
+    const { labels } = await getJSON(`/api/graph/${graphPath(graphName)}/labels`);
+    for (const [id, info] of Object.entries(labels)) {
+      const n = state.model.byId.get(id);
+      if (n && typeof info.detection === "number") n.score = info.detection;
+    }
+    window.__labelScores = Object.keys(labels).length;
+  } catch (err) {
+    notice(`label scores not loaded: ${err.message}`);
+    window.__labelScores = 0;
+  }
 }
 
 main();
