@@ -10,7 +10,8 @@ const fmt = (v) => (v === null || v === undefined ? "–" : Number(v).toFixed(2)
 // Second text line: influence share, and predicted vs measured ablation effect.
 export function marks(sn) {
   const share = sn.kind === "logit" ? `p ${fmt(sn.measured_prob ?? null)}` : `${(100 * (sn.influence_share || 0)).toFixed(0)}%`;
-  if (sn.kind !== "features") return sn.kind === "logit" ? "answer" : share;
+  if (sn.kind === "logit") return "answer";
+  if (sn.kind !== "features") return sn.influence_share ? share : "";
   if (sn.measured_effect == null && sn.predicted_effect == null) return `${share} · not validated`;
   return `${share} · pred ${fmt(sn.predicted_effect)} / meas ${fmt(sn.measured_effect)}` + (sn.failed ? " ✗" : "");
 }

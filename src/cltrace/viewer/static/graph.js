@@ -178,6 +178,11 @@ function drawUnitView() {
     $("edge-count").textContent = String(drawn.nEdges);
   }
   $("node-count").textContent = String(units.length);
+  if (state.mode === "subgraph" && units.length) {
+    const s = pins.scores();
+    container.prepend(el("p", { id: "unit-caption", className: "unit-caption", textContent:
+      `pinned subgraph: replacement ${s.replacement.toFixed(3)} · completeness ${s.completeness.toFixed(3)}` }));
+  }
   container.querySelectorAll("g.unit").forEach((g) => {
     const u = units.find((x) => x.id === g.dataset.unit);
     if (u && u.selected) g.classList.add("selected");

@@ -64,7 +64,36 @@ function layout(units, nPos, nRows, width, height) {
       u.cy += (k % 2) * 14;
     });
   }
-  for (const u of units) u.cx = Math.max(PAD + 60, Math.min(width - PAD - 60, u.cx));
+  spreadRows(units, width);
+}
+
+export function boxWidth(u) {
+  const label = u.name.length > 34 ? u.name.slice(0, 33) + "…" : u.name;
+  return Math.max(60, Math.min(210, 7 * Math.max(label.length, (u.sub || "").length * 0.85) + 16));
+}
+
+// Boxes on one row never overlap: sweep left to right, then pull the row back inside the
+// width; a row still too wide is staggered up and down.
+function spreadRows(units, width) {
+  const rows = new Map();
+  for (const u of units) {
+    u.w = boxWidth(u);
+    const key = Math.round(u.cy / BOX_H);
+    if (!rows.has(key)) rows.set(key, []);
+    rows.get(key).push(u);
+  }
+  for (const row of rows.values()) {
+    row.sort((a, b) => a.cx - b.cx);
+    let right = PAD;
+    for (const u of row) { u.cx = Math.max(u.cx, right + u.w / 2 + 4); right = u.cx + u.w / 2; }
+    const over = right - (width - PAD);
+    if (over > 0) {
+      let left = PAD;
+      for (const u of row) { u.cx = Math.max(left + u.w / 2, u.cx - over); left = u.cx + u.w / 2 + 4; }
+    }
+    if (right - PAD > width - 2 * PAD) row.forEach((u, k) => { u.cy += k % 2 ? -BOX_H * 0.6 : BOX_H * 0.6; });
+    for (const u of row) u.cx = Math.max(PAD + u.w / 2, Math.min(width - PAD - u.w / 2, u.cx));
+  }
 }
 
 // Draw into `container` (replacing its content). handlers: {click(unit, event), hover(unit|null)}.
@@ -98,7 +127,7 @@ export function drawUnits(container, model, units, edges, handlers, opts = {}) {
 
 function unitBox(u, handlers) {
   const label = u.name.length > 34 ? u.name.slice(0, 33) + "…" : u.name;
-  const w = Math.max(60, Math.min(210, 7 * Math.max(label.length, (u.sub || "").length * 0.85) + 16));
+  const w = u.w;
   const cls = ["unit", u.kind, u.failed ? "failed" : "", u.expanded ? "expanded" : "",
     u.expandable ? "expandable" : "", u.pinned ? "pinned" : ""].filter(Boolean).join(" ");
   const g = svgEl("g", { class: cls, transform: `translate(${u.cx.toFixed(1)},${u.cy.toFixed(1)})`,
