@@ -418,3 +418,41 @@ def test_search_sorted_and_filtered_by_label_score(page, base_url):
     )
     kept = [float(x) for x in page.locator("[data-testid=search-result] .score").all_text_contents()]
     assert kept and min(kept) >= 0.5 and len(kept) <= len(scores)
+
+
+def test_subgraph_scores_match_graph_scores(page, base_url, graph_dir):
+    """Parity with cltrace.attribution.prune.graph_scores on a real (tiny) attribution graph,
+    exported unpruned: the whole graph, and half of its features kept (the rest folded into
+    their error nodes)."""
+    torch = pytest.importorskip("torch")
+    from test_attribution import PROMPT, make_transcoder
+    from tiny import tiny_model
+
+    from cltrace.attribution.export import node_id, to_frontend_json
+    from cltrace.attribution.graph import AttributionConfig, attribute
+    from cltrace.attribution.prune import graph_scores, prune
+
+    lm = tiny_model("llama")
+    cfg = AttributionConfig(max_feature_nodes=None, progress=False)
+    graph = attribute(lm, make_transcoder(lm, "clt"), PROMPT, cfg, transcoder_id="tiny-clt")
+    everything = prune(graph, 1.0, 1.0)
+    strings = dict(zip(graph.logit_tokens.tolist(), lm.token_strings(graph.logit_tokens.tolist())))
+    doc = to_frontend_json(graph, everything, slug="parity", logit_strings=strings)
+    (graph_dir / "parity.json").write_text(json.dumps(doc))
+    table = graph.nodes()
+    mask = torch.ones(graph.n_nodes, dtype=torch.bool)
+    mask[: graph.n_features : 2] = False
+    keep = [node_id(graph, table.type[i], int(table.layer[i]), int(table.pos[i]),
+                    int(table.feature[i]), int(table.token_id[i]))
+            for i in range(graph.n_nodes) if mask[i]]
+    open_graph(page, base_url, "parity")
+    got = page.evaluate("""async (keep) => {
+      const { graphScores } = await import('/static/scores.js');
+      const { buildModel } = await import('/static/model.js');
+      const m = buildModel(await (await fetch('/api/graph/parity')).json());
+      return [graphScores(m), graphScores(m, new Set(keep))];
+    }""", keep)
+    for js, py in zip(got, (graph_scores(graph), graph_scores(graph, mask))):
+        assert js["replacement"] == pytest.approx(py.replacement, abs=1e-5)
+        assert js["completeness"] == pytest.approx(py.completeness, abs=1e-5)
+    assert got[1]["replacement"] < got[0]["replacement"]
