@@ -425,12 +425,11 @@ def test_subgraph_scores_match_graph_scores(page, base_url, graph_dir):
     exported unpruned: the whole graph, and half of its features kept (the rest folded into
     their error nodes)."""
     torch = pytest.importorskip("torch")
-    from test_attribution import PROMPT, make_transcoder
-    from tiny import tiny_model
-
     from cltrace.attribution.export import node_id, to_frontend_json
     from cltrace.attribution.graph import AttributionConfig, attribute
     from cltrace.attribution.prune import graph_scores, prune
+    from test_attribution import PROMPT, make_transcoder
+    from tiny import tiny_model
 
     lm = tiny_model("llama")
     cfg = AttributionConfig(max_feature_nodes=None, progress=False)
@@ -442,16 +441,28 @@ def test_subgraph_scores_match_graph_scores(page, base_url, graph_dir):
     table = graph.nodes()
     mask = torch.ones(graph.n_nodes, dtype=torch.bool)
     mask[: graph.n_features : 2] = False
-    keep = [node_id(graph, table.type[i], int(table.layer[i]), int(table.pos[i]),
-                    int(table.feature[i]), int(table.token_id[i]))
-            for i in range(graph.n_nodes) if mask[i]]
+    keep = [
+        node_id(
+            graph,
+            table.type[i],
+            int(table.layer[i]),
+            int(table.pos[i]),
+            int(table.feature[i]),
+            int(table.token_id[i]),
+        )
+        for i in range(graph.n_nodes)
+        if mask[i]
+    ]
     open_graph(page, base_url, "parity")
-    got = page.evaluate("""async (keep) => {
+    got = page.evaluate(
+        """async (keep) => {
       const { graphScores } = await import('/static/scores.js');
       const { buildModel } = await import('/static/model.js');
       const m = buildModel(await (await fetch('/api/graph/parity')).json());
       return [graphScores(m), graphScores(m, new Set(keep))];
-    }""", keep)
+    }""",
+        keep,
+    )
     for js, py in zip(got, (graph_scores(graph), graph_scores(graph, mask))):
         assert js["replacement"] == pytest.approx(py.replacement, abs=1e-5)
         assert js["completeness"] == pytest.approx(py.completeness, abs=1e-5)
