@@ -126,6 +126,9 @@ def test_show_serves_the_graph_without_ipython(folder):
         from_dict.replace("/graph/", "/api/graph/").split("?")[0], timeout=10
     ) as reply:
         assert json.loads(reply.read())["metadata"]["slug"] == "in memory"
+    traced = type("TraceResult", (), {"json_path": folder / "b.json"})()
+    shown = cltrace.show(traced)
+    assert (shown if isinstance(shown, str) else shown.src).endswith("/graph/b")
     if "IPython" not in sys.modules:
         assert isinstance(url, str)
 

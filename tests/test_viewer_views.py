@@ -467,3 +467,20 @@ def test_subgraph_scores_match_graph_scores(page, base_url, graph_dir):
         assert js["replacement"] == pytest.approx(py.replacement, abs=1e-5)
         assert js["completeness"] == pytest.approx(py.completeness, abs=1e-5)
     assert got[1]["replacement"] < got[0]["replacement"]
+
+
+def test_circuit_supernode_ablated_from_its_panel(page, base_url, graph_dir):
+    circuit = json.loads((graph_dir / "circ.circuit.json").read_text())
+    members = next(s for s in circuit["supernodes"] if s["id"] == "sn0")["node_ids"]
+    open_graph(page, base_url, "circ")
+    page.click("g.unit[data-unit=sn0]")
+    page.wait_for_selector("#group-ablate")
+    assert page.locator("#group-members li").count() == len(members)
+    with page.expect_request("**/api/intervene") as req:
+        page.click("#group-ablate")
+    body = json.loads(req.value.post_data)
+    assert sorted(f"{i['layer']}_{i['feature']}_{i['pos']}" for i in body["interventions"]) == sorted(members)
+    page.wait_for_selector("[data-testid=intervene-history-item]")
+    assert "ablate" in page.text_content("[data-testid=intervene-history-item]")
+    page.click("#group-pin")
+    assert sorted(state(page)["pinned"]) == sorted(members)

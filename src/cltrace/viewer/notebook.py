@@ -5,7 +5,7 @@ Starts (once per graph folder) a local viewer server in a background thread and 
 when it is missing the page's URL is returned instead, so nothing here needs a notebook.
 
 Accepted inputs: a graph JSON file (`<slug>.json`, its circuit file beside it is shown too),
-a folder of graphs (the list page), or a graph document (a dict in Neuronpedia's schema, as
+what `cltrace.trace` returns (its `json_path`), a folder of graphs (the list page), or a graph document (a dict in Neuronpedia's schema, as
 written by `cltrace trace`), which is saved to a temporary folder first.
 """
 
@@ -47,7 +47,7 @@ def _target(graph_or_path: Any) -> tuple[Path, str | None]:
         name = "".join(c if c.isalnum() or c in "-_." else "-" for c in slug).strip(".-") or "graph"
         (Path(tmp.name) / f"{name}.json").write_text(json.dumps(graph_or_path), encoding="utf-8")
         return Path(tmp.name), name
-    path = Path(graph_or_path).expanduser()
+    path = Path(getattr(graph_or_path, "json_path", graph_or_path)).expanduser()  # TraceResult too
     if path.is_dir():
         return path, None
     if path.suffix == ".json" and path.is_file():

@@ -217,6 +217,7 @@ function onUnitClick(unit, event) {
   }
   if (state.mode === "circuit" && unit.expandable) {
     state.circuit.toggle(unit.id);
+    if (state.circuit.expanded.has(unit.id)) showGroup(unit);
     drawUnitView();
     scheduleUrl();
     return;
@@ -229,8 +230,16 @@ function onUnitClick(unit, event) {
 
 function showGroup(unit) {
   const panel = $("node-panel");
+  const ablate = () => {
+    state.ui.selected = new Set(unit.nodeIds);
+    document.querySelector("input[name=intervene-on][value=selection]").checked = true;
+    onRun(true);
+  };
   panel.replaceChildren(el("h3", { id: "dashboard-title", textContent: unit.name }),
     el("p", { className: "muted", textContent: unit.sub || "" }),
+    el("div", { className: "row" },
+      el("button", { id: "group-pin", textContent: "pin all", onclick: () => pins.toggle(unit.nodeIds) }),
+      el("button", { id: "group-ablate", textContent: "ablate group", onclick: ablate })),
     el("ol", { id: "group-members", className: "connections" }, ...unit.nodeIds.map((id) => {
       const n = state.model.byId.get(id);
       return el("li", {}, el("a", { href: "#", className: "node-link", textContent: n.label || id, title: id,
