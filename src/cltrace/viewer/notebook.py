@@ -4,9 +4,10 @@ Starts (once per graph folder) a local viewer server in a background thread and 
 `IPython.display.IFrame` of the graph's page. IPython is imported only inside `show`, and
 when it is missing the page's URL is returned instead, so nothing here needs a notebook.
 
-Accepted inputs: a graph JSON file (`<slug>.json`, its circuit file beside it is shown too),
-what `cltrace.trace` returns (its `json_path`), a folder of graphs (the list page), or a graph document (a dict in Neuronpedia's schema, as
-written by `cltrace trace`), which is saved to a temporary folder first.
+Accepted inputs: a graph JSON file (`<slug>.json`; its circuit file beside it is shown too),
+what `cltrace.trace` returns (its `json_path`), a folder of graphs (the list page), or a
+graph document (a dict in Neuronpedia's schema, as written by `cltrace trace`), which is
+saved to a temporary folder first.
 """
 
 from __future__ import annotations
