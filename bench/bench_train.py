@@ -1,110 +1,161 @@
-"""Training throughput of cltrace transcoders on this machine.
+"""Training throughput of cltrace transcoders on this machine, in one run.
 
-For each configuration: tokens/s of full training steps (loss, backward, clipping, AdamW)
-on synthetic activations at gemma-3-270m shapes (18 layers, d=640), and the achieved matmul
-FLOP/s of the step as a fraction of this machine's matmul rate in the step's precision
-(bf16 or fp32), measured in the same run. TopK rows use k = 64 (the demo and session
-presets; 6% of 1024 features, decoded densely). JumpReLU rows are initialised so L0 ≈ 2% of F
-(a trained CLT's regime) with ≈ 1% more inside the STE window, so decoding is sparse; the
-`dense` row forces the dense decoder for comparison.
+Full training steps (loss, backward, gradient clipping, fused AdamW) on synthetic activations
+at gemma-3-270m shapes (18 layers, d = 640), batch 1024, for CLTs and PLTs of 1024, 4096 and
+8192 features per layer, BatchTopK with k = 1% of the width (the session preset's regime).
+Decoding modes:
+    sparse-fp32  the pairs decoder (transcoders/model.py) as it trains: fp32 decoder rows
+    sparse       the same reading bf16 decoder rows (W cast once per step; decode_bf16)
+    dense        every layer decoded by a matmul (sparse_max_density = -1)
+    old          the code before issue 12 (commit 7a29743, read with `git show`), TopK with the
+                 same k; its sparse decoder took over below 5% density
+The machine's matmul rate is measured in the same run at the encoder's shape (a batched
+[18, 1024, 640] x [18, 640, F] product) in the step's precision; the encoder-only roofline is
+that rate / (6·L·d·F) tokens/s (forward and two backward products of the encoder, nothing
+else), and each row reports its fraction of it. Rows whose memory (parameters, gradients and
+AdamW state: 16 bytes per parameter, plus activations) would not fit in the available memory
+are skipped with a note.
 
-    .venv/bin/python bench/bench_train.py [--steps 4] [--quick]
+    .venv/bin/python bench/bench_train.py [--steps 1] [--sizes 1024 4096 8192] [--no-old]
+
+Throughput on a shared machine is noisy: compare ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from cltrace.transcoders.config import TrainConfig
+from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
-from cltrace.transcoders.train import Trainer
+from cltrace.transcoders.train import resolve_precision
 
 warnings.filterwarnings("ignore")
-L, D = 18, 640
+L, D, BATCH = 18, 640, 1024
+OLD_COMMIT = "7a29743"
 
 
-def matmul_rate(dtype: torch.dtype, m=1024, k=640, n=2048, reps=10) -> float:
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    a @ b
+def matmul_rate(F: int, dtype: torch.dtype, reps: int = 3) -> float:
+    """FLOP/s of the encoder's batched product [L, N, d] x [L, d, F] in `dtype`."""
+    a, b = torch.randn(L, BATCH, D).to(dtype), torch.randn(L, D, F).to(dtype)
+    torch.bmm(a, b)
     t = time.perf_counter()
     for _ in range(reps):
-        a @ b
-    return 2 * m * k * n * reps / (time.perf_counter() - t)
+        torch.bmm(a, b)
+    return 2 * L * BATCH * D * F * reps / (time.perf_counter() - t)
 
 
-def step_flops(tc: Transcoder, acts: torch.Tensor, cand_frac: float, sparse: bool) -> float:
-    """Executed matmul FLOPs of one step: encoder fwd + 2 bwd, decoder 3 products."""
-    n = acts.shape[1]
-    F = tc.cfg.n_features
-    enc = 3 * 2 * n * L * D * F
-    widths = [W.shape[1] * D for W in tc.W_dec]
-    if sparse:
-        pairs = [(acts[l] != 0).sum().item() + cand_frac * n * F for l in range(L)]
-        dec = sum(3 * 2 * p * w for p, w in zip(pairs, widths))
-    else:
-        dec = sum(3 * 2 * n * F * w for w in widths)
-    return enc + dec
+def old_module():
+    """The transcoder module as of OLD_COMMIT, or None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        spec = f"{OLD_COMMIT}:src/cltrace/transcoders/model.py"
+        src = subprocess.run(["git", "-C", str(root), "show", spec], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "old_model.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("old_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def bench(name: str, F: int, batch: int, steps: int, dense: bool, kind: str = "clt",
-          activation: str = "jumprelu", precision: str = "auto") -> dict:
-    topk = 64 if activation == "topk" else None
-    cfg = TrainConfig(n_features=F, kind=kind, tokens=batch * 1000, batch_size=batch, activation=activation,
-                      topk=topk, bandwidth=0.02, checkpoint_every=0, log_every=10**9, precision=precision)
-    torch.manual_seed(0)
-    tc = Transcoder(cfg.transcoder_config(L, D))
-    x, y = torch.randn(batch, L, D), torch.randn(batch, L, D)
-    tc.init_from_sample(x, y, fire_frac=0.02)
-    if dense:
-        tc.sparse_max_density = -1.0
-    trainer = Trainer(tc, cfg, log=lambda _m: None)
-    trainer.initialised = True
-    trainer.train_step(x, y)                                    # warm-up
+def n_params(kind: str, F: int) -> int:
+    targets = L * (L + 1) // 2 if kind == "clt" else L
+    return F * targets * D + L * D * F + 2 * L * F
+
+
+def fits(kind: str, F: int) -> bool:
+    """Parameters + grads + AdamW state (16 B each) + ~8 [L, N, F] float32 temporaries, with 2 GB spare."""
+    need = 16 * n_params(kind, F) + 8 * 4 * L * BATCH * F + 2 * 2**30
+    try:
+        avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return True
+    return need < avail
+
+
+def step_time(tc, x, y, steps: int, autocast: torch.dtype | None) -> float:
+    """Seconds per training step: loss, backward, clipping at 1.0, fused AdamW, zero_grad."""
+    params = [p for p in tc.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def one():
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    one()                                                           # warm-up
     t = time.perf_counter()
     for _ in range(steps):
-        m = trainer.train_step(x, y)
-    dt = (time.perf_counter() - t) / steps
-    with torch.no_grad():
-        xn = tc._normalise(x, tc.in_scale)
-        acts = tc.activate(tc._encode(xn).transpose(0, 1)).transpose(0, 1)
-    sparse = not dense and activation == "jumprelu"
-    flops = step_flops(tc, acts, 0.01, sparse)
-    prec = "bf16" if trainer.autocast_dtype is not None else "fp32"
-    return dict(name=name, F=F, batch=batch, decode="sparse" if sparse else "dense", prec=prec,
-                act=activation, tok_s=batch / dt, step_s=dt, l0=m.l0, gflops=flops / dt / 1e9)
+        one()
+    return (time.perf_counter() - t) / steps
 
 
-RUNS = {  # name, F, batch, dense, kind, activation, precision
-    "quick": [("demo CLT 18x1024", 1024, 1024, False, "clt", "topk", "auto")],
-    "full": [("demo CLT 18x1024", 1024, 1024, False, "clt", "topk", "auto"),
-             ("demo CLT 18x1024", 1024, 1024, False, "clt", "topk", "fp32"),
-             ("demo PLT 18x1024", 1024, 1024, False, "plt", "topk", "auto"),
-             ("CLT 18x1024", 1024, 1024, False, "clt", "jumprelu", "auto"),
-             ("CLT 18x4096", 4096, 1024, False, "clt", "jumprelu", "auto"),
-             ("CLT 18x4096", 4096, 1024, True, "clt", "jumprelu", "auto")],
-}
+def build(kind: str, F: int, mode: str, old):
+    k = max(1, F // 100)
+    if mode == "old":
+        cfg = TranscoderConfig(n_layers=L, d_model=D, n_features=F, kind=kind, activation="topk", topk=k)
+        tc = old.Transcoder(cfg)
+    else:
+        cfg = TranscoderConfig(n_layers=L, d_model=D, n_features=F, kind=kind, activation="batchtopk", topk=k)
+        tc = Transcoder(cfg)
+        tc.decode_bf16 = mode == "sparse"
+        if mode == "dense":
+            tc.sparse_max_density = -1.0
+    return tc
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
-    p.add_argument("--quick", action="store_true", help="only the demo preset")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192], help="features per layer")
+    p.add_argument("--kinds", nargs="+", default=["clt", "plt"], choices=["clt", "plt"])
+    p.add_argument("--modes", nargs="+", default=["sparse-fp32", "sparse", "dense", "old"],
+                   choices=["sparse", "sparse-fp32", "dense", "old"])
+    p.add_argument("--no-old", action="store_true", help="skip the pre-issue-12 code")
     args = p.parse_args()
-    bf16, fp32 = matmul_rate(torch.bfloat16), matmul_rate(torch.float32)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul 1024x640x2048: "
-          f"bf16 {bf16 / 1e9:.0f} GFLOP/s, fp32 {fp32 / 1e9:.0f} GFLOP/s")
-    print(f"{'config':<18} {'act':>8} {'prec':>4} {'batch':>5} {'decode':>6} {'tok/s':>7} {'s/step':>7} "
-          f"{'L0':>6} {'GFLOP/s':>8} {'of peak':>7}")
-    for name, F, batch, dense, kind, act, prec in RUNS["quick" if args.quick else "full"]:
-        r = bench(name, F, batch, args.steps, dense, kind, act, prec)
-        peak = bf16 if r["prec"] == "bf16" else fp32
-        print(f"{r['name']:<18} {r['act']:>8} {r['prec']:>4} {r['batch']:>5} {r['decode']:>6} {r['tok_s']:>7.0f} "
-              f"{r['step_s']:>7.2f} {r['l0']:>6.1f} {r['gflops']:>8.0f} {r['gflops'] * 1e9 / peak:>7.1%}", flush=True)
+    autocast = resolve_precision("auto", torch.device("cpu"))
+    prec = "bf16" if autocast is not None else "fp32"
+    old = None if args.no_old or "old" not in args.modes else old_module()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {prec} "
+          f"(CPU flags; CLTRACE_PRECISION=fp32 forces fp32), batch {BATCH}, BatchTopK k = 1% of F")
+    print(f"{'kind':>4} {'F':>5} {'k':>3} {'mode':>11} {'tok/s':>7} {'s/step':>7} {'matmul GF/s':>11} "
+          f"{'roofline tok/s':>14} {'of roofline':>11}")
+    torch.manual_seed(0)
+    x, y = torch.randn(BATCH, L, D), torch.randn(BATCH, L, D)
+    for F in args.sizes:
+        rate = matmul_rate(F, autocast or torch.float32)
+        roof = rate / (6 * L * D * F)
+        for kind in args.kinds:
+            if not fits(kind, F):
+                print(f"{kind:>4} {F:>5}   skipped: {16 * n_params(kind, F) / 2**30:.0f} GiB of parameters, "
+                      "gradients and AdamW state do not fit in the available memory", flush=True)
+                continue
+            for mode in args.modes:
+                if mode == "old" and (old is None or F > 4096):    # the old code: 1024 and 4096 only
+                    continue
+                tc = build(kind, F, mode, old)
+                tc.init_from_sample(x, y)
+                dt = step_time(tc, x, y, args.steps, autocast)
+                print(f"{kind:>4} {F:>5} {max(1, F // 100):>3} {mode:>11} {BATCH / dt:>7.0f} {dt:>7.2f} "
+                      f"{rate / 1e9:>11.0f} {roof:>14.0f} {BATCH / dt / roof:>11.1%}", flush=True)
+                del tc
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

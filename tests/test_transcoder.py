@@ -103,8 +103,8 @@ def test_sparse_decode_matches_dense(kind, skip, activation):
 
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
 def test_bf16_decoder_rows_within_tolerance(activation):
-    """Under bf16 autocast the sparse decoder reads bf16 rows (8-bit mantissa, relative rounding
-    ≤ 2⁻⁹ per weight): the loss stays within 1e-2 relative of fp32 decoding and every parameter
+    """With decode_bf16 (off by default) under bf16 autocast the sparse decoder reads bf16 rows
+    (8-bit mantissa, relative rounding ≤ 2⁻⁹ per weight): the loss stays within 1e-2 relative of fp32 decoding and every parameter
     gradient within 3e-2 (relative L2); the backward itself is fp32 in both."""
     results = []
     for bf16_rows in (False, True):
