@@ -26,6 +26,7 @@ _LAZY = {
     "Intervention": "cltrace.interventions.steer",
     "AttributionConfig": "cltrace.attribution.config",
     "DEFAULT_MODEL": "cltrace.models",
+    "show": "cltrace.viewer.notebook",
 }
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ __all__ = [
     "feature_store",
     "intervene",
     "load",
+    "show",
     "swap_interventions",
     "trace",
 ]

@@ -30,8 +30,13 @@ from typing import Any, Callable
 
 from cltrace.viewer.backend import BackendError, GraphRef, ViewerBackend, find_feature_node
 from cltrace.viewer.graphs import GraphError, GraphStore
-from cltrace.viewer.validation import (BadRequest, parse_intervention, parse_json, parse_subgraphs,
-                                       parse_supernodes)
+from cltrace.viewer.validation import (
+    BadRequest,
+    parse_intervention,
+    parse_json,
+    parse_subgraphs,
+    parse_supernodes,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
