@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -23,6 +24,9 @@ from torch import Tensor, nn
 
 from cltrace.errors import CltraceError
 from cltrace.models.adapters import FamilyAdapter, adapter_for, adapter_for_type
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 #: fn(layer, mlp_in [B, n, d], mlp_out [B, n, d]) -> new mlp_out [B, n, d]
 MlpPatch = Callable[[int, Tensor, Tensor], Tensor]
@@ -41,8 +45,8 @@ class LoadedModel:
     """A causal LM ready for cltrace: eval mode, parameters frozen."""
 
     name: str
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     adapter: FamilyAdapter
     blocks: list[nn.Module] = field(init=False, repr=False)
 
@@ -94,15 +98,15 @@ class LoadedModel:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids)
+        return str(self.tokenizer.decode(ids))
 
     def token_strings(self, ids) -> list[str]:
         """One readable string per token id (decoded individually)."""
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+        return [str(self.tokenizer.decode([int(i)])) for i in ids]
 
     @contextlib.contextmanager
-    def hooks(self, forward_hooks: list[tuple[nn.Module, Callable]] = (),
-              pre_hooks: list[tuple[nn.Module, Callable]] = ()) -> Iterator[None]:
+    def hooks(self, forward_hooks: Sequence[tuple[nn.Module, Callable]] = (),
+              pre_hooks: Sequence[tuple[nn.Module, Callable]] = ()) -> Iterator[None]:
         """Install forward (and pre-forward) hooks for the `with` block; always removed."""
         handles = []
         try:
@@ -209,11 +213,12 @@ def load_model_dir(path: Path, *, name: str, device: str | torch.device = "cpu",
     except (OSError, ValueError) as err:
         raise CltraceError(f"could not load the model in {path}: {err}",
                            "check that the folder is complete (config, weights, tokenizer)") from err
-    model.to(device)
+    model.to(device)  # pyright: ignore[reportArgumentType]  (transformers' stub types `to` oddly)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model))
 
 
-def from_pretrained_objects(model: nn.Module, tokenizer: object, name: str = "in-memory") -> LoadedModel:
+def from_pretrained_objects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                            name: str = "in-memory") -> LoadedModel:
     """Wrap an already-built transformers model (tests build tiny random ones)."""
     if getattr(model.config, "_attn_implementation", "eager") != "eager":
         model.set_attn_implementation("eager")
