@@ -31,7 +31,10 @@ def atomic_replace(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
-    return atomic_replace(path, lambda tmp: Path(tmp).write_bytes(payload))
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(payload)
+
+    return atomic_replace(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -37,6 +37,7 @@ def handler(args: argparse.Namespace) -> int:
                                "build it with `cltrace corpus`")
     elif not args.force and corpus.corpus_ready(names):
         manifest = corpus.load_manifest()
+        assert manifest is not None, "corpus_ready checked it"
         print(f"corpus already built in {corpus_dir()} (use --force to rebuild)")
     else:
         manifest = corpus.build_corpus(names)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import BinaryIO, Callable, Literal, NamedTuple
+from typing import Any, BinaryIO, Callable, Literal, NamedTuple
 
 from cltrace import paths
 from cltrace.errors import CltraceError
@@ -261,8 +261,8 @@ def model_info(name: str) -> ModelInfo:
     elif status == "not dequantised":
         header = read_gguf_header(_header_file(spec))
         arch = header.metadata["general.architecture"]
-        layers = int(header.metadata[f"{arch}.block_count"])
-        d_model = int(header.metadata[f"{arch}.embedding_length"])
+        layers = int(str(header.metadata[f"{arch}.block_count"]))
+        d_model = int(str(header.metadata[f"{arch}.embedding_length"]))
         n_params = header.n_params
     return ModelInfo(name, spec.family, layers, d_model, n_params, spec.quant, status,
                      name == DEFAULT_MODEL)
@@ -328,7 +328,7 @@ def _build(spec: BundledModel, work: Path, say: Say) -> None:
     say(f"[{spec.name}] done in {time.perf_counter() - start:.0f} s ({size / 1e9:.2f} GB)")
 
 
-def _load_gguf(gguf: Path, say: Say) -> tuple[object, object]:
+def _load_gguf(gguf: Path, say: Say) -> tuple[Any, Any]:
     """Tokenizer and float32 model from a GGUF, via transformers (needs gguf and accelerate)."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
