@@ -26,7 +26,63 @@ def folder(tmp_path_factory) -> Path:
     (root / "b.json").write_text(json.dumps(synthetic_graph(60, 200, seed=2)))
     (root / "bad.json").write_text(json.dumps(g))
     (root / "bad.circuit.json").write_text("[1, 2]")
+    (root / "diff-a-vs-b.json").write_text(json.dumps(DIFF_DOC))
+    (root / "diff-broken.json").write_text(json.dumps({"kind": "something else"}))
     return root
+
+
+# A `cltrace diff` document as docs/DIFF_FORMAT.md shows it.
+DIFF_DOC = {
+    "version": 1,
+    "kind": "cltrace-graph-diff",
+    "a": {
+        "source": "a.json",
+        "prompt": "Dallas is in",
+        "tokens": ["Dallas", " is", " in"],
+        "answer": " Texas",
+    },
+    "b": {
+        "source": "b.json",
+        "prompt": "Paris is in",
+        "tokens": ["Paris", " is", " in"],
+        "answer": " France",
+    },
+    "answer_changed": True,
+    "alignment": [
+        {"slot": 0, "status": "changed", "a": [0], "b": [0], "tokens_a": ["Dallas"], "tokens_b": ["Paris"]},
+        {"slot": 1, "status": "shared", "a": [1], "b": [1], "tokens_a": [" is"], "tokens_b": [" is"]},
+        {"slot": 2, "status": "shared", "a": [2], "b": [2], "tokens_a": [" in"], "tokens_b": [" in"]},
+    ],
+    "counts": {"appeared": 1, "vanished": 1, "changed": 0},
+    "nodes": [
+        {
+            "kind": "feature",
+            "layer": 3,
+            "feature": 212,
+            "slot": 0,
+            "status": "vanished",
+            "delta_influence": -0.04,
+            "a": {"node_ids": ["3_212_0"], "positions": [0], "influence": 0.04, "activation": 4.1},
+            "b": None,
+        },
+        {
+            "kind": "feature",
+            "layer": 2,
+            "feature": 9,
+            "slot": 0,
+            "status": "appeared",
+            "delta_influence": 0.03,
+            "a": None,
+            "b": {"node_ids": ["2_9_0"], "positions": [0], "influence": 0.03, "activation": 2.0},
+        },
+    ],
+    "paths": {
+        "a": [{"strength": 0.02, "through": "3_212_0", "nodes": ["E_9_0", "3_212_0", "5_70_2"]}],
+        "b": [],
+    },
+    "supernodes": None,
+    "summary": ["1 appeared, 1 vanished"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +96,21 @@ def srv(folder):
 def test_listing_skips_circuit_and_subgraph_files(srv):
     status, body = request(srv, "GET", "/api/graphs")
     assert status == 200 and [g["name"] for g in body["graphs"]] == ["a", "b", "bad"]
+
+
+def test_diff_documents_are_listed_and_served(srv):
+    status, body = request(srv, "GET", "/api/diffs")
+    assert status == 200
+    good, broken = body["diffs"]
+    assert good == {
+        "name": "diff-a-vs-b",
+        "a": "Dallas is in",
+        "b": "Paris is in",
+        "counts": DIFF_DOC["counts"],
+    }
+    assert broken["name"] == "diff-broken" and "not a `cltrace diff` document" in broken["error"]
+    assert request(srv, "GET", "/api/diff/diff-a-vs-b") == (200, DIFF_DOC)
+    assert request(srv, "GET", "/api/diff/diff-broken")[0] == 422
 
 
 def test_circuit_route(srv, folder):

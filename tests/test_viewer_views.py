@@ -368,7 +368,7 @@ def test_store_from_another_transcoder_is_a_message(page, graph_dir):
 
 
 # -- 6. compare ------------------------------------------------------------------------------
-def test_compare_difference_and_side_by_side(page, base_url):
+def test_compare_difference_diff_file_and_side_by_side(page, base_url, graph_dir):
     page.goto(f"{base_url}/compare?a=demo&b=other")
     page.wait_for_function("window.__compareReady === true")
     rows = page.locator("[data-testid=compare-row]")
@@ -377,6 +377,15 @@ def test_compare_difference_and_side_by_side(page, base_url):
     page.goto(f"{base_url}/compare?a=demo&b=circ")
     page.wait_for_function("window.__compareReady === true")
     assert "0 appeared · 0 vanished · 0 changed" == page.text_content("#compare-counts")
+    from test_viewer_routes import DIFF_DOC
+
+    (graph_dir / "diff-x.json").write_text(json.dumps(DIFF_DOC))
+    page.goto(f"{base_url}/compare?mode=file&file=diff-x")
+    page.wait_for_function("window.__compareReady === true")
+    assert page.text_content("#compare-counts") == "1 appeared · 1 vanished · 0 changed · the answer changed"
+    assert page.locator("[data-testid=compare-row]").count() == 2
+    assert "E_9_0 → 3_212_0 → 5_70_2" in page.text_content("#compare-paths")
+    assert page.text_content("#compare-delta") == "Δ influence"
     page.check("input[name=compare-mode][value=side]")
     page.wait_for_function("document.querySelector('#frame-b').src.endsWith('/graph/circ')")
     assert page.is_visible("#frame-a")

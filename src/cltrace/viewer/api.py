@@ -16,6 +16,8 @@ Routes:
     POST /api/graph/<name>/subgraphs            save them: {subgraphs: [{name, pinnedIds, supernodes}]}
     GET  /compare?a=<name>&b=<name>             compare page
     GET  /api/compare?a=<name>&b=<name>         the two graphs' feature-level differences
+    GET  /api/diffs                             `cltrace diff` documents (diff-*.json) in the folders
+    GET  /api/diff/<name>                       one of them (docs/DIFF_FORMAT.md)
     GET  /api/feature/<layer>/<index>?graph=<name>
     POST /api/intervene                         {graph, interventions: [...], generate}
 """
@@ -89,6 +91,8 @@ class ViewerApp:
             ("POST", re.compile(r"/api/graph/" + name + r"/subgraphs"), self.save_subgraphs),
             ("GET", re.compile(r"/compare"), self.compare_page),
             ("GET", re.compile(r"/api/compare"), self.compare),
+            ("GET", re.compile(r"/api/diffs"), self.list_diffs),
+            ("GET", re.compile(r"/api/diff/" + name), self.get_diff),
             ("GET", re.compile(r"/api/graph/" + name), self.get_graph),
             ("GET", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})"),
              self.feature),
@@ -204,6 +208,12 @@ class ViewerApp:
         ga, gb = self.store.load(a[0]), self.store.load(b[0])
         return json_response(compare_graphs(ga, gb, self.store.read_circuit(ga),
                                             self.store.read_circuit(gb)))
+
+    def list_diffs(self, **_: Any) -> Response:
+        return json_response({"diffs": self.store.diff_summaries()})
+
+    def get_diff(self, name: str, **_: Any) -> Response:
+        return json_response(self.store.load_diff(name))
 
     def suggest(self, name: str, **_: Any) -> Response:
         graph = self.store.load(name)

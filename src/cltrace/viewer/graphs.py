@@ -25,6 +25,8 @@ from cltrace.viewer.backend import GraphRef
 CIRCUIT_SUFFIX = ".circuit.json"      # docs/CIRCUIT_FORMAT.md, written by `cltrace trace --circuit`
 SUBGRAPHS_SUFFIX = ".subgraphs.json"  # pinned subgraphs saved by the viewer
 NOT_GRAPHS = (SIDECAR_SUFFIX, CIRCUIT_SUFFIX, SUBGRAPHS_SUFFIX)
+DIFF_PREFIX = "diff-"                 # `cltrace diff` output (docs/DIFF_FORMAT.md), not a graph
+DIFF_KIND = "cltrace-graph-diff"
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ +=,@()-]*$")
 NAME_CHARS = "letters, digits, spaces and . _ - + = , @ ( )"
 MAX_NAME_LEN = 255
@@ -73,12 +75,13 @@ class GraphStore:
         """Every graph name, first folder wins on duplicates, sorted."""
         return sorted(self._files())
 
-    def _files(self) -> dict[str, Path]:
-        """Graph name -> file, for every graph file (servable name or not)."""
+    def _files(self, diffs: bool = False) -> dict[str, Path]:
+        """Graph name -> file, for every graph file (servable name or not); with `diffs`, the
+        `cltrace diff` documents (diff-*.json) instead."""
         seen: dict[str, Path] = {}
         for folder in self.folders:
             for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
-                if path.name.endswith(NOT_GRAPHS):
+                if path.name.endswith(NOT_GRAPHS) or path.name.startswith(DIFF_PREFIX) != diffs:
                     continue
                 name = path.relative_to(folder).with_suffix("").as_posix()
                 if name not in seen and self._inside(path.resolve(), folder):
@@ -142,6 +145,32 @@ class GraphStore:
     def write_supernodes(self, graph: GraphRef, groups: list[dict]) -> Path:
         """Save groups atomically next to the graph (`<name>.supernodes.json`)."""
         return write_supernodes(graph.path, groups, graph_name=graph.name)
+
+    def diff_summaries(self) -> list[dict[str, Any]]:
+        """One line per `cltrace diff` document: name, the two prompts, counts (or error)."""
+        out = []
+        for name in sorted(self._files(diffs=True)):
+            try:
+                doc = self.load_diff(name)
+                out.append({"name": name, "a": doc["a"].get("prompt"), "b": doc["b"].get("prompt"),
+                            "counts": doc.get("counts")})
+            except GraphError as err:
+                out.append({"name": name, "error": err.message})
+        return out
+
+    def load_diff(self, name: str) -> dict[str, Any]:
+        """A `cltrace diff` document; GraphError 422 when the file is not one."""
+        path = self.path(name)
+        try:
+            doc = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise GraphError(f"{path.name} is not valid JSON: {err}", 422) from None
+        if not isinstance(doc, dict) or doc.get("kind") != DIFF_KIND:
+            raise GraphError(f"{path.name} is not a `cltrace diff` document (kind {DIFF_KIND!r})", 422)
+        sides_ok = all(isinstance(doc.get(k), dict) for k in ("a", "b"))
+        if not sides_ok or not isinstance(doc.get("nodes"), list):
+            raise GraphError(f"{path.name}: missing 'a', 'b' or 'nodes' (docs/DIFF_FORMAT.md)", 422)
+        return doc
 
     def read_circuit(self, graph: GraphRef) -> dict | None:
         """The circuit file beside the graph (`<slug>.circuit.json`), or None when there is none."""
