@@ -16,12 +16,15 @@ so no adapter needs to know about embedding scales or learned positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
 
 from cltrace.errors import CltraceError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NormKind = Literal["rms", "rms_plus_one", "layernorm"]
 
@@ -60,8 +63,10 @@ class FamilyAdapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return _get(model, self.final_norm_path)
 
-    def unembed(self, model: nn.Module) -> nn.Linear:
-        return model.get_output_embeddings()
+    def unembed(self, model: PreTrainedModel) -> nn.Linear:
+        head = model.get_output_embeddings()
+        assert isinstance(head, nn.Linear), f"{type(model).__name__} has no linear output embedding"
+        return head
 
     def norm_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every norm on the residual path, in forward order (final norm last)."""
@@ -81,17 +86,18 @@ class FamilyAdapter:
         """
         xf = x.float()
         eps = _eps(module)
+        weight = cast(torch.Tensor, module.weight).float()
         if self.norm_kind == "layernorm":
             centred = xf - xf.mean(-1, keepdim=True)
             if scale is None:
                 scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps).detach()
-            out = centred * scale * module.weight.float()
-            if module.bias is not None:
-                out = out + module.bias.float()
+            out = centred * scale * weight
+            bias = cast("torch.Tensor | None", getattr(module, "bias", None))
+            if bias is not None:
+                out = out + bias.float()
             return out.to(x.dtype)
         if scale is None:
             scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
-        weight = module.weight.float()
         if self.norm_kind == "rms_plus_one":
             weight = 1.0 + weight
         return (xf * scale * weight).to(x.dtype)
@@ -104,7 +110,7 @@ def _eps(module: nn.Module) -> float:
     raise CltraceError(f"cannot find the epsilon of norm module {type(module).__name__}")
 
 
-def _get(obj: object, dotted: str):
+def _get(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
