@@ -90,8 +90,8 @@ def resolve_run(spec: str | Path) -> Run:
             return Run(run_dir, tc_dir, "circuit-tracer")
     raise CltraceError(
         f"{folder} holds no transcoder (no {CONFIG_FILE} in it or in {TRANSCODER_SUBDIR}/)",
-        f"pass the folder `cltrace train` wrote; if training is still running, wait for it "
-        f"(or `cltrace train --out {run_dir} --resume`)",
+        f"pass the folder `cltrace train` wrote; the transcoder appears when training ends (an "
+        f"interrupted run continues with `cltrace train --out {run_dir} --resume`)",
     )
 
 
