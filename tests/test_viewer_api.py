@@ -19,7 +19,6 @@ from cltrace.viewer.synthetic import SyntheticBackend, synthetic_graph
 from shared_files import shared_file
 
 
-
 @pytest.fixture(scope="module")
 def graph_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("viewer")

@@ -20,15 +20,18 @@ Routes:
     GET  /api/diff/<name>                       one of them (docs/DIFF_FORMAT.md)
     GET  /api/feature/<layer>/<index>?graph=<name>
     POST /api/intervene                         {graph, interventions: [...], generate}
+    POST /api/swap                              {graph, node_ids, name?, source_graph | source_prompt,
+                                                 generate}: graph-guided swap (viewer/swap.py)
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cltrace.viewer.backend import BackendError, GraphRef, ViewerBackend, find_feature_node
 from cltrace.viewer.graphs import GraphError, GraphStore
@@ -38,6 +41,7 @@ from cltrace.viewer.validation import (
     parse_json,
     parse_subgraphs,
     parse_supernodes,
+    parse_swap,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -97,6 +101,7 @@ class ViewerApp:
             ("GET", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})"),
              self.feature),
             ("POST", re.compile(r"/api/intervene"), self.intervene),
+            ("POST", re.compile(r"/api/swap"), self.swap),
         ]
 
     def handle(self, method: str, path: str, query: dict[str, list[str]],
@@ -240,6 +245,24 @@ class ViewerApp:
         n_pos = len(graph.metadata.get("prompt_tokens") or []) if graph else None
         request = parse_intervention(data, n_pos or None)
         return json_response(self.backend.intervene(graph, request))
+
+
+    def swap(self, body: bytes, **_: Any) -> Response:
+        data = parse_json(body)
+        name = data.get("graph")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("graph must be a non-empty string")
+        graph = self.store.load(name)
+        request = parse_swap(data, {str(n["node_id"]) for n in graph.data["nodes"]})
+        source = self.store.load(request.source_graph) if request.source_graph else None
+        try:
+            circuit_b = self.store.read_circuit(source) if source is not None else None
+        except GraphError:  # a malformed circuit file: B's subject features are used instead
+            circuit_b = None
+        swap = getattr(self.backend, "swap", None)
+        if swap is None:
+            raise BackendError("this server's back-end cannot swap", status=501)
+        return json_response(swap(graph, request, source, circuit_b))
 
 
 def qparams_supernodes(graph: GraphRef) -> list[dict]:

@@ -123,6 +123,9 @@ class NullBackend:
     def intervene(self, graph: GraphRef, request: InterventionRequest) -> dict:
         raise BackendError(NO_MODEL, status=501)
 
+    def swap(self, graph: GraphRef, request: Any, source: GraphRef | None, circuit_b: dict | None) -> dict:
+        raise BackendError(NO_MODEL, status=501)
+
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return suggest_by_shared_target(graph.data)
 

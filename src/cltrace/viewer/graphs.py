@@ -18,8 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cltrace.supernode_file import (SIDECAR_SUFFIX, SupernodeFileError, parse_supernodes,
-                                    sidecar_path, write_supernodes)
+from cltrace.supernode_file import (
+    SIDECAR_SUFFIX,
+    SupernodeFileError,
+    parse_supernodes,
+    sidecar_path,
+    write_supernodes,
+)
 from cltrace.viewer.backend import GraphRef
 
 CIRCUIT_SUFFIX = ".circuit.json"      # docs/CIRCUIT_FORMAT.md, written by `cltrace trace --circuit`
@@ -228,7 +233,7 @@ def parse_graph(path: Path) -> dict:
     try:
         data = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as err:
-        raise GraphError(f"{path.name} is not valid JSON: {err}", 422)
+        raise GraphError(f"{path.name} is not valid JSON: {err}", 422) from err
     except RecursionError:
         raise GraphError(f"{path.name} is nested too deeply to be a graph", 422) from None
     if not isinstance(data, dict):

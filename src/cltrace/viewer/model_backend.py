@@ -14,6 +14,7 @@ from typing import Any
 
 from cltrace.errors import CltraceError
 from cltrace.viewer.backend import BackendError, GraphRef, InterventionRequest, NullBackend
+from cltrace.viewer.swap import GraphCache, SwapRequest, run_swap
 
 TOP_K = 10
 
@@ -27,6 +28,7 @@ class ModelBackend:
         self.null = NullBackend()
         self._lock = threading.Lock()  # one forward at a time: the server is multi-threaded
         self._label_rows: dict[tuple[int, int], dict] | None = None  # store.labels_table, once
+        self._graphs = GraphCache()  # full graphs for swaps
 
     def feature(self, graph: GraphRef, layer: int, index: int) -> dict | None:
         if self.store is None:
@@ -35,7 +37,7 @@ class ModelBackend:
         try:
             return self.store.dashboard(layer, index)
         except CltraceError as err:  # the store's "no feature L:i in this store"
-            raise BackendError(err.message, status=404)
+            raise BackendError(err.message, status=404) from err
 
     def intervene(self, graph: GraphRef, request: InterventionRequest) -> dict:
         if self.steerer is None:
@@ -58,6 +60,14 @@ class ModelBackend:
             except ValueError as err:     # positions outside the prompt
                 raise BackendError(str(err), status=400) from err
         return result.to_dict()
+
+    def swap(self, graph: GraphRef, request: SwapRequest, source: GraphRef | None,
+             circuit_b: dict | None) -> dict:
+        """A graph-guided swap of the pinned features with prompt B's (viewer/swap.py)."""
+        if self.steerer is None:
+            return self.null.swap(graph, request, source, circuit_b)
+        with self._lock:
+            return run_swap(self.steerer, self._graphs, graph, request, source, circuit_b)
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return self.null.suggest_supernodes(graph)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from cltrace.viewer.backend import (FEATURE_TYPE, GraphRef, InterventionRequest,
-                                    suggest_by_shared_target)
+from cltrace.viewer.backend import FEATURE_TYPE, GraphRef, InterventionRequest, suggest_by_shared_target
 
 PROMPT = ["<bos>", "Fact", ":", " the", " capital", " of", " the", " state", " containing",
           " Dallas", " is"]

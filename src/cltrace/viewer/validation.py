@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from cltrace.viewer.backend import Intervention, InterventionRequest
+from cltrace.viewer.swap import SwapRequest
 
 MAX_BODY_BYTES = 1 << 20
 MAX_INTERVENTIONS = 256
@@ -17,6 +18,8 @@ MAX_FEATURE = 2**31 - 1
 MAX_GROUPS = 500
 MAX_GROUP_NODES = 5_000
 MAX_GROUP_NAME = 120
+MAX_PROMPT = 4_000
+MAX_LABEL = 200
 
 
 class BadRequest(Exception):
@@ -27,7 +30,7 @@ def parse_json(body: bytes) -> dict:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"body is not valid JSON: {err}")
+        raise BadRequest(f"body is not valid JSON: {err}") from err
     except RecursionError:
         raise BadRequest("body is nested too deeply") from None
     if not isinstance(data, dict):
@@ -135,3 +138,26 @@ def _ids(value: Any, field: str, node_ids: set[str]) -> list[str]:
     if unknown:
         raise BadRequest(f"{field} has ids not in the graph: {unknown[:3]}")
     return list(dict.fromkeys(ids))
+
+
+def parse_swap(data: dict, node_ids: set[str]) -> SwapRequest:
+    """Validate `{graph, node_ids: [...], name?, source_graph | source_prompt, generate?}`."""
+    graph = data.get("graph")
+    if not isinstance(graph, str) or not graph:
+        raise BadRequest("graph must be a non-empty string")
+    ids = _list(data.get("node_ids"), "node_ids", MAX_GROUP_NODES, lo=1)
+    unknown = [x for x in ids if not isinstance(x, str) or x not in node_ids]
+    if unknown:
+        raise BadRequest(f"node_ids has ids not in the graph: {unknown[:3]}")
+    name = data.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > MAX_GROUP_NAME):
+        raise BadRequest(f"name must be a string of at most {MAX_GROUP_NAME} characters")
+    source_graph, source_prompt = data.get("source_graph"), data.get("source_prompt")
+    if (source_graph is None) == (source_prompt is None):
+        raise BadRequest("give the second prompt as source_graph (a graph name) or source_prompt (text), "
+                         "not both")
+    for value, key in ((source_graph, "source_graph"), (source_prompt, "source_prompt")):
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_PROMPT):
+            raise BadRequest(f"{key} must be a non-empty string of at most {MAX_PROMPT} characters")
+    generate = _int(data.get("generate", 0), "generate", 0, MAX_GENERATE)
+    return SwapRequest(graph, list(dict.fromkeys(ids)), name or None, source_graph, source_prompt, generate)

@@ -7,7 +7,7 @@
 import { el, getJSON, graphPath } from "./api.js";
 import { CircuitView, circuitSummary } from "./circuit.js";
 import { showNode } from "./dashboard.js";
-import { buildRequest, interventionTargets, runIntervention } from "./intervene.js";
+import { buildRequest, buildSwapRequest, interventionTargets, runIntervention, runSwap } from "./intervene.js";
 import { buildModel, layout, prune } from "./model.js";
 import { Pins } from "./pins.js";
 import { LinkPainter, MARGIN, drawNodesLayer, drawOverlay, hitTest, sizeCanvas, sx, sy } from "./render.js";
@@ -21,7 +21,7 @@ const $ = (id) => document.getElementById(id);
 const graphName = decodeURIComponent(location.pathname.slice("/graph/".length));
 const state = {
   model: null, view: null, size: null, ctx: {}, mode: "graph", circuit: null, json: null,
-  tf: { k: 1, x: 0, y: 0 }, painted: { k: 1, x: 0, y: 0 }, clicked: null,
+  tf: { k: 1, x: 0, y: 0 }, painted: { k: 1, x: 0, y: 0 }, clicked: null, swapGroup: null,
   ui: { selected: new Set(), hover: null, box: null, groups: [], pinned: [], matches: new Set(), paths: null },
 };
 let supernodes = null, pins = null;
@@ -109,6 +109,8 @@ function paintOverlay() {
   $("selection-count").textContent = String(state.ui.selected.size);
   const n = interventionTargets(state.model, currentTargetIds()).length;
   $("intervene-targets").textContent = n ? `${n} feature(s) will be steered` : "select or pin features, or tick supernodes";
+  const name = swapName();
+  $("swap-name").textContent = name ? `a swap matches supernode “${name}” in the second graph's circuit file, if it has one` : "";
 }
 
 function queueOverlay() {
@@ -230,16 +232,24 @@ function onUnitClick(unit, event) {
 
 function showGroup(unit) {
   const panel = $("node-panel");
-  const ablate = () => {
+  const target = () => {
     state.ui.selected = new Set(unit.nodeIds);
     document.querySelector("input[name=intervene-on][value=selection]").checked = true;
-    onRun(true);
+  };
+  const ablate = () => { target(); onRun(true); };
+  const swap = () => {
+    target();
+    state.swapGroup = { name: unit.name, ids: new Set(unit.nodeIds) };
+    paintOverlay();
+    $("swap-row").scrollIntoView({ block: "center" });
+    $(($("swap-source").value ? "swap-run" : "swap-prompt")).focus();
   };
   panel.replaceChildren(el("h3", { id: "dashboard-title", textContent: unit.name }),
     el("p", { className: "muted", textContent: unit.sub || "" }),
     el("div", { className: "row" },
       el("button", { id: "group-pin", textContent: "pin all", onclick: () => pins.toggle(unit.nodeIds) }),
-      el("button", { id: "group-ablate", textContent: "ablate group", onclick: ablate })),
+      el("button", { id: "group-ablate", textContent: "ablate group", onclick: ablate }),
+      el("button", { id: "group-swap", textContent: "swap group…", title: "swap with a second prompt (Intervene panel)", onclick: swap })),
     el("ol", { id: "group-members", className: "connections" }, ...unit.nodeIds.map((id) => {
       const n = state.model.byId.get(id);
       return el("li", {}, el("a", { href: "#", className: "node-link", textContent: n.label || id, title: id,
@@ -404,6 +414,45 @@ function onRun(ablate = false) {
   runIntervention(buildRequest(graphName, targets, form), out, (ablate ? "ablate " : "") + names);
 }
 
+// The supernode name a swap of the current targets carries: the group the targets are exactly
+// (a circuit supernode opened with “swap group…”, a pinned group, or a saved supernode).
+function swapName() {
+  const ids = new Set(currentTargetIds());
+  const same = (list) => list.length === ids.size && list.every((id) => ids.has(id));
+  if (!ids.size) return null;
+  if (state.swapGroup && same([...state.swapGroup.ids])) return state.swapGroup.name;
+  const pinGroup = (pins ? pins.groups : []).find((g) => same(g.slice(1)));
+  if (pinGroup) return pinGroup[0];
+  const saved = state.ui.groups.find((g) => same(g.node_ids));
+  return saved ? saved.name : null;
+}
+
+function onSwap() {
+  const targets = interventionTargets(state.model, currentTargetIds());
+  const out = { result: $("intervene-result"), error: $("intervene-error"), continuation: $("intervene-continuation"),
+    history: $("intervene-history"), summary: $("swap-summary") };
+  const graph = $("swap-source").value, prompt = $("swap-prompt").value.trim();
+  if (!targets.length) { out.error.textContent = "pin or select the features to swap (or open a supernode and use “swap group…”)"; return null; }
+  if (!graph && !prompt) { out.error.textContent = "pick a second graph or type a second prompt"; return null; }
+  const name = swapName();
+  const generate = parseInt($("intervene-generate").value, 10) || 0;
+  const describe = name ? `“${name}”` : `${targets.length} feature(s)`;
+  return runSwap(buildSwapRequest(graphName, targets, name, graph ? { graph } : { prompt }, generate), out, describe);
+}
+
+async function loadSwapSources() {
+  try {
+    const { graphs } = await getJSON("/api/graphs");
+    const select = $("swap-source");
+    for (const g of graphs) {
+      if (g.name === graphName || g.error) continue;
+      select.append(el("option", { value: g.name, textContent: `${g.name}: ${g.prompt ?? ""}`.slice(0, 80) }));
+    }
+  } catch (err) {
+    notice(`graph list not loaded: ${err.message}`);
+  }
+}
+
 function pinPanel() {
   $("pin-selected").addEventListener("click", () => {
     if (!state.ui.selected.size) return pins.say("select nodes first (click or shift-click)", true);
@@ -461,6 +510,8 @@ function wire() {
   $("supernode-list").addEventListener("change", queueOverlay);
   $("intervene-run").addEventListener("click", () => onRun(false));
   $("intervene-ablate").addEventListener("click", () => onRun(true));
+  $("swap-run").addEventListener("click", onSwap);
+  $("swap-source").addEventListener("change", () => { $("swap-prompt").disabled = Boolean($("swap-source").value); });
   document.querySelectorAll("input[name=intervene-on]").forEach((r) => r.addEventListener("change", queueOverlay));
   search($("search"), $("search-results"), state, { onPick: focusNode, onMatches: queueOverlay });
   pinPanel();
@@ -529,6 +580,7 @@ async function main() {
   supernodes.load();
   pins.loadSaved();
   loadLabelScores();
+  loadSwapSources();
 }
 
 // Label detection scores from the feature store (when served with one) onto the nodes.
