@@ -54,6 +54,11 @@ def test_circuit_edges_drop_self_edges_and_weak_ones(traced):
     ]
     edges = {(e.source, e.target): e.weight for e in circuit_edges(A, parts, 0.1)}
     assert edges == {("n0", "n1"): 2.0, ("n1", "n2"): -1.0, ("n2", "n3"): 0.5}
+    A[2, 0] = 0.8  # now above 10% of the largest into n2 ...
+    edges = {(e.source, e.target) for e in circuit_edges(A, parts, 0.1)}
+    assert ("n0", "n2") in edges and ("n1", "n2") in edges
+    edges = {(e.source, e.target) for e in circuit_edges(A, parts, 0.1, max_in_edges=1)}
+    assert ("n1", "n2") in edges and ("n0", "n2") not in edges  # ... but only the strongest is kept
 
 
 def test_build_circuit_on_a_traced_graph(traced):

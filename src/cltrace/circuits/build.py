@@ -9,7 +9,8 @@
    (`answer_id`, by default the graph's first logit node);
 3. edges between supernodes: the signed sum of the full graph's edges between their members,
    ``W[T, S] = Σ_{t ∈ T, s ∈ S} A[t, s]``; an edge is kept when its |weight| is at least
-   `min_edge_share` of the largest |weight| into the same target;
+   `min_edge_share` of the largest |weight| into the same target, at most `max_in_edges` per
+   target (the strongest);
 4. validation on the real model (`circuits.validate.validate_circuit`, when present).
 
 `circuit_to_files` writes `<slug>.circuit.json` and `<slug>.circuit.svg` beside a graph.
@@ -44,8 +45,9 @@ class CircuitConfig:
     max_embeddings: int = 8  # ... at most this many
     include_errors: bool = False  # one node per position for its error nodes (when they
     # carry at least group.min_share)
-    min_edge_share: float = 0.05  # keep edges with |w| >= this share of the largest into
-    # the same target
+    min_edge_share: float = 0.1  # keep edges with |w| >= this share of the largest into
+    # the same target ...
+    max_in_edges: int = 4  # ... at most this many per target (the strongest)
     constrain: bool = True  # validation: constrained patching where it applies
 
     def __post_init__(self):
@@ -57,6 +59,8 @@ class CircuitConfig:
             raise CltraceError(f"max_embeddings must be >= 0, got {self.max_embeddings}")
         if not 0.0 <= self.min_edge_share <= 1.0:
             raise CltraceError(f"min_edge_share must be in [0, 1], got {self.min_edge_share}")
+        if self.max_in_edges < 1:
+            raise CltraceError(f"max_in_edges must be >= 1, got {self.max_in_edges}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,7 +103,7 @@ def build_circuit(
         + (_error_parts(graph, pruned, fs, cfg) if cfg.include_errors else [])
         + [_logit_part(graph, lm, k)]
     )
-    edges = circuit_edges(graph.adjacency, parts, cfg.min_edge_share)
+    edges = circuit_edges(graph.adjacency, parts, cfg.min_edge_share, cfg.max_in_edges)
     used = {e.source for e in edges}
     parts = [p for p in parts if p.node.kind != "embedding" or p.node.id in used]  # no loose tokens
     circuit = Circuit(
@@ -289,7 +293,7 @@ def aggregate_edges(adjacency: torch.Tensor, groups: Sequence[Sequence[int]]) ->
 
 
 def circuit_edges(
-    adjacency: torch.Tensor, parts: Sequence[_Part], min_edge_share: float
+    adjacency: torch.Tensor, parts: Sequence[_Part], min_edge_share: float, max_in_edges: int | None = None
 ) -> list[CircuitEdge]:
     """The kept edges between the parts (module docstring, step 3); no self-edges, none into
     an embedding."""
@@ -301,7 +305,9 @@ def circuit_edges(
             continue
         row = W[t]
         top = np.abs(row).max() if row.size else 0.0
-        for s in np.flatnonzero(np.abs(row) >= max(min_edge_share * top, 1e-30)):
+        kept = np.flatnonzero(np.abs(row) >= max(min_edge_share * top, 1e-30))
+        kept = kept[np.argsort(-np.abs(row[kept]), kind="stable")][:max_in_edges]
+        for s in sorted(kept.tolist()):
             edges.append(CircuitEdge(parts[s].node.id, part.node.id, float(row[s])))
     return edges
 
