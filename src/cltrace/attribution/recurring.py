@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cltrace.errors import CltraceError
+from cltrace.transcoders.interface import TranscoderLike
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -382,7 +383,9 @@ def summarize_set(
     return RecurringReport(results, recurring, parts, min_frequency, explain_threshold, template)
 
 
-def circuit_supernodes(graph, pruned, lm, transcoder, roles: list[str], store=None) -> list[tuple[str, set]]:
+def circuit_supernodes(
+    graph, pruned, lm, transcoder: TranscoderLike, roles: list[str], store=None
+) -> list[tuple[str, set]]:
     """(name, member (layer, feature, role) keys) of each feature supernode, from cltrace.circuits
     (empty when that package is absent)."""
     try:
@@ -404,7 +407,7 @@ def circuit_supernodes(graph, pruned, lm, transcoder, roles: list[str], store=No
 
 def trace_prompt_set(
     lm,
-    transcoder,
+    transcoder: TranscoderLike,
     prompts: Sequence[tuple[str, dict[str, str]]],
     cfg,
     *,

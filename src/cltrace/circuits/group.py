@@ -432,7 +432,9 @@ def suggest_supernodes(
     return [{"name": g.name, "node_ids": g.node_ids} for g in group_features(fs, cfg, tokens).groups]
 
 
-def _json_feature_set(data: Mapping[str, Any], transcoder, store) -> tuple[FeatureSet, list[str] | None]:
+def _json_feature_set(
+    data: Mapping[str, Any], transcoder: TranscoderLike | None, store
+) -> tuple[FeatureSet, list[str] | None]:
     view = graph_view(dict(data))
     logits = [n for n in data.get("nodes", []) if n.get("feature_type") == "logit"]
     heads = [str(n.get("node_id", "")).split("_")[0] for n in logits]  # "{n_layers+1}_{token}_{pos}"

@@ -313,7 +313,7 @@ def _settings(graph_a, graph_b, sup, inj, spans, cfg: SwapConfig) -> list[tuple[
     return sorted(out, key=lambda x: len(x[2]))
 
 
-def _search(lm, transcoder, tokens, settings, answer_b: int, batch_size: int):
+def _search(lm, transcoder: TranscoderLike, tokens, settings, answer_b: int, batch_size: int):
     """Clean run, then the settings in order of pair count, a batch at a time, stopping after the
     first batch with a flip. Returns the logits (clean first) and one trial per evaluated setting."""
     out = [run_edits(lm, transcoder, tokens, [[]])]
