@@ -19,6 +19,8 @@ Routes:
     GET  /api/diffs                             `cltrace diff` documents (diff-*.json) in the folders
     GET  /api/diff/<name>                       one of them (docs/DIFF_FORMAT.md)
     GET  /api/feature/<layer>/<index>?graph=<name>
+    POST /api/feature/<layer>/<index>/label     {graph, label}: save the user's label in the feature
+                                                 store ("" reverts to the automatic label); the card
     POST /api/intervene                         {graph, interventions: [...], generate}
     POST /api/swap                              {graph, node_ids, name?, source_graph | source_prompt,
                                                  generate}: graph-guided swap (viewer/swap.py)
@@ -33,12 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cltrace.viewer.backend import BackendError, GraphRef, ViewerBackend, find_feature_node
+from cltrace.viewer.backend import NO_STORE_LABELS, BackendError, GraphRef, ViewerBackend, find_feature_node
 from cltrace.viewer.graphs import GraphError, GraphStore
 from cltrace.viewer.validation import (
     BadRequest,
     parse_intervention,
     parse_json,
+    parse_label,
     parse_subgraphs,
     parse_supernodes,
     parse_swap,
@@ -100,6 +103,8 @@ class ViewerApp:
             ("GET", re.compile(r"/api/graph/" + name), self.get_graph),
             ("GET", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})"),
              self.feature),
+            ("POST", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})/label"),
+             self.set_label),
             ("POST", re.compile(r"/api/intervene"), self.intervene),
             ("POST", re.compile(r"/api/swap"), self.swap),
         ]
@@ -237,6 +242,14 @@ class ViewerApp:
                     "label": (node or {}).get("clerp") or "",
                     "message": "no data for this feature"}
         return json_response(card)
+
+    def set_label(self, layer: str, index: str, body: bytes, **_: Any) -> Response:
+        graph_name, label = parse_label(parse_json(body))
+        graph = self.store.load(graph_name)
+        setter = getattr(self.backend, "set_label", None)
+        if setter is None:
+            raise BackendError(NO_STORE_LABELS, status=501)
+        return json_response(setter(graph, int(layer), int(index), label))
 
     def intervene(self, body: bytes, **_: Any) -> Response:
         data = parse_json(body)

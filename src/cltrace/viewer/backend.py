@@ -77,6 +77,8 @@ class ViewerBackend(Protocol):
 
 
 FEATURE_TYPE = "cross layer transcoder"
+NO_STORE_LABELS = ("labels are saved in a feature store, and this server has none: run "
+                   "`cltrace serve --features DB`")
 NO_MODEL = ("interventions need a loaded model: run "
             "`cltrace serve --transcoder RUN [--model ...]`")
 
@@ -125,6 +127,9 @@ class NullBackend:
 
     def swap(self, graph: GraphRef, request: Any, source: GraphRef | None, circuit_b: dict | None) -> dict:
         raise BackendError(NO_MODEL, status=501)
+
+    def set_label(self, graph: GraphRef, layer: int, index: int, label: str) -> dict:
+        raise BackendError(NO_STORE_LABELS, status=501)
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return suggest_by_shared_target(graph.data)

@@ -61,6 +61,28 @@ class ModelBackend:
                 raise BackendError(str(err), status=400) from err
         return result.to_dict()
 
+    def set_label(self, graph: GraphRef, layer: int, index: int, label: str) -> dict:
+        """Save (or with "" clear) the user's label; the feature's refreshed dashboard."""
+        import sqlite3
+
+        if self.store is None:
+            return self.null.set_label(graph, layer, index, label)
+        check_same_transcoder(self.store, graph)
+        try:
+            self.store.set_label(layer, index, label or None)
+        except CltraceError as err:  # no feature L:i in this store
+            raise BackendError(err.message, status=404) from err
+        except sqlite3.OperationalError as err:
+            if "readonly" in str(err) or "read-only" in str(err):
+                raise BackendError(f"the feature store {self.store.path} is read-only, so the label was not "
+                                   "saved: serve a writable copy (or fix the file's permissions)",
+                                   status=403) from err
+            raise BackendError(f"the feature store could not save the label ({err}); try again",
+                               status=503) from err
+        with self._lock:
+            self._label_rows = None  # the label table is read again with the new label
+        return self.store.dashboard(layer, index)
+
     def swap(self, graph: GraphRef, request: SwapRequest, source: GraphRef | None,
              circuit_b: dict | None) -> dict:
         """A graph-guided swap of the pinned features with prompt B's (viewer/swap.py)."""

@@ -140,6 +140,17 @@ def _ids(value: Any, field: str, node_ids: set[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def parse_label(data: dict) -> tuple[str, str]:
+    """Validate `{graph, label}` (one line, at most MAX_LABEL characters; "" clears it)."""
+    graph, label = data.get("graph"), data.get("label")
+    if not isinstance(graph, str) or not graph:
+        raise BadRequest("graph must be a non-empty string")
+    if not isinstance(label, str) or len(label) > MAX_LABEL or "\n" in label or "\r" in label:
+        raise BadRequest(f"label must be one line of at most {MAX_LABEL} characters (\"\" reverts to the "
+                         "automatic label)")
+    return graph, label.strip()
+
+
 def parse_swap(data: dict, node_ids: set[str]) -> SwapRequest:
     """Validate `{graph, node_ids: [...], name?, source_graph | source_prompt, generate?}`."""
     graph = data.get("graph")

@@ -1,8 +1,9 @@
 // The side panel for one node: a feature's dashboard from /api/feature (label and its scores,
 // top contexts, quantile examples, token effects, density), or a node summary; then the node's
-// strongest inputs and outputs in this graph, each clickable (`links.onNode`).
+// strongest inputs and outputs in this graph, each clickable (`links.onNode`). The label can be
+// edited and saved in the feature store (POST /api/feature/<l>/<i>/label; `links.onLabel`).
 
-import { el, getJSON } from "./api.js";
+import { el, getJSON, postJSON } from "./api.js";
 import { featureIndex } from "./model.js";
 
 export async function showNode(panel, graphName, node, links = null) {
@@ -18,8 +19,9 @@ export async function showNode(panel, graphName, node, links = null) {
   const slot = el("p", { className: "muted", textContent: "loading…" });
   panel.append(slot, connections);
   const t0 = performance.now();
+  const ctx = { url: `/api/feature/${layer}/${index}/label`, graphName, node, onLabel: links && links.onLabel };
   try {
-    renderCard(slot, await getJSON(url), node);
+    slot.replaceWith(cardElement(await getJSON(url), ctx));
   } catch (err) {
     slot.replaceWith(el("p", { id: "dashboard-error", className: "error", textContent: err.message }));
   }
@@ -64,12 +66,15 @@ function describe(node) {
   return parts.filter(Boolean).join(" · ");
 }
 
-function renderCard(slot, card, node) {
+function cardElement(card, ctx) {
+  const { node } = ctx;
   const activation = node.raw.activation != null ? Number(node.raw.activation).toFixed(3) : "–";
   const quantiles = card.quantiles || [];
-  slot.replaceWith(
+  return (
     el("div", { id: "dashboard", "data-testid": "dashboard" },
-      el("p", { id: "dashboard-label", className: "label", textContent: card.label || "(no label)" }),
+      el("p", { id: "dashboard-label", className: "label", textContent: card.label || "(no label)" },
+        card.label_source === "user" ? el("span", { id: "dashboard-label-source", className: "muted", textContent: " (your label)" }) : ""),
+      labelEditor(card, ctx),
       el("p", { id: "dashboard-score", className: "muted", textContent: scoreText(card) }),
       labelParts(card),
       el("p", { className: "muted", textContent:
@@ -80,6 +85,33 @@ function renderCard(slot, card, node) {
       quantiles.length ? section("Examples by activation range", quantileList(quantiles)) : "",
       section("Promoted tokens", tokenList(card.promoted || [], "dashboard-promoted", "pos")),
       section("Suppressed tokens", tokenList(card.suppressed || [], "dashboard-suppressed", "neg"))));
+}
+
+// Edit the label: saved as the user's label in the feature store; "" reverts to the automatic one.
+// The refreshed card replaces this one; the node's label in the graph follows.
+function labelEditor(card, ctx) {
+  const status = el("span", { id: "label-status", className: "muted" });
+  const input = el("input", { id: "label-input", maxLength: 200, placeholder: "your label",
+    value: card.label_source === "user" ? card.label : (card.label || "") });
+  const save = async (label) => {
+    status.className = "muted"; status.textContent = "saving…";
+    try {
+      const fresh = await postJSON(ctx.url, { graph: ctx.graphName, label });
+      const next = cardElement(fresh, ctx);
+      document.getElementById("dashboard").replaceWith(next);
+      next.querySelector("#label-status").textContent = label ? "saved" : "automatic label restored";
+      ctx.node.label = fresh.label || ctx.node.label;
+      if (ctx.onLabel) ctx.onLabel(ctx.node);
+    } catch (err) {
+      status.className = "error"; status.textContent = err.message;
+    }
+  };
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") save(input.value.trim()); });
+  return el("details", { id: "label-editor" }, el("summary", { textContent: "edit label" }),
+    el("div", { className: "row" }, input,
+      el("button", { id: "label-save", textContent: "save", onclick: () => save(input.value.trim()) }),
+      card.label_source === "user" ? el("button", { id: "label-clear", textContent: "use the automatic label", onclick: () => save("") }) : ""),
+    status);
 }
 
 // `detection 0.93 · output 0.88`, as features/dashboard.score_text words it.

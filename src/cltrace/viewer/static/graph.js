@@ -377,9 +377,14 @@ function openNode(node) {
   state.clicked = node.id;
   state.ui.selected = new Set([node.id]);
   state.ui.paths = state.mode === "graph" ? tracePaths(node) : null;
-  showNode($("node-panel"), graphName, node, { model: state.model, pins, onNode: focusNode });
+  showNode($("node-panel"), graphName, node, { model: state.model, pins, onNode: focusNode, onLabel: onLabelSaved });
   queueOverlay();
   scheduleUrl();
+}
+
+// A label saved from the feature panel: the node's new label shows on the canvas or the units.
+function onLabelSaved() {
+  if (state.mode === "graph") paintAll(); else drawUnitView();
 }
 
 // From a link in a panel or a search result: show the node in the full graph.
