@@ -77,7 +77,7 @@ class GroupConfig:
     # least this share of the largest never share a group
     min_share: float = 0.02  # keep groups carrying at least this share of influence ...
     max_groups: int = 12  # ... at most this many ...
-    min_groups: int = 3  # ... and at least this many (the strongest), when there are
+    min_groups: int = 5  # ... and at least this many (the strongest), when there are
     max_evidence: int = 6  # evidence words kept per group
 
     def __post_init__(self):
