@@ -75,6 +75,11 @@ def wrap(text: str, width: int = MAX_CHARS, max_lines: int = 2) -> list[str]:
     return lines
 
 
+def _unit(node: CircuitNode) -> str:
+    one = {"features": "feature", "error": "error node"}.get(node.kind, "node")
+    return one if len(node.node_ids) == 1 else one + "s"
+
+
 def _signed(x: float) -> str:
     return f"{x:+.2f}".replace("-", "−")
 
@@ -95,7 +100,8 @@ def box_lines(node: CircuitNode, circuit: Circuit) -> tuple[list[str], list[str]
             else f" L{node.layers[0]}-{node.layers[1]}"
         )
     )
-    info = [f"{node.influence_share:.1%} · {at}{lay} · {len(node.node_ids)} nodes"]
+    where = f" · {at}{lay}" if node.evidence or node.kind != "features" else ""  # else in the name
+    info = [f"{node.influence_share:.1%}{where} · {len(node.node_ids)} {_unit(node)}"]
     if node.predicted is not None or node.measured is not None:
         pred = "?" if node.predicted is None else _signed(node.predicted)
         meas = "?" if node.measured is None else _signed(node.measured)
