@@ -37,3 +37,16 @@ DEVICE_HELP = "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     """The same --device flag on every command (resolved by `cltrace.hardware.resolve_device`)."""
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+RUN_HELP = "transcoder run: a run name under cltrace's runs folder, or a folder"
+MODEL_HELP = "model name or folder, if not the one the transcoder was trained on"
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, required: bool = True, note: str = "") -> None:
+    """--transcoder RUN, --model and --device: how every command that loads a run names it
+    (opened by `cltrace.runs.open_run`)."""
+    help_run = f"{RUN_HELP}; {note}" if note else RUN_HELP
+    p.add_argument("--transcoder", required=required, default=None, metavar="RUN", help=help_run)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_device_argument(p)

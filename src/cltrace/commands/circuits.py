@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_device_argument, add_parser
+from cltrace.commands import add_parser, add_run_arguments
 
 
 def register(subparsers) -> None:
@@ -27,9 +27,7 @@ def register(subparsers) -> None:
         metavar="NAME=A,B,...",
         help="the fillers of a placeholder (repeatable; several are zipped)",
     )
-    p.add_argument("--transcoder", required=True, metavar="RUN", help="transcoder run name or directory")
-    p.add_argument("--model", default=None, help="model; None: the one the transcoder was trained on")
-    add_device_argument(p)
+    add_run_arguments(p)
     p.add_argument("--max-feature-nodes", type=int, default=4096, help="feature targets per prompt graph")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: share of influence kept")
     p.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_device_argument, add_parser
+from cltrace.commands import add_parser, add_run_arguments
 
 
 def register(subparsers) -> None:
@@ -16,11 +16,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("a", help="graph file (.json or .graph.safetensors from `cltrace trace`) or a prompt")
     p.add_argument("b", help="graph file or prompt (the same kind as A)")
-    p.add_argument(
-        "--transcoder", default=None, metavar="RUN", help="transcoder run (needed for two prompts)"
-    )
-    p.add_argument("--model", default=None, help="model; None: the one the transcoder was trained on")
-    add_device_argument(p)  # used for two prompts
+    add_run_arguments(p, required=False, note="needed for two prompts")
     p.add_argument("--max-feature-nodes", type=int, default=4096, help="feature targets per prompt graph")
     p.add_argument(
         "--min-change",

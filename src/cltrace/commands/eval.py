@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_device_argument, add_parser
+from cltrace.commands import MODEL_HELP, RUN_HELP, add_device_argument, add_parser
 
 
 def register(subparsers) -> None:
     p = add_parser(subparsers, "eval",
                    "Evaluate a trained transcoder on held-out text: per-layer normalised MSE, FVE, L0, "
                    "dead/dense features, and the replacement model's agreement, KL and CE loss recovered")
-    p.add_argument("run", help="run folder from `cltrace train` (or a transcoder folder)")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--store", default=None, help="held-out activation store (default: harvest the heldout split)")
     p.add_argument("--tokens", type=int, default=20_000, help="held-out tokens for the activation metrics")
     p.add_argument("--replacement-tokens", type=int, default=2_000,
                    help="tokens for the replacement-model metrics (0: skip them)")
-    p.add_argument("--model", default=None, help="language model (default: the one the transcoder was trained on)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--split", default="heldout", help="corpus split to evaluate on")
     p.add_argument("--text", nargs="+", metavar="PATH", default=None,
                    help="evaluate on your own text files, folders or JSONL instead of the corpus")

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_device_argument, add_parser
+from cltrace.commands import MODEL_HELP, RUN_HELP, add_device_argument, add_parser
 
 
 def register(subparsers) -> None:
     p = add_parser(subparsers, "features",
                    "Scan held-out text with a transcoder and store each feature's top contexts, "
                    "activation density and promoted/suppressed tokens (resumable).")
-    p.add_argument("run", metavar="RUN", help="transcoder run: a folder, or a run name under cltrace's runs folder")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--tokens", type=int, default=1_000_000,
                    help="total tokens to scan (a later call with a larger number continues); 0: whole corpus")
-    p.add_argument("--model", default=None, help="model name or path (default: the one the run was trained on)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--db", default=None, help="feature store file (default: RUN/features.sqlite)")
     p.add_argument("--text", action="append", default=None, metavar="PATH",
                    help="scan these .txt/.jsonl files or folders instead of the held-out corpus (repeatable)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from cltrace.commands import add_device_argument, add_parser
+from cltrace.commands import add_parser, add_run_arguments
 from cltrace.commands.feature import parse_feature_ref
 
 _ASSIGN = re.compile(r"^\s*L?(\d+)\s*:\s*(\d+)\s*(?:@\s*(-?\d+(?:\s*,\s*-?\d+)*))?\s*=\s*(\S+)\s*$")
@@ -46,8 +46,7 @@ def register(subparsers) -> None:
                    "Run a prompt with transcoder features set, scaled, ablated or swapped, and "
                    "show the next-token probabilities before and after.")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt (BOS is added where the model needs it)")
-    p.add_argument("--transcoder", required=True, metavar="RUN", help="transcoder run (folder or name)")
-    p.add_argument("--model", default=None, help="model name or path (default: the run's model)")
+    add_run_arguments(p)
     p.add_argument("--set", dest="set_", action="append", type=parse_assignment, default=[],
                    metavar="L:I[@POS]=V", help="set a feature's activation (repeatable); POS may be negative")
     p.add_argument("--scale", action="append", type=parse_assignment, default=[], metavar="L:I[@POS]=F",
@@ -76,7 +75,6 @@ def register(subparsers) -> None:
                    help="also apply position-less interventions to generated tokens")
     p.add_argument("--top", type=int, default=10, help="next tokens to show")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_device_argument(p)
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cltrace.commands import add_device_argument, add_parser
+from cltrace.commands import add_parser, add_run_arguments
 
 
 def register(subparsers) -> None:
@@ -15,13 +15,9 @@ def register(subparsers) -> None:
                    help="interface to bind; 0.0.0.0 exposes the viewer to your network")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     p.add_argument("--open", action="store_true", help="open the viewer in a web browser")
-    p.add_argument("--transcoder", default=None, metavar="RUN",
-                   help="training run (or transcoder folder) to run interventions with")
-    p.add_argument("--model", default=None,
-                   help="model name or path, if not the one the transcoder was trained on")
+    add_run_arguments(p, required=False, note="loads the model so the page can run interventions")
     p.add_argument("--features", default=None, metavar="DB",
                    help="feature store for dashboards (top contexts, token effects)")
-    add_device_argument(p)
     p.set_defaults(func=run)
 
 

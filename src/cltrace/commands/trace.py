@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cltrace.commands import add_device_argument, add_parser
+from cltrace.commands import add_parser, add_run_arguments
 
 if TYPE_CHECKING:
     from cltrace.runs import LoadedRun
@@ -16,10 +16,7 @@ def register(subparsers) -> None:
     p = add_parser(subparsers, "trace", "Build the attribution graph of a prompt and save it "
                    "(full graph + pruned JSON for the viewer / Neuronpedia).")
     p.add_argument("prompt", help="the text to trace (the model's BOS token is prepended)")
-    p.add_argument("--transcoder", required=True, metavar="RUN",
-                   help="transcoder: a run name under the runs folder, or a directory")
-    p.add_argument("--model", default=None,
-                   help="model name or path; None: the model the transcoder was trained on")
+    add_run_arguments(p)
     p.add_argument("--max-feature-nodes", type=int, default=4096,
                    help="feature targets visited, most influential first (0: only logits)")
     p.add_argument("--output-target", action="append", default=None, metavar="TOKEN",
@@ -34,7 +31,6 @@ def register(subparsers) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 backward passes and edge read-out: about 1.6x faster on CPUs "
                         "with AMX, edges accurate to about 1%% instead of exact")
-    add_device_argument(p)
     p.add_argument("--out", default=None, metavar="PATH",
                    help="pruned JSON path; None: <graphs folder>/<slug of the prompt>.json. The "
                         "full graph is written next to it as <slug>.graph.safetensors")
