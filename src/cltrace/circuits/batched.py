@@ -31,6 +31,10 @@ from torch import Tensor
 from cltrace.models.loading import Captured, LoadedModel
 from cltrace.transcoders.interface import TranscoderLike, device_dtype
 
+#: reuse a cached clean prefix only when it covers at least this share of the prompt (on 2 CPU
+#: cores a batch-1 forward costs about a third of a 16-row one)
+PREFIX_MIN_SHARE = 0.4
+
 
 @dataclass(frozen=True)
 class Edit:
@@ -145,6 +149,7 @@ def run_edits(
     for i in range(0, len(rows), batch_size):
         idx = order[i : i + batch_size]
         start = min(starts[j] for j in idx)
+        start = start if start >= PREFIX_MIN_SHARE * n else 0  # a batch-1 prefix forward is not free
         logits = _run_chunk(lm, transcoder, tokens, [rows[j] for j in idx], constrain, clean, start)
         out[idx] = logits.to(out.device)
     return out

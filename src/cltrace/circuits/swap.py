@@ -316,12 +316,13 @@ def _settings(graph_a, graph_b, sup, inj, spans, cfg: SwapConfig) -> list[tuple[
 def _search(lm, transcoder: TranscoderLike, tokens, settings, answer_b: int, batch_size: int):
     """Clean run, then the settings in order of pair count, a batch at a time, stopping after the
     first batch with a flip. Returns the logits (clean first) and one trial per evaluated setting."""
-    out = [run_edits(lm, transcoder, tokens, [[]])]
+    out: list[torch.Tensor] = []
     trials: list[SwapTrialRow] = []
-    for i in range(0, len(settings), batch_size):
+    for i in range(0, max(1, len(settings)), batch_size):
         chunk = settings[i : i + batch_size]
-        logits = run_edits(lm, transcoder, tokens, [e for _, _, e in chunk], batch_size=batch_size)
-        probs = probabilities(lm, logits)
+        rows = ([[]] if i == 0 else []) + [e for _, _, e in chunk]  # the clean run rides along
+        logits = run_edits(lm, transcoder, tokens, rows, batch_size=len(rows))
+        probs = probabilities(lm, logits[-len(chunk) :] if chunk else logits[:0])
         top = probs.argmax(-1).tolist()
         names = lm.token_strings(top)
         trials += [
