@@ -99,7 +99,15 @@ def bench_set(lm, tc, name: str, args) -> dict:
     cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, progress=False)
     prompts = expand_template(TEMPLATE, {"city": args.cities.split(",")})
     start = time.perf_counter()
-    report = trace_prompt_set(lm, tc, prompts, cfg, template=TEMPLATE, transcoder_id=name, store=_store(name))
+    report = trace_prompt_set(
+        lm,
+        tc,
+        prompts,
+        cfg,
+        template=TEMPLATE,
+        transcoder_id=name,
+        store=None if args.no_store else _store(name),
+    )
     seconds = time.perf_counter() - start
     doc = report.to_dict()
     from cltrace.attribution.recurring_diagram import write_merged
@@ -138,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-feature-nodes", type=int, default=4096)
     p.add_argument("--qk-edges", type=int, default=8)
     p.add_argument("--cities", default=CITIES)
+    p.add_argument("--no-store", action="store_true", help="supernodes without the run's feature labels")
     p.add_argument("--skip", nargs="*", default=[], choices=["qk", "diff", "set"])
     p.add_argument("--out", default=str(HERE / "results" / "bench_qk.json"))
     args = p.parse_args(argv)
