@@ -76,8 +76,8 @@ def n_params(kind: str, F: int) -> int:
 
 
 def fits(kind: str, F: int) -> bool:
-    """Parameters + grads + AdamW state (16 B each) + ~8 [L, N, F] float32 temporaries, with 2 GB spare."""
-    need = 16 * n_params(kind, F) + 8 * 4 * L * BATCH * F + 2 * 2**30
+    """Parameters + grads + AdamW state (16 B each) + ~4 [L, N, F] float32 temporaries, with 1 GB spare."""
+    need = 16 * n_params(kind, F) + 4 * 4 * L * BATCH * F + 2**30
     try:
         avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemAvailable"))
