@@ -37,13 +37,13 @@ def _fixed_nodes(n_layers: int) -> list[dict]:
     return nodes
 
 
-def _inner_nodes(n: int, n_layers: int, rng: random.Random) -> list[dict]:
+def _inner_nodes(n: int, n_layers: int, rng: random.Random, n_features: int = 4096) -> list[dict]:
     nodes, seen = [], set()
     for l in range(n_layers):  # one error node per layer at the last position
         nodes.append(_node(f"E{l}_{len(PROMPT) - 1}", -1, str(l), len(PROMPT) - 1,
                            "mlp reconstruction error"))
     while len(nodes) < n:
-        layer, pos, feat = rng.randrange(n_layers), rng.randrange(len(PROMPT)), rng.randrange(4096)
+        layer, pos, feat = rng.randrange(n_layers), rng.randrange(len(PROMPT)), rng.randrange(n_features)
         if (layer, pos, feat) in seen:
             continue
         seen.add((layer, pos, feat))
@@ -84,11 +84,12 @@ def _links(nodes: list[dict], n_links: int, n_layers: int, rng: random.Random) -
 
 
 def synthetic_graph(n_nodes: int = 60, n_links: int = 240, n_layers: int = 6,
-                    seed: int = 0, slug: str = "synthetic") -> dict:
-    """A Neuronpedia-schema graph with about `n_nodes` nodes and `n_links` links."""
+                    seed: int = 0, slug: str = "synthetic", n_features: int = 4096) -> dict:
+    """A Neuronpedia-schema graph with about `n_nodes` nodes and `n_links` links; feature
+    indices below `n_features` (a real store's width, for dashboards from it)."""
     rng = random.Random(seed)
     fixed = _fixed_nodes(n_layers)
-    nodes = fixed + _inner_nodes(max(n_nodes - len(fixed), n_layers), n_layers, rng)
+    nodes = fixed + _inner_nodes(max(n_nodes - len(fixed), n_layers), n_layers, rng, n_features)
     return {
         "metadata": {"slug": slug, "scan": "synthetic", "prompt_tokens": list(PROMPT),
                      "prompt": "".join(PROMPT[1:]), "node_threshold": 0.8, "schema_version": 1,
