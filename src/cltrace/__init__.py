@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from cltrace.interventions.steer import Intervention
     from cltrace.models import DEFAULT_MODEL
     from cltrace.runs import LoadedRun, Run
+    from cltrace.viewer.notebook import show
 
 
 def __getattr__(name: str) -> Any:
