@@ -241,7 +241,8 @@ def run_swaps(lm, tc, pairs, graphs, circuits, args) -> list[dict]:
         ca, cb = PROMPTS[a], PROMPTS[b]
         row = {"a": ca.prompt, "b": cb.prompt, "answer_a": ca.answer, "answer_b": cb.answer}
         for rank in args.ranks:
-            # "circuit": candidates are the members of the circuits' supernodes at the subject span
+            # "circuit": candidates are the members of the circuits' supernodes at the subject span,
+            # ranked by predicted effect
             use = rank == "circuit"
             rep = graph_guided_swap(
                 lm,
@@ -254,7 +255,7 @@ def run_swaps(lm, tc, pairs, graphs, circuits, args) -> list[dict]:
                 circuit_b=circuits[b] if use else None,
                 answer_a=token_id(lm, ca.answer),
                 answer_b=token_id(lm, cb.answer),
-                cfg=SwapConfig(max_pairs=args.max_pairs, rank="influence" if use else rank),
+                cfg=SwapConfig(max_pairs=args.max_pairs, rank="effect" if use else rank),
             )
             row[rank] = {
                 "flipped": rep.flipped,

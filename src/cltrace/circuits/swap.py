@@ -13,10 +13,12 @@ the subject positions, and checks whether A's next token becomes B's answer.
 2. Candidates: the feature nodes of A's graph at A's span positions (or only the members of
    A's circuit supernodes there, when a circuit is given), ranked by how much they matter for
    A's answer; the same for B's graph, B's span and B's answer. Two rankings
-   (`SwapConfig.rank`): "influence", the node's influence on the answer's logit node
-   (attribution/prune.py with the answer's logit weighted 1), or "effect", the graph's
-   predicted drop of the answer's logit when the node alone is ablated (circuits/predict.py,
-   total effect; most supportive first).
+   (`SwapConfig.rank`): "effect" (default), the graph's predicted drop of the answer's logit
+   when the node alone is ablated (circuits/predict.py, total effect; most supportive first,
+   features predicted to oppose the answer left out), or "influence", the node's unsigned
+   influence on the answer's logit node (attribution/prune.py with the answer's logit
+   weighted 1). On the demo CLT (gemma-3-270m) "effect" flipped 3 of 5 trial pairs within
+   30 pairs, "influence" 1 of 5 (bench/bench_circuits.py measures both).
 3. Interventions: A's top-k features are scaled by `suppress_factor` (×0) at their positions;
    B's top-k are set to `inject_scale` × their activation on B at the aligned A positions.
    Each (feature, position) counts as one pair touched.
@@ -86,7 +88,7 @@ class SwapConfig:
     sizes: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 15)  # features per side tried
     inject_scales: tuple[float, ...] = (1.0, 2.0, 4.0)  # B's activations × this
     suppress_factor: float = 0.0  # A's features × this (0: ablate)
-    rank: Literal["influence", "effect"] = "influence"
+    rank: Literal["influence", "effect"] = "effect"  # see the module docstring, step 2
     batch_size: int = 16
     top_k: int = 5  # top tokens reported before / after
 
