@@ -144,6 +144,11 @@ def test_schedules():
 def test_presets_and_checks():
     assert preset("demo").model == "gemma-3-270m"
     assert preset("demo", n_features=512).n_features == 512
+    assert preset("demo").minutes == 10 and preset("demo").auxk_alpha == 1 / 32   # a wall-time budget
+    assert preset("demo", tokens=50_000).minutes is None                  # tokens asked for: no budget
+    assert preset("demo", tokens=50_000, minutes=3).minutes == 3
+    session = preset("session")
+    assert session.activation == "batchtopk" and session.topk * 100 <= session.n_features   # L0 ≤ 1%
     switched = preset("demo", activation="jumprelu")           # TopK preset, JumpReLU asked for
     assert switched.activation == "jumprelu" and switched.topk is None and not switched.jumprelu_after_topk
     with pytest.raises(CltraceError, match="unknown preset"):
