@@ -93,3 +93,38 @@ def _scale(report, iv) -> float:
         t for t in report.trials if t.pairs == report.pairs_touched and abs(t.p_b - report.p_b_after) < 1e-6
     ]
     return chosen[0].inject_scale
+
+
+def test_swap_with_circuits_uses_only_their_subject_supernodes(tiny):
+    from cltrace.circuits.circuit import Circuit, CircuitNode
+
+    lm, tc = tiny
+    prompt_a, prompt_b = "the capital of Texas is", "the capital of France Paris is"
+    cfg = AttributionConfig(max_feature_nodes=None, progress=False)
+    graph_a, graph_b = attribute(lm, tc, prompt_a, cfg), attribute(lm, tc, prompt_b, cfg)
+
+    def circuit(graph, pos):
+        feats = graph.active_features[graph.selected_features].tolist()
+        ids = [f"{l}_{f}_{p}" for l, p, f in feats if p == pos][:3]  # a 3-member supernode
+        node = CircuitNode("sn0", "subject", "features", ids, [pos], (0, 2), [], 0.5)
+        return Circuit("", [], "", 0, 0.0, "", "", [node], [], 0.5), ids
+
+    circ_a, ids_a = circuit(graph_a, 4)
+    circ_b, ids_b = circuit(graph_b, 5)
+    report = graph_guided_swap(
+        lm,
+        tc,
+        prompt_a,
+        prompt_b,
+        graph_a=graph_a,
+        graph_b=graph_b,
+        circuit_a=circ_a,
+        circuit_b=circ_b,
+        cfg=SwapConfig(rank="influence"),
+    )
+    assert report.n_candidates[0] <= 3 and report.n_candidates[1] <= 3
+    for iv in report.interventions:
+        if iv.mode == "scale":
+            assert f"{iv.layer}_{iv.feature}_4" in ids_a
+        else:
+            assert f"{iv.layer}_{iv.feature}_5" in ids_b and iv.positions == (4,)
