@@ -290,3 +290,43 @@ def test_validate_circuit_fills_nodes_and_faithfulness():
     # the graph's direct effects should rank single features decently even on a random tiny model
     out = validate_circuit(circuit, graph, lm, tc, cfg=ValidationConfig(top_features=12))
     assert out.faithfulness["spearman_features"] > 0.5
+
+
+def test_validate_circuit_is_exact_in_the_frozen_model_logit_and_supernode_edges():
+    """With the clean attention patterns and norm scales replayed, constrained validation is the
+    graph's own linear model: every supernode's measured logit change and every supernode
+    edge's measured change of the target's summed pre-activations equal the predictions."""
+    from cltrace.circuits.circuit import CircuitEdge
+
+    lm = tiny_model("gemma")
+    tc = make_transcoder(lm, "clt", n_features=16)
+    tokens = lm.tokenize(PROMPT)
+    graph = attribute(lm, tc, tokens[0], CFG)
+    ids = list(feature_index(graph))
+    feats = graph.active_features[graph.selected_features]
+    nodes = []
+    for layer in range(lm.n_layers):
+        for half in (0, 1):
+            members = [
+                ids[i]
+                for i in range(graph.n_features)
+                if feats[i, 0] == layer and (feats[i, 1] >= 6) == bool(half)
+            ]
+            if members:
+                nodes.append(
+                    CircuitNode(f"sn{len(nodes)}", "g", "features", members, [0], (layer, layer), [], 0.1)
+                )
+    edges = [CircuitEdge(a.id, b.id, 1.0) for a in nodes for b in nodes if a.layers[0] < b.layers[0]]
+    answer = int(graph.logit_tokens[0])
+    circuit = Circuit(PROMPT, graph.token_strings, "x", answer, 0.5, lm.name, "tc", nodes, edges, 0.5)
+    fwd = run_replacement(lm, tokens[0], record_frozen=True)
+    with frozen_attention(replay=fwd.frozen), lm.hooks(_frozen_norm_hooks(lm, replay=fwd.frozen)):
+        out = validate_circuit(circuit, graph, lm, tc, cfg=ValidationConfig(top_features=10, steer=None))
+    for n in out.feature_nodes:
+        assert n.measured == pytest.approx(n.predicted, abs=2e-5, rel=1e-4)
+    checked = out.stats["validation"]["edges"]
+    assert len(checked) == len(edges)
+    assert max(abs(e["predicted"]) for e in checked) > 0.05
+    for e in checked:
+        assert e["measured"] == pytest.approx(e["predicted"], abs=2e-5, rel=1e-4), e
+    assert out.stats["validation"]["spearman_edges"] == pytest.approx(1.0, abs=1e-6)

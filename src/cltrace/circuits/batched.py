@@ -140,19 +140,60 @@ def run_edits(
             they are run once (batch 1) and their attention cache shared by the batch's rows
             (rows are batched in order of their first edited position).
     """
+    return run_edits_reading(
+        lm,
+        transcoder,
+        tokens,
+        rows,
+        constrain=constrain,
+        batch_size=batch_size,
+        clean=clean,
+        reuse_prefix=reuse_prefix,
+    ).logits
+
+
+@dataclass
+class EditRun:
+    """What `run_edits_reading` returns, one row per list of edits."""
+
+    logits: Float[Tensor, "row vocab"]  # last position, pre-softcap
+    pre: Float[Tensor, "row read"] | None  # pre-activations of the read features (live MLP input)
+
+
+@torch.no_grad()
+def run_edits_reading(
+    lm: LoadedModel,
+    transcoder: TranscoderLike,
+    tokens: Int[Tensor, "1 pos"],
+    rows: Sequence[Sequence[Edit]],
+    read: Sequence[tuple[int, int, int]] = (),
+    *,
+    constrain: bool = False,
+    batch_size: int = 16,
+    clean: Captured | None = None,
+    reuse_prefix: bool = True,
+) -> EditRun:
+    """`run_edits`, also reading the encoder pre-activation of each (layer, pos, feature) in `read`
+    from the row's live MLP input (in constrained mode too: only MLP outputs are clamped)."""
     if constrain and clean is None:
         clean = lm.capture(tokens)
     n = tokens.shape[1]
+    reuse_prefix = reuse_prefix and not read  # read positions may lie before the prefix
     starts = [min((e.pos % n for e in row), default=n - 1) if reuse_prefix else 0 for row in rows]
     order = sorted(range(len(rows)), key=lambda i: starts[i])
     out = torch.zeros(len(rows), lm.vocab_size, device=lm.device)
+    pre = torch.zeros(len(rows), len(read), device=lm.device) if read else None
     for i in range(0, len(rows), batch_size):
         idx = order[i : i + batch_size]
         start = min(starts[j] for j in idx)
         start = start if start >= PREFIX_MIN_SHARE * n else 0  # a batch-1 prefix forward is not free
-        logits = _run_chunk(lm, transcoder, tokens, [rows[j] for j in idx], constrain, clean, start)
+        logits, values = _run_chunk(
+            lm, transcoder, tokens, [rows[j] for j in idx], constrain, clean, start, read
+        )
         out[idx] = logits.to(out.device)
-    return out
+        if pre is not None:
+            pre[idx] = values.to(pre.device)
+    return EditRun(out, pre)
 
 
 def _prefix_cache(lm: LoadedModel, prefix: Tensor, batch: int):
@@ -163,6 +204,26 @@ def _prefix_cache(lm: LoadedModel, prefix: Tensor, batch: int):
     return cache
 
 
+def _reader(transcoder: TranscoderLike, read: Sequence[tuple[int, int, int]], B: int, device: torch.device):
+    """fn(layer, mlp_in [B, n, d]) filling the pre-activations of the read features of that layer."""
+    values = torch.zeros(B, len(read), device=device)
+    by_layer: dict[int, list[int]] = {}
+    for j, (layer, _, _) in enumerate(read):
+        by_layer.setdefault(layer, []).append(j)
+
+    def see(layer: int, x: Tensor) -> None:
+        cols = by_layer.get(layer)
+        if not cols:
+            return
+        pos = torch.tensor([read[j][1] for j in cols], device=device)
+        feat = torch.tensor([read[j][2] for j in cols], device=device)
+        w = transcoder.encoder_weight(layer)[:, feat]  # [d, k]
+        xs = x[:, pos].to(device, w.dtype)  # [B, k, d]
+        values[:, cols] = (xs * w.T).sum(-1) + transcoder.encoder_bias(layer)[feat]
+
+    return values, see
+
+
 def _run_chunk(
     lm: LoadedModel,
     transcoder: TranscoderLike,
@@ -171,17 +232,20 @@ def _run_chunk(
     constrain: bool,
     clean: Captured | None,
     start: int,
-) -> Tensor:
+    read: Sequence[tuple[int, int, int]] = (),
+) -> tuple[Tensor, Tensor]:
     """One forward of the rows; positions before `start` (no edits there) come from a cache."""
     B, n = len(rows), tokens.shape[1]
     device, _ = device_dtype(transcoder)
     plan = _Plan(transcoder, rows, n, device, start)
     pending: dict[int, Tensor] = {}
     past = _prefix_cache(lm, tokens[:, :start], B) if start > 0 else None
+    values, see = _reader(transcoder, read, B, device)
 
     def patch(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
         if layer == 0:
             pending.clear()
+        see(layer, mlp_in)
         if constrain:
             x = clean.mlp_in[:, start:, layer].expand(B, -1, -1)
             base = clean.mlp_out[:, start:, layer].to(mlp_out.dtype).expand(B, -1, -1)
@@ -192,7 +256,7 @@ def _run_chunk(
         return base if delta is None else base + delta.to(base.device, base.dtype)
 
     with lm.patch_mlp_outputs(patch):
-        return last_logits(lm, tokens[:, start:].expand(B, -1), past)
+        return last_logits(lm, tokens[:, start:].expand(B, -1), past), values
 
 
 def demeaned(logits: Float[Tensor, "... vocab"], token_id: int) -> Float[Tensor, "..."]:

@@ -3,7 +3,9 @@
 For every feature supernode, its member features are ablated (×0 at their own positions) on the
 real model and the change of the answer's demeaned logit is compared with what the graph
 predicts (`circuits.predict`); each supernode is also steered (×`steer`, default 2), reported
-in ``stats["validation"]["steering"]``:
+in ``stats["validation"]["steering"]``; for each circuit edge between feature supernodes S -> T
+the predicted and measured change of T's summed member pre-activations when S is ablated is
+in ``stats["validation"]["edges"]`` (Spearman: ``spearman_edges``):
 
 - ``constrain=True`` (default, the paper's constrained patching): every MLP output is clamped
   to its clean value plus the ablated features' decoder writes (`Steerer` with
@@ -35,7 +37,7 @@ import torch
 
 from cltrace.attribution.graph import Graph
 from cltrace.attribution.prune import influence, logit_weights, normalize_rows
-from cltrace.circuits.batched import Edit, demeaned, probabilities, run_edits
+from cltrace.circuits.batched import Edit, demeaned, probabilities, run_edits_reading
 from cltrace.circuits.circuit import Circuit
 from cltrace.circuits.predict import logit_index, propagate, relative_changes
 from cltrace.errors import CltraceError
@@ -126,6 +128,8 @@ class AblationMeasurement:
     measured: list[float]
     prob_after: list[float]
     prob_before: float
+    node_predicted: torch.Tensor | None = None  # [group, n_features]: predicted Δ pre-activation
+    node_measured: torch.Tensor | None = None  # [group, read]: measured Δ pre-activation of `read`
 
 
 def measure_groups(
@@ -136,20 +140,33 @@ def measure_groups(
     answer_id: int,
     cfg: ValidationConfig,
     scales: Sequence[float] | None = None,
+    read: Sequence[int] = (),
 ) -> AblationMeasurement:
     """Scale each group of feature nodes (default ×0: ablate) on the real model; predict the same
-    from the graph."""
+    from the graph. The pre-activations of the feature nodes `read` are measured too."""
     until = lm.n_layers - 1 if cfg.constrain else None
     scales = [0.0] * len(groups) if scales is None else list(scales)
     r = torch.cat([relative_changes(graph, [g], s - 1.0) for g, s in zip(groups, scales)]) if groups else None
     col = graph.logit_offset + logit_index(graph, answer_id)
-    pred = [] if r is None else propagate(graph, r, until)[:, col].tolist()
+    delta = None if r is None else propagate(graph, r, until)
+    pred = [] if delta is None else delta[:, col].tolist()
     tokens = graph.input_tokens.reshape(1, -1).to(lm.device)
     rows = [[]] + [edits_for(graph, g, s) for g, s in zip(groups, scales)]
-    logits = run_edits(lm, transcoder, tokens, rows, constrain=cfg.constrain, batch_size=cfg.batch_size)
-    d = demeaned(logits, answer_id)
-    probs = probabilities(lm, logits)[:, answer_id]
-    return AblationMeasurement(pred, (d[1:] - d[0]).tolist(), probs[1:].tolist(), float(probs[0]))
+    feats = graph.active_features[graph.selected_features]
+    where = [(int(feats[i, 0]), int(feats[i, 1]), int(feats[i, 2])) for i in read]
+    run = run_edits_reading(
+        lm, transcoder, tokens, rows, where, constrain=cfg.constrain, batch_size=cfg.batch_size
+    )
+    d = demeaned(run.logits, answer_id)
+    probs = probabilities(lm, run.logits)[:, answer_id]
+    return AblationMeasurement(
+        pred,
+        (d[1:] - d[0]).tolist(),
+        probs[1:].tolist(),
+        float(probs[0]),
+        None if delta is None else delta[:, : graph.n_features],
+        None if run.pre is None else (run.pre[1:] - run.pre[0]).cpu(),
+    )
 
 
 def validate_circuit(
@@ -172,8 +189,16 @@ def validate_circuit(
     singles = top_features_by_influence(graph, cfg.top_features)
     steered = groups if cfg.steer is not None else []
     scales = [0.0] * (len(groups) + len(singles)) + [cfg.steer or 0.0] * len(steered)
+    members = sorted({i for g in groups for i in g})
     m = measure_groups(
-        graph, lm, transcoder, groups + [[i] for i in singles] + steered, circuit.answer_id, cfg, scales
+        graph,
+        lm,
+        transcoder,
+        groups + [[i] for i in singles] + steered,
+        circuit.answer_id,
+        cfg,
+        scales,
+        members,
     )
     k, f = len(groups), len(groups) + len(singles)
     for node, p, meas, prob in zip(nodes, m.predicted[:k], m.measured[:k], m.prob_after[:k]):
@@ -204,6 +229,35 @@ def validate_circuit(
                 for n, p, q, pr in zip(nodes, m.predicted[f:], m.measured[f:], m.prob_after[f:])
             ],
         },
+        "edges": supernode_edges(circuit, nodes, groups, members, m),
         "seconds": time.perf_counter() - start,
     }
+    edges = circuit.stats["validation"]["edges"]
+    circuit.stats["validation"]["spearman_edges"] = spearman(
+        [e["predicted"] for e in edges], [e["measured"] for e in edges]
+    )
     return circuit
+
+
+def supernode_edges(
+    circuit: Circuit, nodes, groups, members: list[int], m: AblationMeasurement
+) -> list[dict]:
+    """For each circuit edge between feature supernodes S -> T: the predicted and measured change of
+    the summed pre-activations of T's members when S is ablated (the paper's check that
+    downstream supernodes move as the graph says)."""
+    if m.node_predicted is None or m.node_measured is None:
+        return []
+    slot = {i: j for j, i in enumerate(members)}
+    row = {n.id: a for a, n in enumerate(nodes)}
+    out = []
+    for e in circuit.edges:
+        if e.source not in row or e.target not in row:
+            continue
+        a, b = row[e.source], row[e.target]
+        cols = groups[b]
+        pred = float(m.node_predicted[a, cols].sum())
+        meas = float(m.node_measured[a, [slot[i] for i in cols]].sum())
+        out.append(
+            {"source": e.source, "target": e.target, "edge": e.weight, "predicted": pred, "measured": meas}
+        )
+    return out
