@@ -207,6 +207,8 @@ def trace_circuit(lm, tc, store, case: Case, args) -> tuple[object, object, dict
         "failed": sum(1 for n in fn if n.failed),
         "judged": sum(1 for n in fn if n.failed is not None),
         "spearman_steering": ((circuit.stats.get("validation") or {}).get("steering") or {}).get("spearman"),
+        "spearman_edges": (circuit.stats.get("validation") or {}).get("spearman_edges"),
+        "n_edges_checked": len((circuit.stats.get("validation") or {}).get("edges") or []),
         "seconds_trace": t1 - t0,
         "seconds_circuit": t2 - t1,
         "seconds_total": t2 - t0,
@@ -301,6 +303,12 @@ def summarize(rows, swaps, labels, dropped, dropped_pairs, args) -> dict:
                 (r["spearman_steering"] for r in rows if r["spearman_steering"] is not None), default=None
             ),
         },
+        "spearman_edges": {
+            "median": median([r["spearman_edges"] for r in rows]),
+            "worst": min(
+                (r["spearman_edges"] for r in rows if r["spearman_edges"] is not None), default=None
+            ),
+        },
         "influence_share_median": median([r["influence_share"] for r in rows]),
         "supernodes_median": median([r["supernodes"] for r in rows]),
         "features_median": median([r["features"] for r in rows]),
@@ -366,7 +374,9 @@ def markdown(summary, rows, swaps, dropped, dropped_pairs, meta, args) -> str:
         f"{fmt(s['spearman_supernodes']['median'])}, worst {fmt(s['spearman_supernodes']['worst'])}; "
         f"top features median {fmt(s['spearman_features']['median'])}, worst "
         f"{fmt(s['spearman_features']['worst'])}; supernodes steered ×2 median "
-        f"{fmt(s['spearman_steering']['median'])}, worst {fmt(s['spearman_steering']['worst'])}.",
+        f"{fmt(s['spearman_steering']['median'])}, worst {fmt(s['spearman_steering']['worst'])}; "
+        f"supernode edges (downstream pre-activations) median {fmt(s['spearman_edges']['median'])}, "
+        f"worst {fmt(s['spearman_edges']['worst'])}.",
     ]
     if args.unconstrained:
         u, v = s["spearman_supernodes_unconstrained"], s["spearman_features_unconstrained"]
