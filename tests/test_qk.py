@@ -74,6 +74,9 @@ def test_pairs_sum_to_real_score(setup):
         assert all(q in tracer.source_ids[:m] and k in tracer.source_ids[:m] for q, k, _ in r.pairs)
         if r.pairs:
             assert abs(r.pairs[0][2]) == pytest.approx(float(P[:m, :m].abs().max()), rel=1e-5)
+        nf = tracer.feats.n
+        if r.feature_pairs:
+            assert abs(r.feature_pairs[0][2]) == pytest.approx(float(P[:nf, :nf].abs().max()), rel=1e-5)
 
 
 def test_rebuilt_scores_give_the_models_pattern(setup):

@@ -75,6 +75,8 @@ def test_graph_attention_edges_are_explained_and_exported(traced):
         assert int(table.pos[e.target]) > e.k_pos
     att = qk_for_graph(lm, tc, graph, pruned, max_edges=4, heads_per_edge=2, tracer=tracer)
     assert att.n_heads_explained >= 4
+    heads = {(r.layer, r.head, r.q_pos, r.k_pos) for rs in att.results.values() for r in rs}
+    assert len(heads) == att.n_heads_explained  # distinct heads, shared results not recounted
     for results in att.results.values():
         for r in results:
             assert r.relative_error < 1e-4 or abs(r.score) < 1e-3

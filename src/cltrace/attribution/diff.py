@@ -264,7 +264,7 @@ class GraphDiff:
             for c in items[:top]:
                 info = c.b if c.b is not None else c.a
                 nid = info.node_ids[0] if info is not None else "?"
-                lines.append(f"  {nid}: influence {c.delta:+.3f}")
+                lines.append(f"  {nid}: influence share {100 * c.delta:+.3f}%")
         for side in ("a", "b"):
             for p in self.paths.get(side, [])[:2]:
                 lines.append(f"path in {side.upper()}: " + " -> ".join(p["nodes"]))

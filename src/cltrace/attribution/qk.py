@@ -104,6 +104,7 @@ class QKResult:
     summary: str = ""
     softcap: float | None = None  # Gemma 2: the soft-cap applied after `score`
     n_pairs: int = 0  # non-zero node-node pairs
+    feature_pairs: list[tuple[str, str, float]] = field(default_factory=list)  # top feature-feature pairs
     constant_part: float = 0.0  # Σ of the pairs with a constant source ("bias", "bos") on either side
 
     @property
@@ -126,6 +127,7 @@ class QKResult:
             "softcap": self.softcap,
             "n_pairs": self.n_pairs,
             "constant_part": self.constant_part,
+            "feature_pairs": [[q, k, v] for q, k, v in self.feature_pairs],
             "summary": self.summary,
         }
 
@@ -482,6 +484,8 @@ class QKTracer:
         k_marg = scaling * (K @ q_tot)
         n_nodes = len(self.source_ids) - len(self.constants)
         pairs, n_pairs = top_pairs(Q[:n_nodes], K[:n_nodes], scaling, top)  # node pairs only
+        nf = self.feats.n  # feature rows come first
+        fpairs, _ = top_pairs(Q[:nf], K[:nf], scaling, min(top, 5))
         node_sum = scaling * float(Q[:n_nodes].sum(0).double() @ K[:n_nodes].sum(0).double())
         ids = self.source_ids
         result = QKResult(
@@ -498,6 +502,7 @@ class QKTracer:
             softcap=self.rec.softcap[layer],
             n_pairs=n_pairs,
             constant_part=pair_sum - node_sum,
+            feature_pairs=[(ids[a], ids[b], v) for a, b, v in fpairs],
         )
         result.summary = summarize(result, self.token_strings())
         return result
@@ -626,6 +631,10 @@ def summarize(r: QKResult, tokens: Sequence[str]) -> str:
     if len(r.pairs) > 1:
         q2, k2, v2 = r.pairs[1]
         text += f"; next: {describe_source(k2, tokens)} meets {describe_source(q2, tokens)} ({v2:+.2f})"
+    if r.feature_pairs and r.feature_pairs[0] != r.pairs[0]:
+        fq, fk, fv = r.feature_pairs[0]
+        pair = f"{describe_source(fk, tokens)} meets {describe_source(fq, tokens)}"
+        text += f"; top feature pair: {pair} ({fv:+.2f})"
     k_best = next(((i, v) for i, v in r.k_marginals if i not in _CONSTANTS), None)
     q_best = next(((i, v) for i, v in r.q_marginals if i not in _CONSTANTS), None)
     if k_best and q_best:

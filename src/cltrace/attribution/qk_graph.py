@@ -175,7 +175,9 @@ def qk_for_graph(
         graph, pruned: the graph and its `prune` result (needed without `node_ids`).
         node_ids: explain these nodes instead: their `heads_per_edge` strongest (layer, head,
             key) over every earlier key position (by head flow).
-        max_edges: attention edges explained (strongest first).
+        max_edges: attention edges explained (strongest first): the graph's (target, key)
+            link groups are visited in order until max_edges x heads_per_edge distinct
+            (layer, head, q, k) are explained (targets sharing one get the same result).
         heads_per_edge: heads explained per edge.
         top: pairs and marginals listed per head.
     """
@@ -203,16 +205,24 @@ def qk_for_graph(
     else:
         if pruned is None:
             raise CltraceError("qk_for_graph needs the pruned graph (or node_ids)")
-        for edge in attention_edges(graph, pruned, max_edges):
+        wanted = max_edges * heads_per_edge
+        distinct: set[tuple[int, int, int, int]] = set()
+        for edge in attention_edges(graph, pruned, 4 * max_edges):  # until `wanted` distinct heads
+            if len(distinct) >= wanted:
+                break
             layer, q, flows = flows_of(edge.target)
             last = graph.n_layers - 1 if layer is None else layer
             for lh in best_heads(flows, edge.k_pos, edge.min_source_layer + 1, last, heads_per_edge):
                 jobs.append((edge.target, lh[0], lh[1], edge.k_pos))
+                distinct.add((lh[0], lh[1], q, edge.k_pos))
     table = graph.nodes()
+    done: dict[tuple[int, int, int, int], QKResult] = {}
     for index, layer, head, k in jobs:
-        result = tracer.explain(layer, head, int(table.pos[index]), k, top=top)
-        out.results.setdefault(json_id(graph, index), []).append(result)
-        out.n_heads_explained += 1
+        key = (layer, head, int(table.pos[index]), k)
+        if key not in done:
+            done[key] = tracer.explain(layer, head, key[2], k, top=top)
+        out.results.setdefault(json_id(graph, index), []).append(done[key])
+    out.n_heads_explained = len(done)
     out.seconds = time.perf_counter() - start
     return out
 
@@ -287,7 +297,10 @@ def report_qk(
         f"{len(attachment.results)} nodes in {attachment.seconds:.1f} s "
         f"(the graph took {trace.seconds:.1f} s)"
     )
+    shared: dict[int, tuple[QKResult, list[str]]] = {}
     for nid, results in attachment.results.items():
         for r in results:
-            print(f"  {nid}: {r.summary}")
+            shared.setdefault(id(r), (r, []))[1].append(nid)
+    for r, nids in shared.values():
+        print(f"  {', '.join(nids)}: {r.summary}")
     return attachment
