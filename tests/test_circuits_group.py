@@ -174,6 +174,10 @@ def test_parse_label_and_fallback_names():
     assert parse_label("→ Austin") == Evidence(frozenset(), frozenset({"Austin"}))
     assert not parse_label("(never active)") and not parse_label("") and not parse_label(None)
     assert not parse_label("the (too broad: fires on 40% of tokens)")
+    assert not parse_label("(broad: fires on 31% of tokens)")
+    assert parse_label(", · \\n → Austin") == Evidence(
+        frozenset(), frozenset({"Austin"})
+    )  # no punctuation names
     assert group_name([], [5], (2, 6), ["a"] * 5 + [" Tokyo"]) == "' Tokyo' @5 L2-6"
     assert group_name([], [4, 5], (3, 3), ["a"] * 4 + [" New", " York"]) == "' New York' @4-5 L3"
     assert group_name(["Texas", "→ Austin"], [1], (0, 0), None) == "Texas → Austin"
@@ -254,3 +258,14 @@ def test_features_pushing_the_answer_opposite_ways_never_merge():
     assert set(got) == {("0_1_1", "0_2_1"), ("0_3_1",)}
     assert got[("0_1_1", "0_2_1")].name == "' hot' @1 L0 (+)" and got[("0_3_1",)].name == "' hot' @1 L0 (−)"
     assert got[("0_3_1",)].effect < 0 < got[("0_1_1", "0_2_1")].effect
+
+
+def test_labels_that_do_not_overlap_never_split_a_group():
+    """Every feature gets its own unrelated label: no overlap anywhere, the same groups."""
+    view, infl, planted, tc, _ = planted_graph(0)
+    rows, feats = view.feature_rows()
+    labels = {(f.layer, f.feature): f"word{k} → other{k}" for k, f in enumerate(feats)}
+    cfg = GroupConfig(min_share=0.0, max_groups=100, min_groups=0)
+    got = [sorted(g.node_ids) for g in _groups(view, infl, tc, cfg, labels).groups]
+    for members in planted.values():
+        assert sorted(members) in got

@@ -17,6 +17,7 @@ import numpy as np
 
 from cltrace.interventions.supernodes import FeatureNode
 
+_ESCAPES = re.compile(r"\\[ntr]")  # blanks as labels show them ("\n")
 _SPLIT = re.compile(r"\s*(?:·|/|,|;|\|)\s*")
 
 
@@ -37,8 +38,9 @@ class Evidence:
 def parse_label(label: str | None) -> Evidence:
     """`"Tokyo · Japan/Osaka → Japanese"` -> reads {Tokyo, Japan, Osaka}, writes {Japanese}.
 
-    Labels that say nothing (empty, "(never active)", "(too broad …)") give no evidence; a
-    trailing "…" (mixed contexts) is dropped from the word.
+    Labels that say nothing (empty, "(never active)", "(broad: …)", "(too broad …)") give no
+    evidence; a trailing "…" (mixed contexts) is dropped from the word, and so are words with
+    no letter or digit ("," or a newline shown as "\\n"), which cannot name a group.
     """
     if not label or label.lstrip().startswith("(") or "too broad" in label.lower():
         return Evidence()
@@ -46,7 +48,7 @@ def parse_label(label: str | None) -> Evidence:
 
     def words(part: str) -> frozenset[str]:
         parts = (re.sub(r"\s*\(.*?\)\s*", " ", w).strip().strip("…").strip() for w in _SPLIT.split(part))
-        return frozenset(w for w in parts if w and w not in ("∅", "␣"))
+        return frozenset(w for w in parts if any(c.isalnum() for c in _ESCAPES.sub("", w)))
 
     return Evidence(words(reads), words(writes))
 

@@ -11,10 +11,12 @@ Signals, for every pair of feature nodes i, j kept by pruning (each in [0, 1]):
   inputs summed by source slot, the outputs summed by target slot (slot = (layer, position)
   for features and errors, the position for embeddings, each logit), and the outputs to each
   node;
-- label evidence: Jaccard overlap of the members' label words (read side and write side
-  kept apart), when labels are available.
+- label evidence: Jaccard overlap J of the members' label words (read side and write side
+  kept apart), when both have labels. Noisy labels rarely overlap, so no overlap is no
+  evidence against a merge: labels only raise the similarity.
 
-  sim(i, j) = g · Σ_k w_k s_k / Σ_k w_k   (over the signals available)
+  b(i, j) = Σ_k w_k s_k / Σ_k w_k   (layers, edges and decoders, those available)
+  sim(i, j) = g · (b + (1 - b) · w_labels · J)
 
 A pair whose signed influences on the answer's logit (`signed_influence`: prune's influence
 with signs kept) are opposite, both at least `sign_floor` of the largest, never shares a group
@@ -72,7 +74,7 @@ class GroupConfig:
     w_layer: float = 1.0  # weights of the signals
     w_decoder: float = 1.0
     w_edges: float = 2.0
-    w_labels: float = 1.0
+    w_labels: float = 0.5  # share of the gap to 1 closed by a full label overlap (Jaccard 1)
     sign_floor: float = 0.05  # features whose signed effects on the answer are opposite and both at
     # least this share of the largest never share a group
     min_share: float = 0.02  # keep groups carrying at least this share of influence ...
@@ -85,8 +87,10 @@ class GroupConfig:
             raise CltraceError(f"span_factor must be in [0, 1], got {self.span_factor}")
         if self.layer_scale <= 0:
             raise CltraceError(f"layer_scale must be > 0, got {self.layer_scale}")
-        if min(self.w_layer, self.w_decoder, self.w_edges, self.w_labels) < 0:
+        if min(self.w_layer, self.w_decoder, self.w_edges) < 0:
             raise CltraceError("signal weights must be >= 0")
+        if not 0.0 <= self.w_labels <= 1.0:
+            raise CltraceError(f"w_labels must be in [0, 1], got {self.w_labels}")
         if not 0.0 <= self.min_share <= 1.0:
             raise CltraceError(f"min_share must be in [0, 1], got {self.min_share}")
         if self.max_groups < 1 or self.min_groups < 0 or self.min_groups > self.max_groups:
@@ -174,12 +178,12 @@ def similarity(fs: FeatureSet, cfg: GroupConfig) -> np.ndarray:
     if fs.decoder_dirs is not None and len(fs.decoder_dirs):
         num = num + cfg.w_decoder * np.clip(cosine_matrix(fs.decoder_dirs), 0.0, 1.0)
         den = den + cfg.w_decoder
-    if fs.evidence and cfg.w_labels > 0:
+    base = num / np.maximum(den, 1e-12)
+    if fs.evidence and cfg.w_labels > 0:  # shared words raise the similarity; none do not lower it
         jac, both = jaccard_matrix([e.words() for e in fs.evidence])
-        num = num + cfg.w_labels * np.where(both, jac, 0.0)
-        den = den + cfg.w_labels * both  # only where both have labels
+        base = base + (1.0 - base) * cfg.w_labels * np.where(both, jac, 0.0)
     allowed = (gate > 0) & ~opposite_effects(fs.effect, cfg.sign_floor)
-    return np.where(allowed, gate * num / np.maximum(den, 1e-12), FORBIDDEN)
+    return np.where(allowed, gate * base, FORBIDDEN)
 
 
 def opposite_effects(effect: np.ndarray | None, floor: float) -> np.ndarray | bool:
