@@ -269,3 +269,15 @@ def test_labels_that_do_not_overlap_never_split_a_group():
     got = [sorted(g.node_ids) for g in _groups(view, infl, tc, cfg, labels).groups]
     for members in planted.values():
         assert sorted(members) in got
+
+
+def test_structured_store_evidence_is_cleaned_like_parsed_labels():
+    from cltrace.circuits.evidence import feature_evidence
+    from cltrace.interventions.supernodes import FeatureNode
+
+    class Store:
+        def label_evidence(self, keys):
+            return {(0, 1): ([",", "Texas…", "\\n"], [" Austin"]), (0, 2): ([], [])}
+
+    found = feature_evidence(Store(), [FeatureNode(0, 1, 3), FeatureNode(0, 2, 3)])
+    assert found[(0, 1)] == Evidence(frozenset({"Texas"}), frozenset({"Austin"})) and not found[(0, 2)]

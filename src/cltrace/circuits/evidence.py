@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +47,16 @@ def parse_label(label: str | None) -> Evidence:
     reads, _, writes = label.partition("→")
 
     def words(part: str) -> frozenset[str]:
-        parts = (re.sub(r"\s*\(.*?\)\s*", " ", w).strip().strip("…").strip() for w in _SPLIT.split(part))
-        return frozenset(w for w in parts if any(c.isalnum() for c in _ESCAPES.sub("", w)))
+        return word_set(re.sub(r"\s*\(.*?\)\s*", " ", w) for w in _SPLIT.split(part))
 
     return Evidence(words(reads), words(writes))
+
+
+def word_set(items: Iterable[str]) -> frozenset[str]:
+    """Evidence words of label items: stripped, a trailing "…" dropped, and only those with a
+    letter or digit (not "," or a newline shown as "\\n")."""
+    cleaned = (w.strip().strip("…").strip() for w in items)
+    return frozenset(w for w in cleaned if any(c.isalnum() for c in _ESCAPES.sub("", w)))
 
 
 def feature_evidence(store, feats: Sequence[FeatureNode]) -> dict[tuple[int, int], Evidence]:
@@ -64,7 +70,7 @@ def feature_evidence(store, feats: Sequence[FeatureNode]) -> dict[tuple[int, int
     keys = list(dict.fromkeys((f.layer, f.feature) for f in feats))
     if hasattr(store, "label_evidence"):
         found = store.label_evidence(keys)
-        return {k: Evidence(frozenset(r), frozenset(w)) for k, (r, w) in found.items()}
+        return {k: Evidence(word_set(r), word_set(w)) for k, (r, w) in found.items()}
     return {k: parse_label(v) for k, v in store.labels(keys).items()}
 
 
