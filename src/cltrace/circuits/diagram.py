@@ -17,7 +17,7 @@ from pathlib import Path
 from cltrace.circuits.circuit import Circuit, CircuitNode
 
 COL_W, BOX_W, LINE_H, PAD = 176, 158, 14, 6
-LAYER_H, GAP, LEFT, TOP = 30, 10, 56, 78
+LAYER_H, GAP, LEFT, TOP = 30, 10, 56, 104
 EMB_GAP = 2.5  # layer heights between the token row and layer 0 (room for its edges)
 POSITIVE, NEGATIVE = "#1c64d9", "#e8590c"
 FILL = {"features": "#fff8db", "embedding": "#eef1f4", "logit": "#dcf5df", "error": "#f3f0f7"}
@@ -102,6 +102,8 @@ def box_lines(node: CircuitNode, circuit: Circuit) -> tuple[list[str], list[str]
     )
     where = f" · {at}{lay}" if node.evidence or node.kind != "features" else ""  # else in the name
     info = [f"{node.influence_share:.1%}{where} · {len(node.node_ids)} {_unit(node)}"]
+    if len(info[0]) > MAX_CHARS + 2:
+        info = [f"{node.influence_share:.1%}{where} · n={len(node.node_ids)}"]
     if node.predicted is not None or node.measured is not None:
         pred = "?" if node.predicted is None else _signed(node.predicted)
         meas = "?" if node.measured is None else _signed(node.measured)
@@ -214,34 +216,38 @@ def _box_svg(b: Box) -> str:
     return "".join(parts) + "</g>"
 
 
-def _header(circuit: Circuit, width: float) -> list[str]:
+def header_lines(circuit: Circuit) -> list[str]:
+    """The figure's title and the lines under it (influence shares, faithfulness)."""
     title = f"{circuit.prompt!r} → {circuit.answer!r} (p = {circuit.answer_prob:.3f})"
-    n_sn = len(circuit.feature_nodes)
-    st = circuit.stats
+    st, f = circuit.stats, circuit.faithfulness or {}
     n_feat = st.get("n_grouped_features")
-    sub = (
-        f"{n_sn} supernodes"
+    lines = [
+        title[:140],
+        f"{len(circuit.feature_nodes)} supernodes"
         + (f" ({n_feat} features)" if n_feat is not None else "")
-        + f" carry {circuit.influence_share:.0%} of the influence on the logits that flows through "
-        "features and error nodes"
-    )
-    if st.get("error_share") is not None:
-        sub += f"; error nodes {st['error_share']:.0%}"
-    if st.get("dropped_share") is not None:
-        sub += f"; pruned-graph features in no supernode {st['dropped_share']:.0%}"
-    f = circuit.faithfulness or {}
-    if f.get("spearman_supernodes") is not None:
-        sub2 = "faithfulness (Spearman, predicted vs measured ablation): "
-        sub2 += f"supernodes {f['spearman_supernodes']:.2f}"
-        if f.get("spearman_features") is not None:
-            sub2 += f", top features {f['spearman_features']:.2f}"
-    else:
-        sub2 = "not validated on the model"
-    return [
-        f'<text x="12" y="22" font-size="14" font-weight="bold">{escape(title[:140])}</text>',
-        f'<text x="12" y="40" fill="#444">{escape(sub)}</text>',
-        f'<text x="12" y="56" fill="#444">{escape(sub2)}</text>',
+        + f" carry {circuit.influence_share:.0%} of the influence on the logits through features and errors",
     ]
+    rest = []
+    if st.get("error_share") is not None:
+        rest.append(f"error nodes carry {st['error_share']:.0%}")
+    if st.get("dropped_share") is not None:
+        rest.append(f"pruned-graph features in no supernode {st['dropped_share']:.0%}")
+    if rest:
+        lines.append("; ".join(rest))
+    if f.get("spearman_supernodes") is not None:
+        line = f"predicted vs measured ablation effect (Spearman): supernodes {f['spearman_supernodes']:.2f}"
+        if f.get("spearman_features") is not None:
+            line += f", top features {f['spearman_features']:.2f}"
+        lines.append(line)
+    else:
+        lines.append("not validated on the model")
+    return lines
+
+
+def _header(lines: list[str]) -> list[str]:
+    out = [f'<text x="12" y="22" font-size="14" font-weight="bold">{escape(lines[0])}</text>']
+    out += [f'<text x="12" y="{40 + 15 * k}" fill="#444">{escape(t)}</text>' for k, t in enumerate(lines[1:])]
+    return out
 
 
 def _axes(circuit: Circuit, boxes: list[Box], cols: list[int], height: float) -> list[str]:
@@ -282,7 +288,8 @@ def _axes(circuit: Circuit, boxes: list[Box], cols: list[int], height: float) ->
 def circuit_svg(circuit: Circuit) -> str:
     """The SVG document of a circuit (module docstring)."""
     boxes, width, height, cols = layout(circuit)
-    width = max(width, 560)
+    head = header_lines(circuit)
+    width = max(width, 560, 12 + 7.2 * len(head[0]), 12 + 6.3 * max(len(t) for t in head[1:]))
     by_id = {b.node.id: b for b in boxes}
     marker = (
         '<marker id="{0}" viewBox="0 0 10 10" refX="7" refY="5" markerUnits="userSpaceOnUse" '
@@ -301,7 +308,7 @@ def circuit_svg(circuit: Circuit) -> str:
         + "</defs>",
         f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>',
     ]
-    parts += _header(circuit, width)
+    parts += _header(head)
     parts += _axes(circuit, boxes, cols, height)
     parts += _edge_paths(circuit, by_id)
     parts += [_box_svg(b) for b in boxes]
