@@ -224,3 +224,20 @@ def test_edit_label_in_the_panel(built, folder):
                 srv.server_close()
             store.close()
             ro.close()
+
+
+def test_store_recording_the_transcoder_folder_matches_the_run_name():
+    """A store built by `cltrace features` records the transcoder folder; graphs record the run's
+    name: the same run is not "another transcoder", a different run still is (409)."""
+    from cltrace.viewer.backend import BackendError, GraphRef
+    from cltrace.viewer.model_backend import check_same_transcoder
+
+    class Store:
+        meta = {"transcoder": "/x/runs/demo-clt/transcoder"}
+
+    graph = lambda run: GraphRef("g", Path("g.json"), {"metadata": {"cltrace": {"transcoder": run}}})  # noqa: E731
+    check_same_transcoder(Store(), graph("demo-clt"))
+    check_same_transcoder(Store(), graph("/x/runs/demo-clt"))
+    with pytest.raises(BackendError) as err:
+        check_same_transcoder(Store(), graph("other-clt"))
+    assert err.value.status == 409

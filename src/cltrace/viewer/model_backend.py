@@ -128,10 +128,21 @@ def check_same_transcoder(store: Any, graph: GraphRef) -> None:
     """A 409 when the store was built from another transcoder than the graph's."""
     theirs = (graph.metadata.get("cltrace") or {}).get("transcoder")
     ours = (getattr(store, "meta", None) or {}).get("transcoder")
-    if theirs and ours and ours not in ("in-memory", theirs):
+    if theirs and ours and ours != "in-memory" and transcoder_key(ours) != transcoder_key(theirs):
         raise BackendError(f"the feature store was built from transcoder {ours!r} but this graph was "
                            f"traced with {theirs!r}: its dashboards would describe other features; "
                            f"serve with --features <the store of {theirs}>", status=409)
+
+
+def transcoder_key(ident: str) -> str:
+    """A transcoder id as a run name: graphs record the run's name (`demo-clt`), stores may record
+    the transcoder's folder (`/…/runs/demo-clt/transcoder`) or the run's; both give `demo-clt`."""
+    from pathlib import PurePath
+
+    from cltrace.runs import TRANSCODER_SUBDIR
+
+    path = PurePath(ident)
+    return path.parent.name if path.name == TRANSCODER_SUBDIR and path.parent.name else path.name
 
 
 def load_model_backend(features: str | None, transcoder: str | None,
