@@ -3,7 +3,8 @@
 //   {id, name, kind: "features"|"feature"|"error"|"embedding"|"logit", nodeIds, pos, row,
 //    sub (second text line), failed (bool|null), expandable, expanded}
 // Edges are {source, target, weight} between unit ids: width by |weight|, colour by sign.
-// Layout: x from the token position, y from the layer (embeddings at the bottom, logits on top).
+// Layout: x from the token position, y from the layer (embeddings at the bottom, logits on top;
+// only the layers in use get a level).
 
 const SVG = "http://www.w3.org/2000/svg";
 const MAX_EDGES = 300;
@@ -48,12 +49,23 @@ export function aggregateEdges(model, units, skip = () => false) {
   });
 }
 
+// Only the rows that hold units get a level (a real circuit often lives in a few of 18+
+// layers), so levels are evenly spaced, in layer order, at most MAX_LEVEL_H apart.
+const MAX_LEVEL_H = 140;
+
+function levels(units) {
+  const rows = [...new Set(units.map((u) => Math.round(u.row * 2) / 2))].sort((a, b) => a - b);
+  return new Map(rows.map((r, k) => [r, k]));
+}
+
 function layout(units, nPos, nRows, width, height) {
-  const colW = (width - 2 * PAD) / Math.max(1, nPos), rowH = (height - 2 * PAD - 30) / Math.max(1, nRows - 1);
+  const level = levels(units);
+  const colW = (width - 2 * PAD) / Math.max(1, nPos);
+  const levelH = Math.min(MAX_LEVEL_H, (height - 2 * PAD - 30) / Math.max(1, level.size - 1));
   const cells = new Map();
   for (const u of units) {
     u.cx = PAD + (u.pos + 0.5) * colW;
-    u.cy = height - PAD - 30 - u.row * rowH;
+    u.cy = height - PAD - 30 - level.get(Math.round(u.row * 2) / 2) * levelH;
     const key = `${Math.round(u.pos)}:${Math.round(u.row * 2)}`;
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(u);
