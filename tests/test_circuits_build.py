@@ -12,6 +12,7 @@ import torch
 from cltrace.circuits import Circuit, CircuitEdge, CircuitNode
 from cltrace.circuits.build import CircuitConfig, aggregate_edges, build_circuit, circuit_edges
 from cltrace.circuits.diagram import write_svg
+from cltrace.circuits.group import GroupConfig
 from cltrace.errors import CltraceError
 
 PROMPT = "Fact : the capital of the state containing Dallas is"
@@ -244,3 +245,19 @@ def test_the_circuit_can_explain_another_output_node(traced):
             )
     with pytest.raises(CltraceError):
         build_circuit(graph, pruned, lm, tc, validate=False, answer_id=10**6)
+
+
+def test_error_nodes_per_position_carry_their_influence(traced):
+    lm, tc, graph, pruned = traced
+    cfg = CircuitConfig(include_errors=True, group=GroupConfig(min_share=0.0))
+    c = build_circuit(graph, pruned, lm, tc, cfg=cfg, validate=False)
+    errs = [n for n in c.nodes if n.kind == "error"]
+    assert errs
+    infl = pruned.node_influence.double()
+    total = float(infl[: graph.token_offset].sum())
+    for n in errs:
+        (p,) = n.positions
+        assert n.id == f"err:{p}" and all(i.startswith("err_") and i.endswith(f"_{p}") for i in n.node_ids)
+        idx = [graph.error_offset + int(i.split("_")[1]) * graph.n_pos + p for i in n.node_ids]
+        assert n.influence_share == pytest.approx(float(infl[idx].sum()) / total)
+    assert sum(n.influence_share for n in errs) <= c.stats["error_share"] + 1e-9
