@@ -65,7 +65,7 @@ def bench_qk(lm, tc, name: str, args) -> dict:
         trace = trace_to_files(lm, tc, PROMPT, cfg, Path(tmp) / "qk.json", transcoder_id=name)
         att = attach_to_trace(lm, tc, trace, max_edges=args.qk_edges)
         doc = json.loads(trace.json_path.read_text())
-    results = [r for rs in att.results.values() for r in rs]
+    results = list({id(r): r for rs in att.results.values() for r in rs}.values())  # distinct heads
     worst = max((r.relative_error for r in results), default=0.0)
     return {
         "prompt": PROMPT,
