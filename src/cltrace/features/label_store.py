@@ -327,8 +327,8 @@ def label_summary(store: "FeatureStore") -> dict | None:
 
 
 def label_info(store: "FeatureStore", fid: int) -> dict | None:
-    """One feature's label evidence and scores, as the dashboard shows them."""
-    ensure_schema(store)
+    """One feature's label evidence and scores, as the dashboard shows them (read only: the
+    tables exist once `FeatureStore` has opened the file)."""
     row = store.conn.execute(
         "SELECT broad, detection, output, evidence FROM label_scores WHERE id = ?", (fid,)
     ).fetchone()
