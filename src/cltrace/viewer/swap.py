@@ -21,9 +21,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cltrace.viewer.backend import BackendError, GraphRef
+
+if TYPE_CHECKING:
+    from cltrace.transcoders.interface import TranscoderLike
 
 CACHE_SIZE = 8  # traced or loaded full graphs kept in memory
 TOP_K = 10
@@ -81,7 +84,7 @@ class GraphCache:
         self._graphs: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, lm, transcoder, prompt: str, ref: GraphRef | None = None):
+    def get(self, lm, transcoder: TranscoderLike, prompt: str, ref: GraphRef | None = None):
         with self._lock:
             if prompt in self._graphs:
                 self._graphs.move_to_end(prompt)
