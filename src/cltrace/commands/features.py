@@ -72,11 +72,12 @@ def list_labels(args: argparse.Namespace) -> int:
                                   include_broad=args.broad)
         summary = store.label_summary() or {}
     fmt = lambda v: "  -  " if v is None else f"{v:.2f}"  # noqa: E731
-    print(f"{'feature':>10}  {'detect':>6}  {'output':>6}  {'density':>8}  label")
+    print(f"{'feature':>10}  {'detect':>6}  {'(pos)':>5}  {'output':>6}  {'density':>8}  label")
     for r in rows:
         dens = "" if r["density"] is None else f"{r['density']:.2%}"
         mark = "  (yours)" if r["source"] == "user" else ""
-        print(f"{r['layer']:>5}:{r['index']:<4}  {fmt(r['detection']):>6}  {fmt(r['output']):>6}  {dens:>8}  "
+        print(f"{r['layer']:>5}:{r['index']:<4}  {fmt(r['detection']):>6}  {r['n_pos']:>5}  "
+              f"{fmt(r['output']):>6}  {dens:>8}  "
               f"{r['label']}{mark}")
     print(baseline_line(summary))
     return 0

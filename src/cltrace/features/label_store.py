@@ -387,7 +387,7 @@ def split_label(text: str) -> tuple[list[str], list[str]]:
 
 
 _ORDER_SQL = {
-    "score": "s.detection IS NULL, s.detection DESC, a.id",
+    "score": "s.detection IS NULL, s.detection DESC, json_extract(s.evidence, '$.n_pos') DESC, a.id",
     "output": "s.output IS NULL, s.output DESC, a.id",
     "density": "json_extract(s.evidence, '$.density') DESC, a.id",
     "id": "a.id",
@@ -404,7 +404,8 @@ def labels_table(
     include_broad: bool = False,
 ) -> list[dict]:
     """Labelled features as rows {layer, index, label, source, auto_label, reads, writes, broad,
-    detection, output, density}, sorted by `order` (scores best first), filtered by score.
+    detection, output, density, n_pos}, sorted by `order` (scores best first; equal detection
+    scores: more held-out activating positions first), filtered by score.
 
     User labels replace the text; the scores are those of the automatic label.
     """
@@ -451,6 +452,7 @@ def labels_table(
                 "detection": det,
                 "output": outp,
                 "density": ev.get("density"),
+                "n_pos": ev.get("n_pos", 0),
             }
         )
     return out
