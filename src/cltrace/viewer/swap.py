@@ -8,7 +8,8 @@ prompt. The two must differ in one span (the subject, `align_subjects`). Candida
        anything the user did not pin);
     B: the members of the supernode of the same name in B's circuit file when it has one
        touching B's subject, else every feature of B's graph at B's subject;
-both ranked by influence on their own answer; the search then picks the fewest
+both ranked as the library ranks them (`SwapConfig.rank`: by default the graph's predicted
+effect on their own answer, only supportive ones kept); the search then picks the fewest
 (feature, position) pairs that flip A's answer to B's (or the best try when none flips).
 
 Full graphs (`attribution.graph.Graph`) come from `<stem>.graph.safetensors` beside the
