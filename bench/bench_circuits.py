@@ -477,10 +477,24 @@ def main() -> None:
     if args.quick:
         kept, pairs = kept[:6], [(a, b) for a, b in pairs if a in kept[:6] and b in kept[:6]][:3]
     print(f"{len(kept)} of {len(PROMPTS)} prompts answered as expected; {len(pairs)} swap pairs", flush=True)
-    graphs, circuits, rows = {}, {}, []
+    stem = Path(
+        args.out[:-5]
+        if args.out.endswith(".json")
+        else args.out[:-3]
+        if args.out.endswith(".md")
+        else args.out
+    )
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    partial = stem.with_name(stem.name + ".partial.json")  # rewritten after every prompt and pair
+
+    def save_partial():
+        partial.write_text(json.dumps({"prompts": rows, "swaps": swaps, "dropped": dropped}, default=str))
+
+    graphs, circuits, rows, swaps = {}, {}, [], []
     for i in kept:
         graphs[i], circuits[i], row = trace_circuit(lm, tc, store, PROMPTS[i], args)
         rows.append(row)
+        save_partial()
         print(
             f"{row['seconds_total']:5.1f} s  {row['tokens']:2d} tok  {row['supernodes']:2d} sn  "
             f"share {row['influence_share']:.2f}  ρ_sn {fmt(row['spearman_supernodes'])}  "
@@ -488,8 +502,10 @@ def main() -> None:
             f"{PROMPTS[i].prompt!r}",
             flush=True,
         )
-    swaps = run_swaps(lm, tc, pairs, graphs, circuits, args)
-    for w in swaps:
+    for pair in pairs:
+        w = run_swaps(lm, tc, [pair], graphs, circuits, args)[0]
+        swaps.append(w)
+        save_partial()
         print(
             "swap "
             + "  ".join(
@@ -509,14 +525,6 @@ def main() -> None:
         "args": vars(args),
     }
     md = markdown(summary, rows, swaps, dropped, dropped_pairs, meta, args)
-    stem = Path(
-        args.out[:-5]
-        if args.out.endswith(".json")
-        else args.out[:-3]
-        if args.out.endswith(".md")
-        else args.out
-    )
-    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_name(stem.name + ".json").write_text(
         json.dumps(
             {
