@@ -37,6 +37,7 @@ def test_activation_metrics_by_definition():
     assert s["dense_share"] == pytest.approx(sum(d > 0.1 for d in every) / 96)
     assert s["dead_share"] == pytest.approx(sum(d == 0 for d in every) / 96)
     assert s["dense_share"] > 0 and "median density" in report(m)    # fire_frac 0.2: dense ones exist
+    assert "nan" not in report(m).splitlines()[4]                          # the "all" row
 
 
 @pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", True)])

@@ -169,6 +169,10 @@ def evaluate_replacement(tc: Transcoder, model, token_batches: Iterable[Tensor])
                               ce["ce_zero"], recovered)
 
 
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def report(act: ActivationMetrics, rep: ReplacementMetrics | None = None) -> str:
     """A plain-text table of the metrics."""
     med = act.median_density or [float("nan")] * len(act.nmse)
@@ -178,7 +182,7 @@ def report(act: ActivationMetrics, rep: ReplacementMetrics | None = None) -> str
                      f"{act.dead[l]:>6} {act.dense[l]:>6} {med[l]:>9.2e}")
     s = act.summary()
     lines.append(f"{'all':>5} {s['nmse']:>7.3f} {s['fve']:>7.3f} {s['l0']:>8.1f} "
-                 f"{s['dead']:>6} {s['dense']:>6} {s.get('median_density') or float('nan'):>9.2e}"
+                 f"{s['dead']:>6} {s['dense']:>6} {_or_nan(s.get('median_density')):>9.2e}"
                  f"   ({act.n_tokens:,} tokens)")
     if "dead_share" in s:
         lines.append(f"features: {s['dead_share']:.1%} dead (never active), {s['dense_share']:.1%} dense "
