@@ -7,11 +7,11 @@ import json
 import jsonschema
 import pytest
 
-from cltrace.attribution.export import (NEURONPEDIA_GRAPH_SCHEMA, to_frontend_json, validate,
-                                        write_json)
+from cltrace.attribution.export import NEURONPEDIA_GRAPH_SCHEMA, to_frontend_json, validate, write_json
 from cltrace.attribution.graph import AttributionConfig, attribute
 from cltrace.attribution.prune import graph_scores, prune
 from shared_files import shared_file
+
 
 @pytest.fixture(scope="module")
 def exported():

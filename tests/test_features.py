@@ -8,13 +8,18 @@ import time
 import pytest
 import torch
 
-from test_features_standin import make_transcoder
-from tiny import WORDS, tiny_model
-
 from cltrace.errors import CltraceError
 from cltrace.features.dashboard import render
-from cltrace.features.store import (FeatureStore, FeatureStoreConfig, build_feature_store,
-                                    final_norm_gain, iter_contexts, token_effects)
+from cltrace.features.store import (
+    FeatureStore,
+    FeatureStoreConfig,
+    build_feature_store,
+    final_norm_gain,
+    iter_contexts,
+    token_effects,
+)
+from test_features_standin import make_transcoder
+from tiny import WORDS, tiny_model
 
 CFG = FeatureStoreConfig(context_len=12, top_k=6, n_bins=3, per_bin=2, n_effects=5,
                          batch_contexts=3, flush_tokens=40, encode_elems=3 * 24 * 20)

@@ -5,13 +5,12 @@ import json
 
 import pytest
 
-from test_features import CFG, documents
-from test_features_standin import make_transcoder
-from tiny import tiny_model
-
 from cltrace.cli import main
 from cltrace.commands.intervene import parse_assignment, parse_feature_list, parse_named_value
 from cltrace.features.store import build_feature_store
+from test_features import CFG, documents
+from test_features_standin import make_transcoder
+from tiny import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from tiny import WORDS
-
 from cltrace.transcoders.config import TranscoderConfig
+from tiny import WORDS
 
 TEXT = " ".join(WORDS)
 

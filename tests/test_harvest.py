@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from cltrace.activations.buffer import ActivationBatch, ShuffleBuffer, rebatch
-from cltrace.activations.harvest import (HarvestConfig, batch_contexts, iter_activation_batches,
-                                         iter_contexts, iter_token_rows, pack_contexts)
+from cltrace.activations.harvest import (
+    HarvestConfig,
+    batch_contexts,
+    iter_activation_batches,
+    iter_contexts,
+    iter_token_rows,
+    pack_contexts,
+)
 from cltrace.errors import CltraceError
 from tiny import WORDS, tiny_model
 

@@ -4,10 +4,9 @@ steering moves downstream features as the model's linear response predicts."""
 import pytest
 import torch
 
+from cltrace.interventions.steer import Intervention, Steerer, distinctive_features, resolve_positions
 from test_features_standin import make_transcoder
 from tiny import tiny_model
-
-from cltrace.interventions.steer import Intervention, Steerer, distinctive_features, resolve_positions
 
 PROMPT = "Fact : the capital of the state containing Dallas is"
 OTHER = "the currency of the country whose capital is Tokyo is the"

@@ -8,7 +8,13 @@ import torch
 
 from cltrace.circuits.group import GroupConfig, suggest_supernodes
 from cltrace.interventions.supernodes import (
-    Supernode, agglomerate, graph_view, load_supernodes, parse_feature_id, save_supernodes)
+    Supernode,
+    agglomerate,
+    graph_view,
+    load_supernodes,
+    parse_feature_id,
+    save_supernodes,
+)
 
 
 def toy_graph() -> dict:
@@ -75,12 +81,11 @@ def test_files_by_hand_and_sidecar(tmp_path):
 
 def test_suggestions_on_a_real_pruned_graph_and_intervening_on_them():
     """Graph -> prune -> suggested groups (feature ids of kept nodes) -> one intervention each."""
-    from test_features_standin import make_transcoder
-    from tiny import tiny_model
-
     from cltrace.attribution.graph import AttributionConfig, attribute
     from cltrace.attribution.prune import prune
     from cltrace.interventions.steer import Steerer
+    from test_features_standin import make_transcoder
+    from tiny import tiny_model
 
     lm = tiny_model("llama")
     tc = make_transcoder(lm, n_features=24)

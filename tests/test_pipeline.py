@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from tiny import WORDS, tiny_model
-
 from cltrace.cli import main
+from tiny import WORDS, tiny_model
 
 
 @pytest.fixture(scope="module")

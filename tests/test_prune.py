@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 from cltrace.attribution.graph import AttributionConfig, Graph
-from cltrace.attribution.prune import (cumulative_shares, graph_scores, influence,
-                                       normalize_rows, prune, score_threshold)
+from cltrace.attribution.prune import (
+    cumulative_shares,
+    graph_scores,
+    influence,
+    normalize_rows,
+    prune,
+    score_threshold,
+)
 
 
 def make_graph(adjacency: torch.Tensor, feats: list[tuple[int, int, int]], n_layers: int,
@@ -107,10 +113,9 @@ def test_threshold_helpers():
 
 
 def test_prune_on_a_real_graph():
+    from cltrace.attribution.graph import attribute
     from test_attribution import PROMPT, make_transcoder
     from tiny import tiny_model
-
-    from cltrace.attribution.graph import attribute
 
     lm = tiny_model("gemma")
     graph = attribute(lm, make_transcoder(lm, "clt"), PROMPT,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter
-from collections import namedtuple
+from collections import Counter, namedtuple
 
 import pytest
 import torch

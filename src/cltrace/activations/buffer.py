@@ -12,7 +12,8 @@ whatever the caller holds of an emitted half.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float

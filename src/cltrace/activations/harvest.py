@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import torch
 

@@ -18,12 +18,13 @@ written here from that structure, with short descriptions of our own.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from cltrace.attribution.graph import Graph
-from cltrace.io import atomic_write_json
 from cltrace.attribution.prune import GraphScores, PruneResult
+from cltrace.io import atomic_write_json
 
 FEATURE_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
                  "embedding": "embedding", "logit": "logit"}

@@ -35,13 +35,14 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
-from cltrace.paths import corpus_dir
-from cltrace.errors import CltraceError
 from cltrace.data.sources import SOURCES, Package, RawDoc, Source, blank_line_paragraphs
+from cltrace.errors import CltraceError
+from cltrace.paths import corpus_dir
 
 Split = Literal["train", "heldout"]
 

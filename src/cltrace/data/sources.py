@@ -17,10 +17,11 @@ import html
 import re
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 Manager = Literal["npm", "pip", "apt"]
 

@@ -27,10 +27,11 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Literal, NamedTuple
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 from cltrace import paths
 from cltrace.errors import CltraceError
