@@ -30,15 +30,22 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from cltrace.activations.buffer import ActivationBatch, ShuffleBuffer, rebatch
-from cltrace.activations.harvest import (HarvestConfig, check_model, iter_contexts,
-                                         iter_token_rows, limit_contexts, require_contexts)
+from cltrace.activations.harvest import (
+    HarvestConfig,
+    check_model,
+    iter_contexts,
+    iter_token_rows,
+    limit_contexts,
+    require_contexts,
+)
 from cltrace.errors import CltraceError
 from cltrace.io import atomic_save_tensors, atomic_write_bytes
 from cltrace.models.loading import LoadedModel
@@ -110,8 +117,12 @@ class Manifest:
 
 
 def _sha256(path: Path) -> str:
+    # hashlib.file_digest is Python 3.11+; the package supports 3.10, so read in 1 MiB blocks.
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def shard_ok(folder: Path, rec: ShardRecord) -> bool:

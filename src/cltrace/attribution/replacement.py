@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from jaxtyping import Float, Int
@@ -222,6 +222,24 @@ def _block0_input(lm: LoadedModel, fn: Callable[[Tensor], Tensor]) -> Iterator[N
 # --------------------------------------------------------------------------- forward
 
 
+def _seen(values: list[Tensor | None], layer: int) -> Tensor:
+    """The MLP input a hook recorded for `layer` (its MLP-output hook runs after it)."""
+    value = values[layer]
+    if value is None:
+        raise RuntimeError(f"layer {layer}'s MLP output was reached before its MLP input: "
+                           "the model adapter's mlp_in_module / mlp_out_module are wrong")
+    return value
+
+
+def _every_layer(values: list[Tensor | None], what: str) -> list[Tensor]:
+    """The per-layer tensors the hooks recorded, checking the forward reached every layer."""
+    missing = [layer for layer, value in enumerate(values) if value is None]
+    if missing:
+        raise RuntimeError(f"the forward never reached the {what} of layers {missing}: "
+                           "the model adapter's hook modules are wrong")
+    return [value for value in values if value is not None]
+
+
 def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | None = None,
                     record_frozen: bool = False, length: int | None = None,
                     autocast_dtype: torch.dtype | None = None) -> ReplacementForward:
@@ -250,11 +268,11 @@ def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | 
         return state["embed"]
 
     def tap_out(layer: int, output: Tensor) -> Tensor:
-        live = skip(layer, mlp_in[layer]) if skip is not None else None
+        live = skip(layer, _seen(mlp_in, layer)) if skip is not None else None
         outs[layer] = output.detach()
         rest = output.detach() if live is None else (output - live).detach()
-        taps[layer] = rest.requires_grad_(True)
-        return taps[layer] if live is None else taps[layer] + live
+        tap = taps[layer] = rest.requires_grad_(True)
+        return tap if live is None else tap + live
 
     def keep_final(_m, _i, output):
         state["final"] = output
@@ -270,9 +288,11 @@ def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | 
         lm.model.base_model(input_ids=batch, use_cache=False)
 
     row0 = lambda ts: torch.stack([t[0].detach() for t in ts], dim=1)  # noqa: E731  [n, L, d]
+    live_in = _every_layer(mlp_in, "MLP input")
     return ReplacementForward(
-        tokens=tokens, embed=state["embed"], mlp_in=mlp_in, taps=taps,
-        final=state["final"], mlp_in_values=row0(mlp_in), mlp_out_values=row0(outs),
+        tokens=tokens, embed=state["embed"], mlp_in=live_in, taps=_every_layer(taps, "MLP output"),
+        final=state["final"], mlp_in_values=row0(live_in),
+        mlp_out_values=row0(_every_layer(outs, "MLP output")),
         embed_values=state["embed"][0].detach(), final_values=state["final"][0].detach(),
         frozen=record)
 
@@ -297,7 +317,7 @@ def run_frozen(lm: LoadedModel, tokens: Int[Tensor, "pos"], frozen: FrozenCache,
     state: dict[str, Tensor] = {}
 
     def set_out(layer: int, output: Tensor) -> Tensor:
-        return mlp_out(layer, mlp_in[layer]).to(output.dtype).reshape(output.shape)
+        return mlp_out(layer, _seen(mlp_in, layer)).to(output.dtype).reshape(output.shape)
 
     def keep_final(_m, _i, output):
         state["final"] = output
@@ -308,4 +328,5 @@ def run_frozen(lm: LoadedModel, tokens: Int[Tensor, "pos"], frozen: FrozenCache,
     with frozen_attention(replay=frozen), lm.hooks(fwd), \
             _block0_input(lm, lambda h: new_embed.to(h.dtype)):
         lm.model.base_model(input_ids=tokens.reshape(1, -1).to(lm.device), use_cache=False)
-    return FrozenRun(mlp_in=torch.stack([m[0] for m in mlp_in], dim=1), final=state["final"][0])
+    return FrozenRun(mlp_in=torch.stack([m[0] for m in _every_layer(mlp_in, "MLP input")], dim=1),
+                     final=state["final"][0])

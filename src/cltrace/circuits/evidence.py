@@ -9,7 +9,7 @@ there is no evidence and groups are named by position.
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -102,7 +102,7 @@ def shared_evidence(evidence: Sequence[Evidence], weights: np.ndarray, limit: in
     need_members = 2 if len(labelled) > 2 else 1
     out: list[str] = []
     for side in ("reads", "writes"):
-        support: Counter[str] = Counter()
+        support: defaultdict[str, float] = defaultdict(float)  # influence share (Counter holds ints)
         count: Counter[str] = Counter()
         spelling: dict[str, str] = {}
         for e, w in labelled:
@@ -111,7 +111,8 @@ def shared_evidence(evidence: Sequence[Evidence], weights: np.ndarray, limit: in
                 support[key] += w / total
                 count[key] += 1
                 spelling.setdefault(key, word)
-        ranked = [k for k, s in support.most_common() if s >= 1 / 3 and count[k] >= need_members]
+        by_support = sorted(support.items(), key=lambda kv: kv[1], reverse=True)  # as most_common()
+        ranked = [k for k, s in by_support if s >= 1 / 3 and count[k] >= need_members]
         budget = limit - len(out) if side == "writes" else max(1, limit - 2)
         out += [("→ " if side == "writes" else "") + spelling[k] for k in ranked[:budget]]
     return out

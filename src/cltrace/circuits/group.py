@@ -134,6 +134,8 @@ def node_slot(node_id: str, is_feature: bool) -> tuple:
     """Where a node sits: features and errors by (layer, pos), embeddings by pos, logits by id."""
     if is_feature:
         f = parse_feature_id(node_id)
+        if f is None:
+            raise ValueError(f"{node_id!r} is flagged as a feature but is not a layer_feature_pos id")
         return ("lp", f.layer, f.pos)
     m = _ERROR_ID.match(node_id)
     if m:

@@ -32,9 +32,10 @@ def final_norm_gain(model: "LoadedModel") -> "Tensor":
     import torch
 
     norm = model.adapter.final_norm(model.model)
-    if getattr(norm, "weight", None) is None:
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):  # no affine gain (None)
         return torch.ones(model.d_model)
-    weight = norm.weight.detach().float()
+    weight = weight.detach().float()
     return 1.0 + weight if model.adapter.norm_kind == "rms_plus_one" else weight
 
 

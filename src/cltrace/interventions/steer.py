@@ -28,8 +28,9 @@ its encoder row and threshold, without the whole layer).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -240,15 +241,17 @@ class Steerer:
         pending: dict[int, Tensor] = {}
 
         def patch(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
-            clamped = clean is not None and first <= layer <= constrain_until
+            constrained = constrain_until is not None and first <= layer <= constrain_until
+            clamp = clean if constrained else None  # the clean run this layer is held to
             if layer == 0:
                 pending.clear()
             if layer in plans:
-                x = clean.mlp_in[:, :, layer] if clamped else mlp_in
+                x = clamp.mlp_in[:, :, layer] if clamp is not None else mlp_in
                 self._push(plans[layer], layer, x, pending, prompt_len, steer_generated)
-            out = clean.mlp_out[:, :, layer].to(mlp_out.dtype) if clamped else mlp_out
+            out = clamp.mlp_out[:, :, layer].to(mlp_out.dtype) if clamp is not None else mlp_out
             delta = pending.pop(layer, None)
-            if delta is not None and (clean is None or layer <= constrain_until):
+            # (a delta exists only with plans, and then clean is None exactly when constrain_until is)
+            if delta is not None and (constrain_until is None or layer <= constrain_until):
                 out = out + delta.to(out.device, out.dtype)
             return out
 

@@ -17,15 +17,21 @@ behind `cltrace trace --circuit`). This module keeps what it builds on: `GraphVi
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from cltrace.interventions.steer import Intervention, Mode
-from cltrace.supernode_file import (SIDECAR_SUFFIX, parse_supernodes, read_supernodes, sidecar_path,
-                                    write_supernodes)
+from cltrace.supernode_file import (
+    SIDECAR_SUFFIX,
+    parse_supernodes,
+    read_supernodes,
+    sidecar_path,
+    write_supernodes,
+)
 from cltrace.transcoders.interface import TranscoderLike
 
 FEATURE_TYPES = {"cross layer transcoder", "feature"}  # Neuronpedia JSON / Graph node types
@@ -191,7 +197,7 @@ def decoder_directions(transcoder: TranscoderLike, feats: Sequence[FeatureNode])
     """[m, d]: each feature's total decoder write Σ_{l'} W_dec_{l→l'} (as in the feature store)."""
     import torch
 
-    out: list[np.ndarray | None] = [None] * len(feats)
+    out: dict[int, np.ndarray] = {}  # index in feats -> [d]; every layer of feats is visited
     with torch.no_grad():
         for layer in sorted({f.layer for f in feats}):
             rows = [k for k, f in enumerate(feats) if f.layer == layer]
@@ -199,4 +205,4 @@ def decoder_directions(transcoder: TranscoderLike, feats: Sequence[FeatureNode])
             dirs = w_dec[torch.tensor([feats[k].feature for k in rows], device=w_dec.device)]
             for k, v in zip(rows, dirs.float().sum(1).cpu().numpy()):
                 out[k] = v
-    return np.stack(out) if feats else np.zeros((0, 0))
+    return np.stack([out[k] for k in range(len(feats))]) if feats else np.zeros((0, 0))
