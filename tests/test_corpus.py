@@ -69,7 +69,8 @@ def test_gutenberg_header_and_footer_stripped() -> None:
             "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nlicence text\r\n")
     assert sources.strip_gutenberg(text) == "HAMLET\n\nBer.\nWho's there?"
     assert sources.strip_gutenberg("no markers\nat all") == "no markers\nat all"
-    old = "header\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*END*\nBody.\nEnd of the Project Gutenberg Etext\n"
+    old = ("header\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*END*\nBody.\n"
+           "End of the Project Gutenberg Etext\n")
     assert sources.strip_gutenberg(old) == "Body."
 
 

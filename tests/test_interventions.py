@@ -113,8 +113,11 @@ def test_constrained_patching_clamps_the_range_and_adds_decoder_writes(setup):
     clean = lm.capture(tokens)
     iv = Intervention(0, 2, (-1,), "add", 2.0)
     outs = {}
-    hooks = [(lm.adapter.mlp_out_module(b), (lambda l: lambda _m, _i, o: outs.__setitem__(l, o))(l))
-             for l, b in enumerate(lm.blocks)]
+
+    def record(l):
+        return lambda _m, _i, o: outs.__setitem__(l, o)
+
+    hooks = [(lm.adapter.mlp_out_module(b), record(l)) for l, b in enumerate(lm.blocks)]
     with st.applied([iv], tokens, constrain_until=1), lm.hooks(hooks):
         lm.run(tokens)
     # hooks registered after the patch see the patched outputs

@@ -71,7 +71,9 @@ def test_jumprelu_ste_gradients():
     fd = (surrogate(0.3 + h) - surrogate(0.3 - h)) / (2 * h)
     assert torch.allclose(fd, expected_theta, atol=1e-5)
     # z gradient away from θ equals finite differences of the true function
-    f = lambda zz: (zz * (zz > 0.3) * c).sum()
+    def f(zz):
+        return (zz * (zz > 0.3) * c).sum()
+
     k = (z - 0.3).abs().argmax()
     dz = torch.zeros_like(z).view(-1)
     dz[k] = h
@@ -104,8 +106,8 @@ def test_sparse_decode_matches_dense(kind, skip, activation):
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
 def test_bf16_decoder_rows_within_tolerance(activation):
     """With decode_bf16 (off by default) under bf16 autocast the sparse decoder reads bf16 rows
-    (8-bit mantissa, relative rounding ≤ 2⁻⁹ per weight): the loss stays within 1e-2 relative of fp32 decoding and every parameter
-    gradient within 3e-2 (relative L2); the backward itself is fp32 in both."""
+    (8-bit mantissa, relative rounding ≤ 2⁻⁹ per weight): the loss stays within 1e-2 relative of fp32
+    decoding and every parameter gradient within 3e-2 (relative L2); the backward itself is fp32 in both."""
     results = []
     for bf16_rows in (False, True):
         tc, x, y = small(activation=activation, topk=4 if activation == "topk" else None)

@@ -141,9 +141,12 @@ class _Builder:
         self.pending, self.pending_tokens = [], 0
 
 
+DEFAULT_STORE_CONFIG = FeatureStoreConfig()  # frozen, so one shared default is safe
+
+
 def build_feature_store(path: str | Path, model: "LoadedModel", transcoder: TranscoderLike, *,
                         documents: Iterable[str] | None = None,
-                        config: FeatureStoreConfig = FeatureStoreConfig(),
+                        config: FeatureStoreConfig = DEFAULT_STORE_CONFIG,
                         max_tokens: int | None = None, fresh: bool = False,
                         model_id: str | None = None, transcoder_id: str | None = None,
                         effects: bool = True, show_progress: bool = True,
