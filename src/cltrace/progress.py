@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any, TextIO, TypeVar
 
 T = TypeVar("T")
@@ -92,7 +92,11 @@ class LogProgress:
             self.close()
 
     def __len__(self) -> int:
-        return int(self.total) if self.total is not None else len(self.iterable)  # type: ignore[arg-type]
+        if self.total is not None:
+            return int(self.total)
+        if isinstance(self.iterable, Sized):
+            return len(self.iterable)
+        raise TypeError("LogProgress has no total and its iterable has no len()")  # as len() would
 
     def __enter__(self) -> LogProgress:
         return self
