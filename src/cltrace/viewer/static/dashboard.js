@@ -1,10 +1,12 @@
 // The side panel for one node: a feature's dashboard from /api/feature (label and its scores,
 // top contexts, quantile examples, token effects, density), or a node summary; then the node's
-// strongest inputs and outputs in this graph, each clickable (`links.onNode`). The label can be
+// strongest inputs and outputs in this graph, each clickable (`links.onNode`), and its QK
+// attribution when the graph carries one (qk.js). The label can be
 // edited and saved in the feature store (POST /api/feature/<l>/<i>/label; `links.onLabel`).
 
 import { el, getJSON, postJSON } from "./api.js";
 import { featureIndex } from "./model.js";
+import { qkSection } from "./qk.js";
 
 export async function showNode(panel, graphName, node, links = null) {
   panel.replaceChildren(el("h3", { id: "dashboard-title", textContent: title(node) }));
@@ -49,7 +51,8 @@ function connectionLists(node, links) {
     ...(ids.length ? [] : [el("li", { className: "muted", textContent: "none" })]));
   return el("div", { id: "connections" },
     section(`Strongest inputs (${node.ins.length})`, list(node.ins, model.links.src, "inputs-list")),
-    section(`Strongest outputs (${node.outs.length})`, list(node.outs, model.links.tgt, "outputs-list")));
+    section(`Strongest outputs (${node.outs.length})`, list(node.outs, model.links.tgt, "outputs-list")),
+    qkSection(node, links));
 }
 
 function title(node) {
