@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-
 PRECISION_ENV = "CLTRACE_PRECISION"   # "fp32": behave as on a CPU without fast bf16 (AVX2 only)
 
 

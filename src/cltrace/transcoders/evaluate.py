@@ -124,8 +124,9 @@ def replacement_patch(tc: Transcoder) -> Callable[[int, Tensor, Tensor], Tensor]
             W = tc.W_dec[src][:, layer - src if tc.cfg.kind == "clt" else 0]  # [F, d], no copy
             recon += acts[src] @ W
         recon /= tc.out_scale[layer]
-        if tc.cfg.skip:
-            recon += x @ tc.skip_weight(layer)
+        skip = tc.skip_weight(layer)                                 # None unless cfg.skip
+        if skip is not None:
+            recon += x @ skip
         recon[:, 0] = mlp_out[:, 0].float()
         return recon.to(mlp_out.dtype)
 

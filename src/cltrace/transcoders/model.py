@@ -228,6 +228,11 @@ class Transcoder(nn.Module):
     # 63-74 bf16 rows, same run, Sapphire Rapids AMX); kept as an option for other machines
     decode_bf16 = False
 
+    # buffers (registered in __init__), declared so their type is Tensor rather than nn.Module's
+    # `__getattr__` result (Tensor | Module)
+    in_scale: Tensor
+    out_scale: Tensor
+
     def __init__(self, cfg: TranscoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -291,15 +296,24 @@ class Transcoder(nn.Module):
         """[L, N, d] -> pre [L, N, F] (float32; the matmul follows autocast)."""
         return torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc).float()
 
-    def _activate(self, pre: Tensor, theta: Tensor) -> Tensor:
-        """Dense activations of layer-major pre [L, N, F] (or one layer's [N, F])."""
+    def _k(self) -> int:
+        """k of a TopK / BatchTopK transcoder (TranscoderConfig checks it is set for those)."""
+        if self.cfg.topk is None:
+            raise CltraceError(f"activation={self.cfg.activation!r} needs topk, got None")
+        return self.cfg.topk
+
+    def _activate(self, pre: Tensor, theta: Tensor | None) -> Tensor:
+        """Dense activations of layer-major pre [L, N, F] (or one layer's [N, F]); θ is used
+        (and needed) by JumpReLU only."""
         act = self.cfg.activation
         if act == "jumprelu":
+            if theta is None:
+                raise CltraceError("a JumpReLU transcoder needs its threshold θ to activate")
             return JumpReLU.apply(pre, theta, self.cfg.bandwidth)
         if act == "batchtopk":
-            return _batch_topk(pre.reshape(-1, pre.shape[-2] * pre.shape[-1]), self.cfg.topk,
+            return _batch_topk(pre.reshape(-1, pre.shape[-2] * pre.shape[-1]), self._k(),
                                pre.shape[-2]).view_as(pre)
-        values, index = pre.topk(self.cfg.topk, dim=-1)
+        values, index = pre.topk(self._k(), dim=-1)
         return torch.zeros_like(pre).scatter(-1, index, values.relu())
 
     def _pairs(self, pre: Tensor, theta: Tensor) -> tuple[list[Pairs], Tensor | None]:
@@ -308,9 +322,9 @@ class Transcoder(nn.Module):
         their gradient); TopK / BatchTopK: the selected pairs, without a dense [L, N, F]."""
         act = self.cfg.activation
         if act == "topk":
-            return pairs_topk(pre, self.cfg.topk), None
+            return pairs_topk(pre, self._k()), None
         if act == "batchtopk":
-            return pairs_batch_topk(pre, self.cfg.topk), None
+            return pairs_batch_topk(pre, self._k()), None
         acts = self._activate(pre, theta)
         mask = pre > theta - self.cfg.bandwidth / 2 if torch.is_grad_enabled() else acts != 0
         return [pairs_from_mask(acts[l], mask[l]) for l in range(pre.shape[0])], acts
@@ -377,9 +391,15 @@ class Transcoder(nn.Module):
         zero = mse.new_zeros(())
         jump = self.cfg.activation == "jumprelu"      # TopK fixes L0 itself and has no θ
         use_s, use_p = bool(lambda_s) and jump, bool(lambda_p) and jump
-        norms = self.decoder_norms()[:, None, :] if use_s or use_p else None      # [L, 1, F]
-        sparsity = torch.tanh(c * norms * acts).sum() / n_tokens if use_s else zero
-        preact = (F.relu(theta - pre) * norms).sum() / n_tokens if use_p else zero
+        sparsity = preact = zero
+        if use_s or use_p:
+            norms = self.decoder_norms()[:, None, :]                               # [L, 1, F]
+            if use_s:
+                if acts is None:  # _pairs returns dense activations for JumpReLU, the only use_s case
+                    raise CltraceError("the sparsity penalty needs dense JumpReLU activations")
+                sparsity = torch.tanh(c * norms * acts).sum() / n_tokens
+            if use_p:
+                preact = (F.relu(theta - pre) * norms).sum() / n_tokens
         aux = zero
         if auxk_alpha and auxk and dead is not None and bool(dead.any()):
             target_var = (yn - yn.mean(dim=1, keepdim=True)).pow(2).sum() / n_tokens
@@ -479,8 +499,9 @@ class Transcoder(nn.Module):
         """Fold the normalisation scalars into the weights (scalars become 1); outputs unchanged."""
         for l in range(self.cfg.n_layers):
             self.W_dec[l].copy_(self.decoder_weight(l))
-            if self.W_skip is not None:
-                self.W_skip[l].copy_(self.skip_weight(l))
+            skip = self.skip_weight(l)
+            if self.W_skip is not None and skip is not None:
+                self.W_skip[l].copy_(skip)
             self.W_enc[l].mul_(self.in_scale[l])
         self.b_dec.copy_(self.decoder_bias())
         self.in_scale.fill_(1.0)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cltrace.errors import CltraceError
 from cltrace.hardware import cpu_has_fast_bf16, forced_fp32
@@ -74,13 +74,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig, fused: bool | None) -> torch.optim.AdamW:
+    """AdamW with the config's hyper-parameters (fused=None: torch's default implementation)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay, fused=fused)
+
+
 def make_optimizer(tc: Transcoder, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in tc.parameters() if p.requires_grad]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
+        return _adamw(params, cfg, fused=True)
     except (RuntimeError, TypeError):  # fused AdamW not built for this device
-        return torch.optim.AdamW(params, **kwargs)
+        return _adamw(params, cfg, fused=None)
 
 
 def lr_at(cfg: TrainConfig, step: int, n_steps: int | None = None) -> float:
@@ -187,7 +192,9 @@ class Trainer:
         if cfg.grad_clip is not None:
             norm = self.dist.grad_norm(tc)
             scale = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_([p.grad for p in tc.parameters() if p.grad is not None], scale)
+            # torch's stubs do not re-export the foreach kernels (clip_grad_norm_ uses the same one)
+            torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
+                [p.grad for p in tc.parameters() if p.grad is not None], scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -388,11 +395,12 @@ class Trainer:
 
     def _resume(self) -> bool:
         """Load the latest complete checkpoint; False when there is none."""
-        step = None if self.run_dir is None else _pointer(self.run_dir)
-        if step is None:
+        run_dir = self.run_dir
+        step = None if run_dir is None else _pointer(run_dir)
+        if run_dir is None or step is None:
             self.log("no checkpoint to resume from: starting fresh")
             return False
-        directory = self.dist.checkpoint_dir(self.run_dir, step)
+        directory = self.dist.checkpoint_dir(run_dir, step)
         state, extra = load_checkpoint(directory, self.tc, self.optimizer)
         saved = TrainConfig.from_dict(state["train_config"])
         diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
