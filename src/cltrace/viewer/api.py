@@ -254,8 +254,10 @@ class ViewerApp:
     def intervene(self, body: bytes, **_: Any) -> Response:
         data = parse_json(body)
         name = data.get("graph")
-        graph = self.store.load(name) if isinstance(name, str) and name else None
-        n_pos = len(graph.metadata.get("prompt_tokens") or []) if graph else None
+        if not isinstance(name, str) or not name:  # parse_intervention's first check, made before loading
+            raise BadRequest("graph must be a non-empty string")
+        graph = self.store.load(name)
+        n_pos = len(graph.metadata.get("prompt_tokens") or [])
         request = parse_intervention(data, n_pos or None)
         return json_response(self.backend.intervene(graph, request))
 

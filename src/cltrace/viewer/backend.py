@@ -68,12 +68,15 @@ class BackendError(Exception):
 class ViewerBackend(Protocol):
     def feature(self, graph: GraphRef, layer: int, index: int) -> dict | None:
         """The feature's dashboard, or None when nothing is known about it."""
+        ...
 
     def intervene(self, graph: GraphRef, request: InterventionRequest) -> dict:
         """Run the graph's prompt with the interventions; raise BackendError on failure."""
+        ...
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         """Suggested groups: [{"name": str, "node_ids": [str]}]."""
+        ...
 
 
 FEATURE_TYPE = "cross layer transcoder"

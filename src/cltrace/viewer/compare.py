@@ -149,7 +149,9 @@ def compare_graphs(
     in_b = {p: s["slot"] for s in slots for p in s["b"]}
     nodes = _node_changes(_features(ga, in_a), _features(gb, in_b))
     counts = {k: sum(n["status"] == k for n in nodes) for k in ("appeared", "vanished", "changed")}
-    both = circuit_a is not None and circuit_b is not None
+    supernodes = None
+    if circuit_a is not None and circuit_b is not None:
+        supernodes = compare_supernodes(circuit_a, circuit_b, in_a, in_b)
     return {
         "kind": "cltrace-viewer-compare",
         "version": 1,
@@ -158,5 +160,5 @@ def compare_graphs(
         "alignment": slots,
         "counts": counts,
         "nodes": nodes[:MAX_NODES],
-        "supernodes": compare_supernodes(circuit_a, circuit_b, in_a, in_b) if both else None,
+        "supernodes": supernodes,
     }

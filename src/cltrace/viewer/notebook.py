@@ -12,6 +12,7 @@ saved to a temporary folder first.
 
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 from pathlib import Path
@@ -72,8 +73,8 @@ def show(graph_or_path: Any, *, view: str | None = None, width: str = "100%", he
     view: "circuit", "graph" or "subgraph" (default: the circuit when there is one).
     """
     url = viewer_url(graph_or_path, view)
-    try:
-        from IPython.display import IFrame
+    try:  # optional (the `notebook` extra): imported by name, so type checks pass without it
+        display = importlib.import_module("IPython.display")
     except ImportError:
         return url
-    return IFrame(url, width=width, height=height)
+    return display.IFrame(url, width=width, height=height)

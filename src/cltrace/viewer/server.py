@@ -53,6 +53,8 @@ class ViewerServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        if isinstance(host, (bytes, bytearray)):  # typeshed allows bytes; AF_INET(6) servers give str
+            host = host.decode()
         host = "127.0.0.1" if host in WILDCARD_HOSTS else host
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 

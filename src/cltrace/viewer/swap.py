@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cltrace.viewer.backend import BackendError, GraphRef
 
 if TYPE_CHECKING:
+    from cltrace.interventions.steer import Intervention
     from cltrace.transcoders.interface import TranscoderLike
 
 CACHE_SIZE = 8  # traced or loaded full graphs kept in memory
@@ -212,7 +213,7 @@ def run_swap(
         else "B's features at its differing tokens"
     )
     swap["suppressed"] = sorted(
-        {f"{i.layer}_{i.feature}_{i.positions[0]}" for i in report.interventions if i.mode == "scale"}
+        {_node_id(i) for i in report.interventions if i.mode == "scale"}
     )
     out["swap"] = swap
     out["applied"] = [
@@ -226,6 +227,13 @@ def run_swap(
         for i in report.interventions
     ]
     return out
+
+
+def _node_id(iv: Intervention) -> str:
+    """The graph node id `layer_feature_pos` of a swap edit (graph_guided_swap gives each one position)."""
+    if not iv.positions:
+        raise BackendError(f"swap edit {iv} has no position", status=500)
+    return f"{iv.layer}_{iv.feature}_{iv.positions[0]}"
 
 
 def _span_text(ref: GraphRef, span: tuple[int, int]) -> str:
