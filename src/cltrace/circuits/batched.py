@@ -235,6 +235,9 @@ def _run_chunk(
     read: Sequence[tuple[int, int, int]] = (),
 ) -> tuple[Tensor, Tensor]:
     """One forward of the rows; positions before `start` (no edits there) come from a cache."""
+    if constrain and clean is None:
+        raise ValueError("a constrained run needs the clean capture")
+    clamp = clean if constrain else None  # the clean MLP inputs / outputs of a constrained run
     B, n = len(rows), tokens.shape[1]
     device, _ = device_dtype(transcoder)
     plan = _Plan(transcoder, rows, n, device, start)
@@ -246,9 +249,9 @@ def _run_chunk(
         if layer == 0:
             pending.clear()
         see(layer, mlp_in)
-        if constrain:
-            x = clean.mlp_in[:, start:, layer].expand(B, -1, -1)
-            base = clean.mlp_out[:, start:, layer].to(mlp_out.dtype).expand(B, -1, -1)
+        if clamp is not None:
+            x = clamp.mlp_in[:, start:, layer].expand(B, -1, -1)
+            base = clamp.mlp_out[:, start:, layer].to(mlp_out.dtype).expand(B, -1, -1)
         else:
             x, base = mlp_in, mlp_out
         plan.writes(layer, x.to(device), pending)

@@ -23,7 +23,7 @@ random order, so no feature keeps its own): a scorer that cannot fail would scor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -292,6 +292,17 @@ def _steering_deltas(
     return delta
 
 
+def _shift_mlp_outputs(delta: "Float[Tensor, 'b l d']") -> "Callable[[int, Tensor, Tensor], Tensor]":
+    """An MLP-output patch adding `delta[b, l]` to layer l's output at positions 1.."""
+
+    def patch(layer: int, _mlp_in: "Tensor", mlp_out: "Tensor") -> "Tensor":
+        out = mlp_out.clone()
+        out[:, 1:] += delta[:, layer, None, :].to(out.device, out.dtype)
+        return out
+
+    return patch
+
+
 def _word_logits(
     model: "LoadedModel",
     tokens: "Int[Tensor, 'b n']",
@@ -304,12 +315,7 @@ def _word_logits(
 
     import torch
 
-    def patch(layer: int, _mlp_in: "Tensor", mlp_out: "Tensor") -> "Tensor":
-        out = mlp_out.clone()
-        out[:, 1:] += delta[:, layer, None, :].to(out.device, out.dtype)
-        return out
-
-    hooks = model.patch_mlp_outputs(patch) if delta is not None else contextlib.nullcontext()
+    hooks = model.patch_mlp_outputs(_shift_mlp_outputs(delta)) if delta is not None else contextlib.nullcontext()
     with torch.no_grad(), hooks:
         hidden = model.run(tokens, with_logits=False).last_hidden_state[
             :, 1:

@@ -34,11 +34,20 @@ from typing import TYPE_CHECKING, Any
 from cltrace.errors import CltraceError
 from cltrace.features import dashboard as dash
 from cltrace.features.config import FeatureStoreConfig
-from cltrace.features.label_store import (LABEL_SCHEMA, LABEL_TABLES, label_evidence, label_info, label_summary,
-                                          labels_table)
+from cltrace.features.label_store import (
+    LABEL_SCHEMA,
+    LABEL_TABLES,
+    label_evidence,
+    label_info,
+    label_summary,
+    labels_table,
+)
 from cltrace.features.labels import DEFAULT_LABELS, LabelConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the moved names (see _MOVED, resolved lazily at run time), for type checkers
+    from cltrace.features.build import BuildSummary, build_feature_store, iter_contexts
+    from cltrace.features.effects import EFFECTS_METHOD, final_norm_gain, token_effects
+    from cltrace.features.streaming import StreamingStats
     from cltrace.models.loading import LoadedModel
     from cltrace.transcoders.interface import TranscoderLike
 
@@ -258,6 +267,16 @@ class FeatureStore:
             self._read_contexts(rec)
         return rec
 
+    def _blob_slice(self, column: str, layer: int, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset` of one layer_stats blob (`column` is one of the table's own)."""
+        if sys.version_info >= (3, 11):  # incremental blob I/O: reads only those bytes
+            with self.conn.blobopen("layer_stats", column, layer, readonly=True) as blob:
+                blob.seek(offset)
+                return blob.read(size)
+        row = self.conn.execute(f"SELECT substr({column}, ?, ?) FROM layer_stats WHERE layer = ?",
+                                (offset + 1, size, layer)).fetchone()
+        return bytes(row[0])
+
     def _read_stats(self, rec: dash.FeatureRecord) -> None:
         """Counters for one feature, read at an offset inside the layer's blobs."""
         exists = self.conn.execute("SELECT 1 FROM layer_stats WHERE layer = ?", (rec.layer,)).fetchone()
@@ -266,9 +285,7 @@ class FeatureStore:
         values = []
         for column, code in (("n_fires", "q"), ("sum_act", "d"), ("max_act", "f")):
             size = array.array(code).itemsize
-            with self.conn.blobopen("layer_stats", column, rec.layer, readonly=True) as blob:
-                blob.seek(rec.index * size)
-                item = array.array(code, blob.read(size))
+            item = array.array(code, self._blob_slice(column, rec.layer, rec.index * size, size))
             if sys.byteorder == "big":
                 item.byteswap()
             values.append(item[0])
@@ -373,7 +390,10 @@ _MOVED = {"BuildSummary": "build", "build_feature_store": "build", "iter_context
           "StreamingStats": "streaming"}
 
 __all__ = ["FeatureStore", "FeatureStoreConfig", "RecordLayout", "add_vocab", "write_auto_labels",
-           "SCHEMA", "SCHEMA_VERSION", "DB_FILENAME", "BUILD_TABLES", *_MOVED]
+           "SCHEMA", "SCHEMA_VERSION", "DB_FILENAME", "BUILD_TABLES",
+           # the names of _MOVED, spelled out (and imported when type checking) for type checkers
+           "BuildSummary", "build_feature_store", "iter_contexts", "EFFECTS_METHOD", "final_norm_gain",
+           "token_effects", "StreamingStats"]
 
 
 def __getattr__(name: str) -> Any:
