@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cltrace import paths
+from cltrace.errors import CltraceError
 from cltrace.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ def run_experiment(exp: Experiment, lm, tc: TranscoderLike, steerer, store, cfg:
     if exp.subject:
         lines += _subject_section(exp, traced.graph, store, data)
     if exp.swap_prompt:
-        lines += _swap_section(exp, lm, steerer, answer, cfg, data)
+        lines += _swap_section(exp, lm, steerer, answer, cfg, data, traced.graph)
     if "ablation" in data and data["ablation"]["p_after"] > 0.8 * data["ablation"]["p_before"]:
         lines.append("*Honest note:* ablating these features barely moves the answer: the "
                      "answer is carried elsewhere (error nodes or many small features) in this "
@@ -275,17 +276,31 @@ def _subject_section(exp: Experiment, graph, store, data: dict, k: int = 8) -> l
         i = int(at[j])
         layer, feat = int(nodes.layer[i]), int(nodes.feature[i])
         rows.append({"layer": layer, "feature": feat, "activation": float(nodes.activation[i]),
-                     "out_effect": float(out[j]), "label": (store.label(layer, feat) if store else "") or ""})
+                     "out_effect": float(out[j]), **_label_and_score(store, layer, feat)})
     data["subject_features"] = {"pos": pos, "token": strings[pos], "features": rows}
     lines = [f"Features at {strings[pos]!r} (position {pos}) with the largest direct effect on the rest "
              f"of the graph (Σ |outgoing edges|):", "",
-             "| layer | feature | activation | Σ\\|out\\| | label |", "|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['feature']} | {r['activation']:.2f} | {r['out_effect']:.3f} | {r['label']} |"
-              for r in rows]
-    return lines + [""]
+             "| layer | feature | activation | Σ\\|out\\| | label | detection |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['feature']} | {r['activation']:.2f} | {r['out_effect']:.3f} | {r['label']} | "
+              f"{_score_text(r['detection'])} |" for r in rows]
+    return lines + ["", "*detection*: held-out AUC of the label's read-side evidence (0.5 is chance; "
+                    "`cltrace features RUN --list` shows the shuffled-label baseline).", ""]
 
 
-def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, data: dict) -> list[str]:
+def _label_and_score(store, layer: int, feature: int) -> dict:
+    """The feature's label and its detection score (None when the store has no scored labels)."""
+    if store is None:
+        return {"label": "", "detection": None}
+    card = store.dashboard(layer, feature, n_top=1)
+    return {"label": card.get("label") or "", "detection": card.get("label_detection")}
+
+
+def _score_text(score: float | None) -> str:
+    return "–" if score is None else f"{score:.2f}"
+
+
+def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, data: dict,
+                  graph) -> list[str]:
     """Swap in the other prompt's distinctive features: every point of a small grid (how many
     features, how strongly, at the last position or position by position), best one shown."""
     from cltrace.report.svg import before_after_bars
@@ -319,7 +334,28 @@ def _swap_section(exp: Experiment, lm, steerer, answer: int, cfg: DemoConfig, da
              "| features each way | injected × | where | P(" + exp.swap_answer.strip() + ") | top token |",
              "|---|---|---|---|---|"]
     lines += [f"| {t.n_auto} | {t.inject_scale:g} | {t.where} | {t.p_target:.3f} | {t.top!r} |" for t in trials]
-    return lines + [""]
+    return lines + ["", *_graph_swap_lines(exp, lm, steerer.tc, answer, target, graph, data)]
+
+
+def _graph_swap_lines(exp: Experiment, lm, tc: TranscoderLike, answer: int, target: int, graph,
+                      data: dict) -> list[str]:
+    """The paper's swap: only the features at the two prompts' subject spans (cltrace.circuits.swap)."""
+    from cltrace.circuits.swap import graph_guided_swap
+
+    assert exp.swap_prompt is not None and exp.swap_answer is not None, "called for swap experiments"
+    try:
+        rep = graph_guided_swap(lm, tc, exp.prompt, exp.swap_prompt, graph_a=graph, answer_a=answer,
+                                answer_b=target)
+    except CltraceError as err:  # e.g. the tokenizer makes the two prompts identical
+        data["graph_swap"] = {"error": str(err)}
+        return [f"**Graph-guided swap**: not possible here: {err}.", ""]
+    data["graph_swap"] = rep.to_dict()
+    verdict = f"the top answer becomes {exp.swap_answer!r}" if rep.flipped else (
+        f"the top answer stays {rep.after[0].token!r}")
+    return [f"**Graph-guided swap** (the paper's way: only the features at the subject span, at most 30 "
+            f"(feature, position) pairs): {rep.pairs_touched} pairs touched; {verdict}. "
+            f"P({exp.answer!r}) {rep.p_a_before:.3f} → {rep.p_a_after:.3f}, "
+            f"P({exp.swap_answer!r}) {rep.p_b_before:.3f} → {rep.p_b_after:.3f}.", ""]
 
 
 def _trial_dict(t) -> dict:
