@@ -30,10 +30,12 @@ import torch
 
 from cltrace.models import DEFAULT_MODEL
 
-TEXT = ("Fact: the currency of the country whose capital is Tokyo is the yen. The opposite of "
-        "hot is cold, and Dallas is a city in the state of Texas, whose capital is the city of "
-        "Austin. Michael Jordan plays the sport of basketball. The Eiffel Tower is located in "
-        "the city of Paris, in France. ") * 8
+TEXT = (
+    "Fact: the currency of the country whose capital is Tokyo is the yen. The opposite of "
+    "hot is cold, and Dallas is a city in the state of Texas, whose capital is the city of "
+    "Austin. Michael Jordan plays the sport of basketball. The Eiffel Tower is located in "
+    "the city of Paris, in France. "
+) * 8
 
 
 def rss_peak_bytes() -> tuple[int, int]:
@@ -66,11 +68,21 @@ def random_model_like_gemma():
 
     torch.manual_seed(0)
     cfg = tf.Gemma3TextConfig(
-        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-        query_pre_attn_scalar=256, max_position_embeddings=32768, bos_token_id=2,
-        eos_token_id=1, pad_token_id=0,
-        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        max_position_embeddings=32768,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
     return from_pretrained_objects(model, tiny_tokenizer(), name="gemma-3-270m-shape-random")
 
@@ -85,7 +97,7 @@ def load(args):
 
 
 def prompt_tokens(lm, n: int, random_ids: bool) -> torch.Tensor:
-    if random_ids:                      # the random model's tokenizer knows few words
+    if random_ids:  # the random model's tokenizer knows few words
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(3, lm.vocab_size, (n,), generator=g)
         ids[0] = lm.bos_token_id
@@ -101,8 +113,9 @@ def make_transcoder(lm, kind: str, n_features: int, active: float, random_ids: b
     from cltrace.transcoders.model import Transcoder
 
     torch.manual_seed(0)
-    tc = Transcoder(TranscoderConfig(n_layers=lm.n_layers, d_model=lm.d_model,
-                                     n_features=n_features, kind=kind))
+    tc = Transcoder(
+        TranscoderConfig(n_layers=lm.n_layers, d_model=lm.d_model, n_features=n_features, kind=kind)
+    )
     if random_ids:
         g = torch.Generator().manual_seed(2)
         toks = torch.randint(3, lm.vocab_size, (64, 16), generator=g)
@@ -119,19 +132,30 @@ def make_transcoder(lm, kind: str, n_features: int, active: float, random_ids: b
 def run_case(lm, tc, tokens, max_nodes, args) -> dict:
     from cltrace.attribution.graph import AttributionConfig, attribute
 
-    cfg = AttributionConfig(max_feature_nodes=max_nodes, batch_size=args.batch_size,
-                            progress=False,
-                            backward_dtype="bfloat16" if args.bf16 else "float32",
-                            edge_dtype="bfloat16" if args.bf16 else "float32")
+    cfg = AttributionConfig(
+        max_feature_nodes=max_nodes,
+        batch_size=args.batch_size,
+        progress=False,
+        backward_dtype="bfloat16" if args.bf16 else "float32",
+        edge_dtype="bfloat16" if args.bf16 else "float32",
+    )
     reset_peak()
     base = rss_peak_bytes()[1]
     wall, cpu = time.perf_counter(), time.process_time()
     graph = attribute(lm, tc, tokens, cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = rss_peak_bytes()[0]
-    return dict(n=int(tokens.numel()), max_nodes=max_nodes, active=graph.stats["n_active"],
-                visited=graph.n_features, wall=wall, cpu=cpu, peak=peak, extra=peak - base,
-                batch=graph.stats["batch_size"])
+    return dict(
+        n=int(tokens.numel()),
+        max_nodes=max_nodes,
+        active=graph.stats["n_active"],
+        visited=graph.n_features,
+        wall=wall,
+        cpu=cpu,
+        peak=peak,
+        extra=peak - base,
+        batch=graph.stats["batch_size"],
+    )
 
 
 def main(argv=None) -> int:
@@ -142,8 +166,12 @@ def main(argv=None) -> int:
     p.add_argument("--features", type=int, default=4096, help="features per layer")
     p.add_argument("--active", type=float, default=13.0, help="target active features per token per layer")
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 40, 160])
-    p.add_argument("--max-feature-nodes", nargs="+", default=["1024", "4096"],
-                   help="values to try; 'all' = every active feature")
+    p.add_argument(
+        "--max-feature-nodes",
+        nargs="+",
+        default=["1024", "4096"],
+        help="values to try; 'all' = every active feature",
+    )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 backward and edge read-out")
@@ -153,20 +181,28 @@ def main(argv=None) -> int:
     lm = load(args)
     random_ids = lm.name.endswith("random")
     tc = make_transcoder(lm, args.kind, args.features, args.active, random_ids)
-    print(f"model {lm.name}, {args.kind} {lm.n_layers} x {args.features}, ~{args.active:g} active "
-          f"per token per layer, {torch.get_num_threads()} threads, "
-          f"{'bf16' if args.bf16 else 'fp32'}", flush=True)
-    header = (f"{'tokens':>6} {'max_nodes':>9} {'active':>7} {'visited':>7} {'batch':>5} "
-              f"{'wall s':>7} {'cpu s':>7} {'ms/node':>7} {'peak GiB':>8} {'+GiB':>6}")
+    print(
+        f"model {lm.name}, {args.kind} {lm.n_layers} x {args.features}, ~{args.active:g} active "
+        f"per token per layer, {torch.get_num_threads()} threads, "
+        f"{'bf16' if args.bf16 else 'fp32'}",
+        flush=True,
+    )
+    header = (
+        f"{'tokens':>6} {'max_nodes':>9} {'active':>7} {'visited':>7} {'batch':>5} "
+        f"{'wall s':>7} {'cpu s':>7} {'ms/node':>7} {'peak GiB':>8} {'+GiB':>6}"
+    )
     print(header, flush=True)
     for n in args.lengths:
         tokens = prompt_tokens(lm, n, random_ids)
         for spec in args.max_feature_nodes:
             max_nodes = None if spec == "all" else int(spec)
             r = run_case(lm, tc, tokens, max_nodes, args)
-            print(f"{r['n']:>6} {spec:>9} {r['active']:>7} {r['visited']:>7} {r['batch']:>5} "
-                  f"{r['wall']:>7.2f} {r['cpu']:>7.2f} {1000 * r['wall'] / max(r['visited'], 1):>7.2f} "
-                  f"{r['peak'] / 2**30:>8.2f} {r['extra'] / 2**30:>6.2f}", flush=True)
+            print(
+                f"{r['n']:>6} {spec:>9} {r['active']:>7} {r['visited']:>7} {r['batch']:>5} "
+                f"{r['wall']:>7.2f} {r['cpu']:>7.2f} {1000 * r['wall'] / max(r['visited'], 1):>7.2f} "
+                f"{r['peak'] / 2**30:>8.2f} {r['extra'] / 2**30:>6.2f}",
+                flush=True,
+            )
     return 0
 
 

@@ -36,8 +36,14 @@ def sync(device: torch.device) -> None:
 def small(activation: str, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     L, d, F = 4, 64, 256
-    cfg = TranscoderConfig(n_layers=L, d_model=d, n_features=F, activation=activation, bandwidth=0.5,
-                           topk=8 if activation != "jumprelu" else None)
+    cfg = TranscoderConfig(
+        n_layers=L,
+        d_model=d,
+        n_features=F,
+        activation=activation,
+        bandwidth=0.5,
+        topk=8 if activation != "jumprelu" else None,
+    )
     tc = Transcoder(cfg).to(device)
     x, y = torch.randn(512, L, d, device=device) * 3, torch.randn(512, L, d, device=device) * 0.5
     tc.init_from_sample(x, y, fire_frac=0.03)
@@ -53,7 +59,7 @@ def check_exact(device: torch.device) -> bool:
     dead = torch.rand(4, 256, device=device, generator=torch.Generator(device).manual_seed(1)) < 0.2
     for activation in ("topk", "batchtopk", "jumprelu"):
         runs = []
-        for density in (1.0, -1.0):                       # always sparse, then always dense
+        for density in (1.0, -1.0):  # always sparse, then always dense
             tc, x, y = small(activation, device)
             tc.sparse_max_density = density
             out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2, dead=dead, auxk=4, auxk_alpha=1 / 32)
@@ -66,8 +72,10 @@ def check_exact(device: torch.device) -> bool:
         worst = max(errs, key=errs.get)
         good = gs.keys() == gd.keys() and errs[worst] <= 1e-4
         ok &= good
-        print(f"  {activation:>9}: {'ok' if good else 'MISMATCH'}  largest relative error {errs[worst]:.1e} "
-              f"({worst}; {len(gd)} gradients)")
+        print(
+            f"  {activation:>9}: {'ok' if good else 'MISMATCH'}  largest relative error {errs[worst]:.1e} "
+            f"({worst}; {len(gd)} gradients)"
+        )
     return ok
 
 

@@ -33,16 +33,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, model folder, or 'tiny'")
     p.add_argument("--run", default=None, help="a trained transcoder run (default: random init)")
     p.add_argument("--features", type=int, default=2048, help="features per layer (random init)")
-    p.add_argument("--fire-frac", type=float, default=0.02, help="fraction of tokens each random feature fires on")
+    p.add_argument(
+        "--fire-frac", type=float, default=0.02, help="fraction of tokens each random feature fires on"
+    )
     p.add_argument("--tokens", type=int, default=8192, help="tokens to scan in total")
     p.add_argument("--context-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=8, help="contexts per forward")
-    p.add_argument("--text", default=None, help="text files/folder (default: held-out corpus, else built-in text)")
+    p.add_argument(
+        "--text", default=None, help="text files/folder (default: held-out corpus, else built-in text)"
+    )
     p.add_argument("--dashboards", type=int, default=200, help="dashboards to time")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
@@ -57,7 +62,11 @@ def load_pieces(args):
         from tiny import tiny_model
 
         lm = tiny_model("gemma")
-        return lm, make_transcoder(lm, args.features, fire_fraction=args.fire_frac), "tiny gemma (3 layers, d 32)"
+        return (
+            lm,
+            make_transcoder(lm, args.features, fire_fraction=args.fire_frac),
+            "tiny gemma (3 layers, d 32)",
+        )
     from cltrace.models.loading import load_model
 
     lm = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -119,10 +128,12 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "features.sqlite"
     half = args.tokens // 2
-    a = build_feature_store(path, lm, tc, documents=documents(args), config=cfg, max_tokens=half,
-                            fresh=True, show_progress=False)
-    b = build_feature_store(path, lm, tc, documents=documents(args), config=cfg, max_tokens=args.tokens,
-                            show_progress=False)
+    a = build_feature_store(
+        path, lm, tc, documents=documents(args), config=cfg, max_tokens=half, fresh=True, show_progress=False
+    )
+    b = build_feature_store(
+        path, lm, tc, documents=documents(args), config=cfg, max_tokens=args.tokens, show_progress=False
+    )
     per_token = (b.db_bytes - a.db_bytes) / max(1, b.tokens - a.tokens)
     per_million = b.db_bytes + per_token * (1_000_000 - b.tokens)
     effects_s = a.seconds - a.scan_seconds
@@ -141,9 +152,12 @@ def main() -> None:
         ("DB growth per token", f"{per_token:.1f} bytes"),
         ("DB size at 1M tokens (extrapolated)", f"{per_million / 2**20:.1f} MiB"),
         ("open + first dashboard", f"{first:.1f} ms"),
-        (f"dashboard, {len(times)} random features",
-         f"median {statistics.median(times):.2f} ms, p95 {sorted(times)[int(0.95 * len(times)) - 1]:.2f} ms, "
-         f"max {max(times):.2f} ms (goal < 100 ms)"),
+        (
+            f"dashboard, {len(times)} random features",
+            f"median {statistics.median(times):.2f} ms, "
+            f"p95 {sorted(times)[int(0.95 * len(times)) - 1]:.2f} ms, "
+            f"max {max(times):.2f} ms (goal < 100 ms)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

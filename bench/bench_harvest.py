@@ -18,12 +18,18 @@ import itertools
 import resource
 import sys
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
-from cltrace.activations.harvest import (HarvestConfig, batch_contexts, harvest_contexts,
-                                         iter_activation_batches, iter_contexts, limit_contexts)
+from cltrace.activations.harvest import (
+    HarvestConfig,
+    batch_contexts,
+    harvest_contexts,
+    iter_activation_batches,
+    iter_contexts,
+    limit_contexts,
+)
 from cltrace.models import DEFAULT_MODEL
 from cltrace.models.loading import LoadedModel, load_model
 
@@ -47,14 +53,16 @@ def time_bare(lm: LoadedModel, groups: list[list[list[int]]]) -> float:
 def time_harvest(lm: LoadedModel, docs: list[str], cfg: HarvestConfig, n_tokens: int) -> float:
     """Seconds for the whole harvest of `n_tokens` tokens, from text to shuffled batches."""
     start = time.perf_counter()
-    got = sum(b.n_tokens for b in iter_activation_batches(lm, docs, cfg, batch_tokens=4096,
-                                                          max_tokens=n_tokens))
+    got = sum(
+        b.n_tokens for b in iter_activation_batches(lm, docs, cfg, batch_tokens=4096, max_tokens=n_tokens)
+    )
     assert got == n_tokens, (got, n_tokens)
     return time.perf_counter() - start
 
 
-def throughput(lm: LoadedModel, docs: list[str], cfg: HarvestConfig, n_tokens: int,
-               repeats: int) -> tuple[float, float]:
+def throughput(
+    lm: LoadedModel, docs: list[str], cfg: HarvestConfig, n_tokens: int, repeats: int
+) -> tuple[float, float]:
     """(bare forward tokens/s, harvest tokens/s), best of `repeats` alternating passes."""
     contexts = limit_contexts(iter_contexts(lm, docs, cfg), n_tokens)
     groups = list(batch_contexts(contexts, cfg.batch_contexts))
@@ -80,8 +88,11 @@ def bf16_error(fp32: LoadedModel, bf16: LoadedModel, docs: list[str], n_contexts
     for group in batch_contexts(contexts, 8):
         ref, got = harvest_contexts(fp32, group, cfg32), harvest_contexts(bf16, group, cfg16)
         store_only = harvest_contexts(fp32, group, HarvestConfig(forward_dtype="float32"))
-        for name, r, g in (("mlp_in", ref.mlp_in, got.mlp_in), ("mlp_out", ref.mlp_out, got.mlp_out),
-                           ("mlp_out (bf16 storage only)", ref.mlp_out, store_only.mlp_out)):
+        for name, r, g in (
+            ("mlp_in", ref.mlp_in, got.mlp_in),
+            ("mlp_out", ref.mlp_out, got.mlp_out),
+            ("mlp_out (bf16 storage only)", ref.mlp_out, store_only.mlp_out),
+        ):
             out.setdefault(name, []).append(relative_errors(r, g))
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -110,9 +121,11 @@ def disk_harvest(model: str, docs: Iterable[str], out: str, n_tokens: int) -> No
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     gb = sum(s.bytes for s in store.manifest.shards) / 1e9
-    print(f"disk harvest: {store.n_tokens:,} tokens, {gb:.1f} GB, {seconds:.0f} s, "
-          f"{store.n_tokens / seconds:,.0f} tokens/s; peak RSS {peak:.2f} GiB "
-          f"(after loading the model: {rss_loaded:.2f} GiB)")
+    print(
+        f"disk harvest: {store.n_tokens:,} tokens, {gb:.1f} GB, {seconds:.0f} s, "
+        f"{store.n_tokens / seconds:,.0f} tokens/s; peak RSS {peak:.2f} GiB "
+        f"(after loading the model: {rss_loaded:.2f} GiB)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,8 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", nargs="+", default=None, help="files or folders (default: the corpus)")
     p.add_argument("--tokens", type=int, default=12_192, help="tokens per throughput pass")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
-                   help="forward dtypes to time (the error table needs both)")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=["float32", "bfloat16"],
+        help="forward dtypes to time (the error table needs both)",
+    )
     p.add_argument("--error-contexts", type=int, default=32)
     p.add_argument("--disk-tokens", type=int, default=None, help="instead: harvest this many to --out")
     p.add_argument("--out", default=None)
@@ -133,16 +151,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.disk_tokens:
         return disk_harvest(args.model, iter_text(args.text), args.out, args.disk_tokens)
     docs = list(itertools.islice(iter_text(args.text), 2000))  # re-read by every pass
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, "
-          f"{len(docs)} documents")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, "
+        f"{len(docs)} documents"
+    )
     models, rows = {}, []
     for name in args.dtypes:
         lm = models[name] = load_model(args.model, dtype=getattr(torch, name))
         cfg = HarvestConfig(forward_dtype=name, buffer_tokens=4096)
         bare, harv = throughput(lm, docs, cfg, args.tokens, args.repeats)
         rows.append((name, bare, harv))
-    print(f"\nthroughput, {args.tokens:,} tokens per pass, ctx 128 x batch 8, all "
-          f"{lm.n_layers} layers' MLP in+out, best of {args.repeats}")
+    print(
+        f"\nthroughput, {args.tokens:,} tokens per pass, ctx 128 x batch 8, all "
+        f"{lm.n_layers} layers' MLP in+out, best of {args.repeats}"
+    )
     print("dtype    | bare forward tok/s | harvest tok/s | ratio")
     for name, bare, harv in rows:
         print(f"{name:8s} | {bare:18,.0f} | {harv:13,.0f} | {harv / bare:.2f}")

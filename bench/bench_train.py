@@ -58,8 +58,9 @@ def old_module():
     root = Path(__file__).resolve().parents[1]
     try:
         spec = f"{OLD_COMMIT}:src/cltrace/transcoders/model.py"
-        src = subprocess.run(["git", "-C", str(root), "show", spec], capture_output=True, text=True,
-                             check=True).stdout
+        src = subprocess.run(
+            ["git", "-C", str(root), "show", spec], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     path = Path(tempfile.mkdtemp()) / "old_model.py"
@@ -79,8 +80,11 @@ def fits(kind: str, F: int) -> bool:
     """Parameters + grads + AdamW state (16 B each) + ~4 [L, N, F] float32 temporaries, with 1 GB spare."""
     need = 16 * n_params(kind, F) + 4 * 4 * L * BATCH * F + 2**30
     try:
-        avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemAvailable"))
+        avail = next(
+            int(line.split()[1]) * 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemAvailable")
+        )
     except (OSError, StopIteration):
         return True
     return need < avail
@@ -99,7 +103,7 @@ def step_time(tc, x, y, steps: int, autocast: torch.dtype | None) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    one()                                                           # warm-up
+    one()  # warm-up
     t = time.perf_counter()
     for _ in range(steps):
         one()
@@ -125,17 +129,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192], help="features per layer")
     p.add_argument("--kinds", nargs="+", default=["clt", "plt"], choices=["clt", "plt"])
-    p.add_argument("--modes", nargs="+", default=["sparse-fp32", "sparse", "dense", "old"],
-                   choices=["sparse", "sparse-fp32", "dense", "old"])
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["sparse-fp32", "sparse", "dense", "old"],
+        choices=["sparse", "sparse-fp32", "dense", "old"],
+    )
     p.add_argument("--no-old", action="store_true", help="skip the pre-issue-12 code")
     args = p.parse_args()
     autocast = resolve_precision("auto", torch.device("cpu"))
     prec = "bf16" if autocast is not None else "fp32"
     old = None if args.no_old or "old" not in args.modes else old_module()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {prec} "
-          f"(CPU flags; CLTRACE_PRECISION=fp32 forces fp32), batch {BATCH}, BatchTopK k = 1% of F")
-    print(f"{'kind':>4} {'F':>5} {'k':>3} {'mode':>11} {'tok/s':>7} {'s/step':>7} {'matmul GF/s':>11} "
-          f"{'roofline tok/s':>14} {'of roofline':>11}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {prec} "
+        f"(CPU flags; CLTRACE_PRECISION=fp32 forces fp32), batch {BATCH}, BatchTopK k = 1% of F"
+    )
+    print(
+        f"{'kind':>4} {'F':>5} {'k':>3} {'mode':>11} {'tok/s':>7} {'s/step':>7} {'matmul GF/s':>11} "
+        f"{'roofline tok/s':>14} {'of roofline':>11}"
+    )
     torch.manual_seed(0)
     x, y = torch.randn(BATCH, L, D), torch.randn(BATCH, L, D)
     for F in args.sizes:
@@ -143,17 +155,23 @@ def main() -> None:
         roof = rate / (6 * L * D * F)
         for kind in args.kinds:
             if not fits(kind, F):
-                print(f"{kind:>4} {F:>5}   skipped: {16 * n_params(kind, F) / 2**30:.0f} GiB of parameters, "
-                      "gradients and AdamW state do not fit in the available memory", flush=True)
+                print(
+                    f"{kind:>4} {F:>5}   skipped: {16 * n_params(kind, F) / 2**30:.0f} GiB of parameters, "
+                    "gradients and AdamW state do not fit in the available memory",
+                    flush=True,
+                )
                 continue
             for mode in args.modes:
-                if mode == "old" and (old is None or F > 4096):    # the old code: 1024 and 4096 only
+                if mode == "old" and (old is None or F > 4096):  # the old code: 1024 and 4096 only
                     continue
                 tc = build(kind, F, mode, old)
                 tc.init_from_sample(x, y)
                 dt = step_time(tc, x, y, args.steps, autocast)
-                print(f"{kind:>4} {F:>5} {max(1, F // 100):>3} {mode:>11} {BATCH / dt:>7.0f} {dt:>7.2f} "
-                      f"{rate / 1e9:>11.0f} {roof:>14.0f} {BATCH / dt / roof:>11.1%}", flush=True)
+                print(
+                    f"{kind:>4} {F:>5} {max(1, F // 100):>3} {mode:>11} {BATCH / dt:>7.0f} {dt:>7.2f} "
+                    f"{rate / 1e9:>11.0f} {roof:>14.0f} {BATCH / dt / roof:>11.1%}",
+                    flush=True,
+                )
                 del tc
 
 

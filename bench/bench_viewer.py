@@ -25,8 +25,14 @@ from pathlib import Path
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from cltrace.viewer.synthetic import synthetic_graph
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 SLIDER_JS = """async () => {
   const slider = document.querySelector('#node-threshold');
@@ -92,16 +98,29 @@ def measure(page, url: str, n_clicks: int = 1) -> tuple[float, ...]:
     links_ms = page.evaluate("window.__viewerLinksDoneMs")
     nodes, edges = (int(page.text_content(s)) for s in ("#node-count", "#edge-count"))
     slider_ms = page.evaluate(SLIDER_JS)
-    page.evaluate("document.querySelector('#node-threshold').value = '1'; "
-                  "document.querySelector('#node-threshold').dispatchEvent(new Event('input'))")
+    page.evaluate(
+        "document.querySelector('#node-threshold').value = '1'; "
+        "document.querySelector('#node-threshold').dispatchEvent(new Event('input'))"
+    )
     page.wait_for_function("window.__viewerLinksDoneMs != null", timeout=120_000)
     idle_fps, _ = page.evaluate(FPS_JS, "idle")
     zoom_fps, zoom_worst = page.evaluate(FPS_JS, "zoom")
     pan_fps, pan_worst = page.evaluate(FPS_JS, "pan")
     page.click("#fit")
     page.wait_for_timeout(300)
-    return (ready_ms, slider_ms, nodes, edges, links_ms, zoom_fps, zoom_worst, pan_fps, pan_worst,
-            panel_ms(page, n_clicks), idle_fps)
+    return (
+        ready_ms,
+        slider_ms,
+        nodes,
+        edges,
+        links_ms,
+        zoom_fps,
+        zoom_worst,
+        pan_fps,
+        pan_worst,
+        panel_ms(page, n_clicks),
+        idle_fps,
+    )
 
 
 def main() -> None:
@@ -111,8 +130,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--features", default=None, help="feature store for the panel timing")
-    parser.add_argument("--clicks", type=int, default=10,
-                        help="features clicked per run for the panel timing")
+    parser.add_argument(
+        "--clicks", type=int, default=10, help="features clicked per run for the panel timing"
+    )
     args = parser.parse_args()
     backend = _backend(args.features)
     width = getattr(getattr(backend, "store", None), "n_features", 4096)  # indices the store has
@@ -138,21 +158,28 @@ def main() -> None:
     med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
     ready = statistics.median(r[0] for r in runs)
     slider = statistics.median(r[1] for r in runs)
-    rows = [("graph nodes / links", f"{len(graph['nodes']):,} / {len(graph['links']):,}"),
-            ("JSON size", f"{path.stat().st_size / 1e6:.2f} MB" if path.exists() else
-             f"{len(json.dumps(graph)) / 1e6:.2f} MB"),
-            ("visible nodes / edges", f"{runs[0][2]:,} / {runs[0][3]:,}"),
-            (f"navigation -> ready (median of {args.runs})", f"{ready:.0f} ms  (goal <= 1500)"),
-            ("all runs", ", ".join(f"{r[0]:.0f}" for r in runs) + " ms"),
-            ("navigation -> all links painted (median)",
-             f"{statistics.median(r[4] for r in runs):.0f} ms"),
-            ("slider -> first repainted frame (median)", f"{slider:.0f} ms"),
-            ("idle page: frames per second (median; the machine's ceiling)", f"{med(10):.0f}"),
-            ("zooming: frames per second (median)", f"{med(5):.0f}  (goal >= 30; worst {med(6):.0f} ms)"),
-            ("panning: frames per second (median)", f"{med(7):.0f}  (goal >= 30; worst {med(8):.0f} ms)"),
-            (f"click -> feature panel rendered (median of {args.clicks} features, median of runs)",
-             f"{med(9):.0f} ms  ({'store ' + args.features if args.features else 'synthetic back-end'})"),
-            ("synthetic graph build (Python)", f"{build_s:.1f} s")]
+    rows = [
+        ("graph nodes / links", f"{len(graph['nodes']):,} / {len(graph['links']):,}"),
+        (
+            "JSON size",
+            f"{path.stat().st_size / 1e6:.2f} MB"
+            if path.exists()
+            else f"{len(json.dumps(graph)) / 1e6:.2f} MB",
+        ),
+        ("visible nodes / edges", f"{runs[0][2]:,} / {runs[0][3]:,}"),
+        (f"navigation -> ready (median of {args.runs})", f"{ready:.0f} ms  (goal <= 1500)"),
+        ("all runs", ", ".join(f"{r[0]:.0f}" for r in runs) + " ms"),
+        ("navigation -> all links painted (median)", f"{statistics.median(r[4] for r in runs):.0f} ms"),
+        ("slider -> first repainted frame (median)", f"{slider:.0f} ms"),
+        ("idle page: frames per second (median; the machine's ceiling)", f"{med(10):.0f}"),
+        ("zooming: frames per second (median)", f"{med(5):.0f}  (goal >= 30; worst {med(6):.0f} ms)"),
+        ("panning: frames per second (median)", f"{med(7):.0f}  (goal >= 30; worst {med(8):.0f} ms)"),
+        (
+            f"click -> feature panel rendered (median of {args.clicks} features, median of runs)",
+            f"{med(9):.0f} ms  ({'store ' + args.features if args.features else 'synthetic back-end'})",
+        ),
+        ("synthetic graph build (Python)", f"{build_s:.1f} s"),
+    ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -102,10 +102,9 @@ def main() -> None:
     torch.set_num_threads(int(job.get("threads", 2)))
     import circuit_tracer
     import transformers
-    from safetensors.torch import save_file
-
     from circuit_tracer import ReplacementModel, attribute
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+    from safetensors.torch import save_file
 
     dtype = getattr(torch, job.get("dtype", "float32"))
     device = torch.device("cpu")
@@ -114,11 +113,15 @@ def main() -> None:
     t0 = time.perf_counter()
     # An absolute folder path with config.yaml is read as a local transcoder directory.
     transcoders, _ = load_transcoder_from_hub(
-        str(Path(job["transcoder_dir"]).resolve()), device=device, dtype=dtype,
+        str(Path(job["transcoder_dir"]).resolve()),
+        device=device,
+        dtype=dtype,
         lazy_encoder=bool(job.get("lazy_encoder", False)),
-        lazy_decoder=bool(job.get("lazy_decoder", True)))
+        lazy_decoder=bool(job.get("lazy_decoder", True)),
+    )
     model = ReplacementModel.from_pretrained_and_transcoders(
-        str(view), transcoders, backend="nnsight", device=device, dtype=dtype)
+        str(view), transcoders, backend="nnsight", device=device, dtype=dtype
+    )
     load_s = time.perf_counter() - t0
     rss_after_load = rss_mib()
 
@@ -127,8 +130,10 @@ def main() -> None:
         ids = torch.tensor(p["ids"], dtype=torch.long)
         seen = model.ensure_tokenized(ids).cpu()
         if seen.tolist() != p["ids"]:
-            raise SystemExit(f"circuit-tracer changed the token ids of {p['tag']}: "
-                             f"{p['ids']} -> {seen.tolist()} (first id must be a special token)")
+            raise SystemExit(
+                f"circuit-tracer changed the token ids of {p['tag']}: "
+                f"{p['ids']} -> {seen.tolist()} (first id must be a special token)"
+            )
 
         with torch.no_grad():
             last_logits = model.get_activations(ids)[0][0, -1].float().cpu()
@@ -136,7 +141,8 @@ def main() -> None:
         rss_before = rss_mib()
         t0 = time.perf_counter()
         graph = attribute(
-            ids, model,
+            ids,
+            model,
             max_n_logits=int(job["max_n_logits"]),
             desired_logit_prob=float(job["desired_logit_prob"]),
             batch_size=int(job["batch_size"]),
@@ -174,13 +180,19 @@ def main() -> None:
         }
         (out_dir / f"{p['tag']}.json").write_text(json.dumps(meta, indent=1))
         results.append(meta)
-        print(f"[ct] {p['tag']}: {meta['n_active_features']} active, {meta['n_nodes']} nodes, "
-              f"attribute {attr_s:.2f} s, peak RSS {meta['peak_rss_mib']:.0f} MiB", flush=True)
+        print(
+            f"[ct] {p['tag']}: {meta['n_active_features']} active, {meta['n_nodes']} nodes, "
+            f"attribute {attr_s:.2f} s, peak RSS {meta['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
         del graph, tensors
 
     summary = {
-        "versions": {"circuit_tracer": circuit_tracer.__version__,
-                     "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "circuit_tracer": circuit_tracer.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "threads": torch.get_num_threads(),
         "load_s": load_s,
         "total_s": time.perf_counter() - t_start,

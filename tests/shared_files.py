@@ -26,8 +26,10 @@ def shared_file(relative: str) -> Path:
     for path in tried:
         if path.is_file():
             return path
-    reason = (f"shared file {relative} not found (tried {', '.join(map(str, tried))}); "
-              "set CLTRACE_SHARED to the shared folder")
+    reason = (
+        f"shared file {relative} not found (tried {', '.join(map(str, tried))}); "
+        "set CLTRACE_SHARED to the shared folder"
+    )
     if os.environ.get("CI"):
         pytest.fail(reason)
     pytest.skip(reason)

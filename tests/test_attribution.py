@@ -30,18 +30,28 @@ from tiny import FAMILIES, tiny_model
 PROMPT = "Fact : the capital of the state containing Dallas is"
 KINDS = ("clt", "plt", "skip")
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make_transcoder(lm, kind: str = "clt", n_features: int = 24, fire: float = 0.3,
-                    seed: int = 0) -> Transcoder:
+def make_transcoder(
+    lm, kind: str = "clt", n_features: int = 24, fire: float = 0.3, seed: int = 0
+) -> Transcoder:
     """A random transcoder with non-trivial biases/scales, calibrated on a few prompts."""
     torch.manual_seed(seed)
-    cfg = TranscoderConfig(n_layers=lm.n_layers, d_model=lm.d_model, n_features=n_features,
-                           kind="plt" if kind == "plt" else "clt", skip=kind == "skip")
+    cfg = TranscoderConfig(
+        n_layers=lm.n_layers,
+        d_model=lm.d_model,
+        n_features=n_features,
+        kind="plt" if kind == "plt" else "clt",
+        skip=kind == "skip",
+    )
     tc = Transcoder(cfg)
-    texts = [PROMPT, "the opposite of hot is cold", "Michael Jordan plays the sport of basketball",
-             "the currency of the country whose capital is Tokyo is the yen"]
+    texts = [
+        PROMPT,
+        "the opposite of hot is cold",
+        "Michael Jordan plays the sport of basketball",
+        "the currency of the country whose capital is Tokyo is the yen",
+    ]
     caps = [lm.capture(lm.tokenize(t)) for t in texts]
     x = torch.cat([c.mlp_in[0] for c in caps])
     y = torch.cat([c.mlp_out[0] for c in caps])
@@ -61,7 +71,7 @@ def frozen_reference(lm, tc, tokens, zero_bos: bool):
     fwd = run_replacement(lm, tokens, skip=skip, record_frozen=True)
     zero_first = zero_bos and int(tokens[0]) in lm.tokenizer.all_special_ids
     feats = find_active_features(tc, fwd, skip, zero_first)
-    rest = fwd.mlp_out_values.clone()                      # [n, L, d]: y - skip(x_true)
+    rest = fwd.mlp_out_values.clone()  # [n, L, d]: y - skip(x_true)
     if skip is not None:
         for l in range(lm.n_layers):
             rest[:, l] -= skip(l, fwd.mlp_in_values[:, l])
@@ -70,8 +80,10 @@ def frozen_reference(lm, tc, tokens, zero_bos: bool):
 
 def run_with(lm, tokens, fwd, embed, rest, skip):
     """Frozen model with MLP outputs = rest[l] + skip_l(x_l) (downstream features fixed)."""
+
     def mlp_out(l, x):
         return rest[:, l][None] + (skip(l, x) if skip is not None else 0)
+
     return run_frozen(lm, tokens, fwd.frozen, embed, mlp_out)
 
 
@@ -91,8 +103,7 @@ def logit_directions(lm, graph: Graph) -> torch.Tensor:
 
 
 def target_rows(graph: Graph) -> torch.Tensor:
-    return torch.cat([torch.arange(graph.n_features),
-                      torch.arange(graph.logit_offset, graph.n_nodes)])
+    return torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_offset, graph.n_nodes)])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -103,17 +114,24 @@ def family_model(request):
 @pytest.mark.parametrize("kind", KINDS)
 def test_edges_sum_to_targets_and_predict_perturbations(family_model, kind):
     lm = family_model
-    graph = check_identities(lm, make_transcoder(lm, kind), lm.tokenize(PROMPT)[0],
-                             AttributionConfig(max_feature_nodes=None, batch_size=7, progress=False))
+    graph = check_identities(
+        lm,
+        make_transcoder(lm, kind),
+        lm.tokenize(PROMPT)[0],
+        AttributionConfig(max_feature_nodes=None, batch_size=7, progress=False),
+    )
     assert graph.n_features > 20, "calibration should make a decent number of features active"
 
 
 @pytest.mark.parametrize("family", ["gemma", "gpt2"])
 def test_identities_hold_with_features_at_bos(family):
     lm = tiny_model(family)
-    graph = check_identities(lm, make_transcoder(lm, "skip"), lm.tokenize(PROMPT)[0],
-                             AttributionConfig(max_feature_nodes=None, zero_bos=False,
-                                               prefix_buckets=1, progress=False))
+    graph = check_identities(
+        lm,
+        make_transcoder(lm, "skip"),
+        lm.tokenize(PROMPT)[0],
+        AttributionConfig(max_feature_nodes=None, zero_bos=False, prefix_buckets=1, progress=False),
+    )
     assert (graph.active_features[:, 1] == 0).any()
 
 
@@ -155,16 +173,17 @@ def check_identities(lm, tc, tokens, cfg: AttributionConfig, rtol: float = 2e-5)
             l_s, p_s, i = key
             k = int(((feats.layer == l_s) & (feats.pos == p_s) & (feats.index == i)).nonzero())
             a = feats.activation[k]
-            dec = tc.decoder_weight(l_s)[i]                     # [T, d]
-            new_rest[p_s, l_s:l_s + dec.shape[0]] += factor * a * dec
+            dec = tc.decoder_weight(l_s)[i]  # [T, d]
+            new_rest[p_s, l_s : l_s + dec.shape[0]] += factor * a * dec
         elif kind_ == "error":
             l, p = key
             new_rest[p, l] += factor * feats.errors[l, p]
         else:
             new_embed[key] *= 1 + factor
         moved = target_values(graph, tc, run_with(lm, tokens, fwd, new_embed, new_rest, skip), dirs)
-        torch.testing.assert_close((moved.double() - values), factor * A[rows, col],
-                                   rtol=0, atol=rtol * scale)
+        torch.testing.assert_close(
+            (moved.double() - values), factor * A[rows, col], rtol=0, atol=rtol * scale
+        )
     return graph
 
 
@@ -173,9 +192,9 @@ def _pick_sources(graph: Graph):
     A = graph.adjacency
     out = []
     feats = graph.active_features[graph.selected_features]
-    for j in torch.argsort(A[:, :graph.n_features].abs().sum(0), descending=True)[:3].tolist():
+    for j in torch.argsort(A[:, : graph.n_features].abs().sum(0), descending=True)[:3].tolist():
         out.append((j, "feature", tuple(feats[j].tolist())))
-    err = A[:, graph.error_offset:graph.token_offset].abs().sum(0)
+    err = A[:, graph.error_offset : graph.token_offset].abs().sum(0)
     for j in torch.argsort(err, descending=True)[:2].tolist():
         out.append((graph.error_offset + j, "error", divmod(j, graph.n_pos)))
     for p in (1, graph.n_pos - 1):
@@ -197,16 +216,18 @@ def test_graph_layout_and_logits():
     assert torch.all(key[1:] > key[:-1]), "features sorted by (layer, pos, feature)"
     assert (feats[:, 1] > 0).all(), "zero_bos: no features at the BOS position"
     # rows of errors / tokens are empty; no edges from later layers or later positions
-    assert graph.adjacency[graph.error_offset:graph.logit_offset].abs().sum() == 0
+    assert graph.adjacency[graph.error_offset : graph.logit_offset].abs().sum() == 0
     lay, pos = nodes.layer, nodes.pos
     src_layer = torch.where(torch.tensor([t == "embedding" for t in nodes.type]), -1, lay)
     tgt = torch.arange(graph.n_features)
-    later = (src_layer[None, :] >= lay[tgt, None]) & (torch.tensor([t != "embedding" for t in nodes.type])[None])
+    later = (src_layer[None, :] >= lay[tgt, None]) & (
+        torch.tensor([t != "embedding" for t in nodes.type])[None]
+    )
     assert graph.adjacency[tgt][later].abs().sum() == 0
     assert graph.adjacency[tgt][pos[None, :] > pos[tgt, None]].abs().sum() == 0
     # logits: top tokens until 95% (at most 10), probabilities decreasing
     probs = torch.softmax(lm.run(graph.input_tokens[None])[0, -1], -1)
-    top = torch.argsort(probs, descending=True)[:graph.n_logits]
+    top = torch.argsort(probs, descending=True)[: graph.n_logits]
     assert torch.equal(graph.logit_tokens, top)
     assert graph.n_logits == 10 or graph.logit_probabilities.sum() >= 0.95
 
@@ -215,32 +236,44 @@ def test_partial_graph_visits_most_influential_features_first():
     lm = tiny_model("gemma")
     tc = make_transcoder(lm, "clt", n_features=32)
     full = attribute(lm, tc, PROMPT, AttributionConfig(max_feature_nodes=None, progress=False))
-    part = attribute(lm, tc, PROMPT, AttributionConfig(max_feature_nodes=12, batch_size=4,
-                                                       update_interval=1, progress=False))
+    part = attribute(
+        lm,
+        tc,
+        PROMPT,
+        AttributionConfig(max_feature_nodes=12, batch_size=4, update_interval=1, progress=False),
+    )
     assert part.n_features == 12 and full.n_features > 12
     # the first batch is the 4 features with the largest direct influence on the logits
     from cltrace.attribution.prune import normalize_rows
-    logit_rows = normalize_rows(full.adjacency[full.logit_offset:])
-    direct = (full.logit_probabilities @ logit_rows)[:full.n_features]
+
+    logit_rows = normalize_rows(full.adjacency[full.logit_offset :])
+    direct = (full.logit_probabilities @ logit_rows)[: full.n_features]
     top4 = set(torch.argsort(direct, descending=True)[:4].tolist())
     assert top4 <= set(part.selected_features.tolist())
     # the rows that were computed are exact: same edges as in the full graph
     sel = part.selected_features
     full_cols = torch.cat([sel, torch.arange(full.n_features, full.n_nodes)])
     torch.testing.assert_close(part.adjacency[:12], full.adjacency[sel][:, full_cols])
-    torch.testing.assert_close(part.adjacency[-part.n_logits:], full.adjacency[-full.n_logits:][:, full_cols])
+    torch.testing.assert_close(
+        part.adjacency[-part.n_logits :], full.adjacency[-full.n_logits :][:, full_cols]
+    )
 
 
 def test_output_targets_and_bfloat16_edges():
     lm = tiny_model("qwen2")
     tc = make_transcoder(lm, "clt")
     tok = lm.tokenizer.convert_tokens_to_ids(["Austin", "Dallas"])
-    g32 = attribute(lm, tc, PROMPT, AttributionConfig(output_targets=tok, max_feature_nodes=None,
-                                                      progress=False))
+    g32 = attribute(
+        lm, tc, PROMPT, AttributionConfig(output_targets=tok, max_feature_nodes=None, progress=False)
+    )
     assert g32.logit_tokens.tolist() == tok
     for fast in (dict(edge_dtype="bfloat16"), dict(edge_dtype="bfloat16", backward_dtype="bfloat16")):
-        g16 = attribute(lm, tc, PROMPT, AttributionConfig(output_targets=tok, max_feature_nodes=None,
-                                                          progress=False, **fast))
+        g16 = attribute(
+            lm,
+            tc,
+            PROMPT,
+            AttributionConfig(output_targets=tok, max_feature_nodes=None, progress=False, **fast),
+        )
         err = (g16.adjacency - g32.adjacency).abs().max()
         assert err <= 0.02 * g32.adjacency.abs().max()
 
@@ -248,8 +281,9 @@ def test_output_targets_and_bfloat16_edges():
 def test_save_load_roundtrip(tmp_path):
     lm = tiny_model("gpt2")
     tc = make_transcoder(lm, "plt")
-    graph = attribute(lm, tc, PROMPT, AttributionConfig(max_feature_nodes=None, progress=False),
-                      transcoder_id="tiny-plt")
+    graph = attribute(
+        lm, tc, PROMPT, AttributionConfig(max_feature_nodes=None, progress=False), transcoder_id="tiny-plt"
+    )
     path = graph.save(tmp_path / "g.graph.safetensors")
     back = Graph.load(path)
     assert torch.equal(back.adjacency, graph.adjacency)

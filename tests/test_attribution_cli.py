@@ -19,9 +19,22 @@ def saved(tmp_path_factory):
 
 def test_trace_writes_graph_and_pruned_json(saved, tmp_path, capsys):
     out = tmp_path / "dallas.json"
-    rc = main(["trace", "Fact : the capital of the state containing Dallas is",
-               "--transcoder", str(saved / "run1"), "--model", str(saved / "model"),
-               "--out", str(out), "--max-feature-nodes", "40", "--batch-size", "8"])
+    rc = main(
+        [
+            "trace",
+            "Fact : the capital of the state containing Dallas is",
+            "--transcoder",
+            str(saved / "run1"),
+            "--model",
+            str(saved / "model"),
+            "--out",
+            str(out),
+            "--max-feature-nodes",
+            "40",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "top logits" in text and "pruned graph" in text and "replacement" in text
@@ -32,14 +45,38 @@ def test_trace_writes_graph_and_pruned_json(saved, tmp_path, capsys):
 
 
 def test_output_target_must_be_one_token(saved, tmp_path, capsys):
-    rc = main(["trace", "the capital of Texas is", "--transcoder", str(saved / "run1"),
-               "--model", str(saved / "model"), "--out", str(tmp_path / "x.json"),
-               "--output-target", "Austin Dallas"])
+    rc = main(
+        [
+            "trace",
+            "the capital of Texas is",
+            "--transcoder",
+            str(saved / "run1"),
+            "--model",
+            str(saved / "model"),
+            "--out",
+            str(tmp_path / "x.json"),
+            "--output-target",
+            "Austin Dallas",
+        ]
+    )
     assert rc == 2
     assert "not one" in capsys.readouterr().err
-    rc = main(["trace", "the capital of Texas is", "--transcoder", str(saved / "run1"),
-               "--model", str(saved / "model"), "--out", str(tmp_path / "x.json"),
-               "--output-target", "Austin", "--max-feature-nodes", "5"])
+    rc = main(
+        [
+            "trace",
+            "the capital of Texas is",
+            "--transcoder",
+            str(saved / "run1"),
+            "--model",
+            str(saved / "model"),
+            "--out",
+            str(tmp_path / "x.json"),
+            "--output-target",
+            "Austin",
+            "--max-feature-nodes",
+            "5",
+        ]
+    )
     assert rc == 0
 
 

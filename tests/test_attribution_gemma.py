@@ -26,9 +26,9 @@ def test_identities_on_gemma_3_270m(gemma, kind):
 
     tc = make_transcoder(gemma, kind, n_features=256, fire=0.02)
     tokens = gemma.tokenize(PROMPT.replace(" :", ":"))[0]
-    graph = check_identities(gemma, tc, tokens,
-                             AttributionConfig(max_feature_nodes=None, progress=False),
-                             rtol=1e-4)
+    graph = check_identities(
+        gemma, tc, tokens, AttributionConfig(max_feature_nodes=None, progress=False), rtol=1e-4
+    )
     assert graph.n_features > 50
     # Gemma's final logit softcapping: probabilities come after it, logit targets before it
     probs = torch.softmax(gemma.run(tokens[None])[0, -1], -1)

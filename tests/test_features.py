@@ -21,8 +21,16 @@ from cltrace.features.store import (
 from test_features_standin import make_transcoder
 from tiny import WORDS, tiny_model
 
-CFG = FeatureStoreConfig(context_len=12, top_k=6, n_bins=3, per_bin=2, n_effects=5,
-                         batch_contexts=3, flush_tokens=40, encode_elems=3 * 24 * 20)
+CFG = FeatureStoreConfig(
+    context_len=12,
+    top_k=6,
+    n_bins=3,
+    per_bin=2,
+    n_effects=5,
+    batch_contexts=3,
+    flush_tokens=40,
+    encode_elems=3 * 24 * 20,
+)
 
 
 def documents(n=60, seed=0):
@@ -61,7 +69,11 @@ def brute_force(lm, tc, store):
 def test_contexts_pack_documents_with_bos_and_eos(lm):
     docs = documents(5)
     ctxs = list(iter_contexts(lm, docs, 7))
-    stream = [t for d in docs for t in lm.tokenizer(d, add_special_tokens=False)["input_ids"] + [lm.tokenizer.eos_token_id]]
+    stream = [
+        t
+        for d in docs
+        for t in lm.tokenizer(d, add_special_tokens=False)["input_ids"] + [lm.tokenizer.eos_token_id]
+    ]
     assert all(len(c) == 7 and c[0] == lm.bos_token_id for c in ctxs)
     assert [t for c in ctxs for t in c[1:]] == stream[: 6 * len(ctxs)]
 
@@ -113,11 +125,13 @@ def test_reservoir_examples_are_real_and_spread(lm, tc, built):
 def test_token_effects_follow_the_frozen_final_norm(lm, tc):
     layer, f = 1, 3
     p_ids, p_val, s_ids, s_val = token_effects(lm, tc, layer, 5)
-    direction = tc.decoder_weight(layer)[f].sum(0)                     # total write [d]
+    direction = tc.decoder_weight(layer)[f].sum(0)  # total write [d]
     norm, unembed = lm.adapter.final_norm(lm.model), lm.adapter.unembed(lm.model)
     r = torch.randn(lm.d_model)
     scale = torch.rsqrt(r.pow(2).mean() + 1e-6)
-    delta = unembed(lm.adapter.frozen_norm(norm, r + direction, scale)) - unembed(lm.adapter.frozen_norm(norm, r, scale))
+    delta = unembed(lm.adapter.frozen_norm(norm, r + direction, scale)) - unembed(
+        lm.adapter.frozen_norm(norm, r, scale)
+    )
     torch.testing.assert_close(p_val[f] * scale, delta.topk(5).values, rtol=1e-4, atol=1e-5)
     assert p_ids[f].tolist() == delta.topk(5).indices.tolist()
     assert s_ids[f].tolist() == (-delta).topk(5).indices.tolist()
@@ -140,8 +154,10 @@ def test_dashboard_is_json_and_renders(built):
 def dump(path):
     """Everything a build writes, for equality checks."""
     store = FeatureStore(path)
-    tables = {t: store.conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
-              for t in ("contexts", "vocab", "features", "layer_stats", "effects", "auto_labels")}
+    tables = {
+        t: store.conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+        for t in ("contexts", "vocab", "features", "layer_stats", "effects", "auto_labels")
+    }
     tables["progress"] = store.progress()
     store.close()
     return tables
@@ -150,8 +166,9 @@ def dump(path):
 def test_resumed_build_equals_uninterrupted_build(lm, tc, built, tmp_path):
     path = tmp_path / "f.sqlite"
     per_batch = CFG.batch_contexts * (CFG.context_len - 1)
-    s1 = build_feature_store(path, lm, tc, documents=documents(), config=CFG, max_tokens=2 * per_batch,
-                             show_progress=False)
+    s1 = build_feature_store(
+        path, lm, tc, documents=documents(), config=CFG, max_tokens=2 * per_batch, show_progress=False
+    )
     assert s1.tokens == 2 * per_batch
 
     def stops_early():

@@ -55,14 +55,43 @@ def test_intervene_command(pieces, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runs, "open_run", lambda *a, **k: loaded)
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"Texas": ["0_1_2", "1_3_2", "4_9_0"]}))
-    argv = ["intervene", "the capital of Texas is", "--transcoder", "x", "--scale", "0:3=0",
-            "--set", "1:4@-1=5", "--supernodes", str(groups), "--supernode", "Texas=-1",
-            "--generate", "2", "--top", "3", "--json"]
+    argv = [
+        "intervene",
+        "the capital of Texas is",
+        "--transcoder",
+        "x",
+        "--scale",
+        "0:3=0",
+        "--set",
+        "1:4@-1=5",
+        "--supernodes",
+        str(groups),
+        "--supernode",
+        "Texas=-1",
+        "--generate",
+        "2",
+        "--top",
+        "3",
+        "--json",
+    ]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["after"]) == 3 and len(res["interventions"]) == 4 and res["continuation"] is not None
-    assert main(["intervene", "the capital of Texas is", "--transcoder", "x",
-                 "--swap-from", "the currency of Japan is", "--n-auto", "3"]) == 0
+    assert (
+        main(
+            [
+                "intervene",
+                "the capital of Texas is",
+                "--transcoder",
+                "x",
+                "--swap-from",
+                "the currency of Japan is",
+                "--n-auto",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "before" in capsys.readouterr().out
     assert main(["intervene", "the capital", "--transcoder", "x"]) == 2
     assert main(["intervene", "the capital", "--transcoder", "x", "--set", "0:999=1"]) == 2
@@ -82,13 +111,30 @@ def test_end_to_end_from_saved_model_and_run(pieces, tmp_path, capsys):
     saved.save(run_dir)
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(documents(40)))
-    assert main(["features", str(run_dir), "--tokens", "300", "--text", str(text), "--context-len", "16"]) == 0
+    assert (
+        main(["features", str(run_dir), "--tokens", "300", "--text", str(text), "--context-len", "16"]) == 0
+    )
     assert "300 tokens scanned" in capsys.readouterr().out
     assert (run_dir / "features.sqlite").is_file()
-    assert main(["features", str(run_dir), "--tokens", "600", "--text", str(text), "--context-len", "16"]) == 0
+    assert (
+        main(["features", str(run_dir), "--tokens", "600", "--text", str(text), "--context-len", "16"]) == 0
+    )
     assert "600 tokens scanned (300 now" in capsys.readouterr().out
     assert main(["feature", str(run_dir), "2:5"]) == 0
     assert capsys.readouterr().out.startswith("feature L2:5")
-    assert main(["intervene", "the capital of Texas is", "--transcoder", str(run_dir),
-                 "--scale", "1:2=0", "--top", "2"]) == 0
+    assert (
+        main(
+            [
+                "intervene",
+                "the capital of Texas is",
+                "--transcoder",
+                str(run_dir),
+                "--scale",
+                "1:2=0",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "L1:2 × 0" in capsys.readouterr().out

@@ -34,13 +34,13 @@ class StandInTranscoder(nn.Module):
         self.w_dec = nn.ParameterList([nn.Parameter(torch.randn(F, n_t(l), d) / F**0.5) for l in range(L)])
         self.b_dec = nn.Parameter(0.1 * torch.randn(L, d))
 
-    def encode(self, x):                      # [..., L, d] -> [..., L, F]
+    def encode(self, x):  # [..., L, d] -> [..., L, F]
         return torch.einsum("...ld,ldf->...lf", x, self.w_enc) + self.b_enc
 
-    def activate(self, pre):                  # JumpReLU
+    def activate(self, pre):  # JumpReLU
         return pre * (pre > self.log_threshold.exp())
 
-    def decode(self, acts, x=None):           # [..., L, F] -> [..., L, d]
+    def decode(self, acts, x=None):  # [..., L, F] -> [..., L, d]
         out = self.b_dec.expand(*acts.shape[:-1], self.cfg.d_model).clone()
         for l in range(self.cfg.n_layers):
             writes = torch.einsum("...f,ftd->...td", acts[..., l, :], self.w_dec[l])
@@ -72,8 +72,14 @@ class StandInTranscoder(nn.Module):
         return None
 
 
-def make_transcoder(lm, n_features: int = 16, kind: str = "clt", seed: int = 0,
-                    fire_fraction: float = 0.3, impl: str | None = None):
+def make_transcoder(
+    lm,
+    n_features: int = 16,
+    kind: str = "clt",
+    seed: int = 0,
+    fire_fraction: float = 0.3,
+    impl: str | None = None,
+):
     """A transcoder calibrated on `lm` (see the module docstring)."""
     impl = impl or ("standin" if os.environ.get("CLTRACE_TEST_STANDIN") else "real")
     if impl == "real":
@@ -86,7 +92,9 @@ def make_real_transcoder(lm, n_features, kind, seed, fire_fraction):
     from cltrace.transcoders.model import Transcoder
 
     torch.manual_seed(seed)
-    tc = Transcoder(TranscoderConfig(n_layers=lm.n_layers, d_model=lm.d_model, n_features=n_features, kind=kind))
+    tc = Transcoder(
+        TranscoderConfig(n_layers=lm.n_layers, d_model=lm.d_model, n_features=n_features, kind=kind)
+    )
     cap = lm.capture(lm.tokenize(TEXT))
     tc.init_from_sample(cap.mlp_in[0, 1:], cap.mlp_out[0, 1:], fire_frac=fire_fraction)
     with torch.no_grad():
@@ -102,16 +110,18 @@ def make_standin(lm, n_features, kind, seed, fire_fraction) -> StandInTranscoder
     torch.manual_seed(seed)
     tc = StandInTranscoder(lm.n_layers, lm.d_model, n_features, kind)
     cap = lm.capture(lm.tokenize(TEXT))
-    x, y = cap.mlp_in[0, 1:], cap.mlp_out[0, 1:]                       # [n, L, d]
+    x, y = cap.mlp_in[0, 1:], cap.mlp_out[0, 1:]  # [n, L, d]
     with torch.no_grad():
         tc.w_enc /= x.norm(dim=-1).mean(0)[:, None, None] / lm.d_model**0.5
-        pre = tc.encode(x)                                               # [n, L, F]
+        pre = tc.encode(x)  # [n, L, F]
         tc.b_enc -= pre.mean(0)
         pre = tc.encode(x)
         tc.log_threshold.copy_(pre.quantile(1 - fire_fraction, dim=0).clamp(min=1e-3).log())
-        scale = y.norm(dim=-1).mean(0)                                   # [L]
+        scale = y.norm(dim=-1).mean(0)  # [L]
         for l in range(lm.n_layers):
-            tc.w_dec[l] *= scale[l:l + tc.w_dec[l].shape[1]][None, :, None] / (n_features * fire_fraction) ** 0.5
+            tc.w_dec[l] *= (
+                scale[l : l + tc.w_dec[l].shape[1]][None, :, None] / (n_features * fire_fraction) ** 0.5
+            )
     return tc.requires_grad_(False)
 
 

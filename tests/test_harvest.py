@@ -29,8 +29,18 @@ def make_docs(n: int = 40, seed: int = 0) -> list[str]:
 
 
 def fp32_cfg(**kw) -> HarvestConfig:
-    return HarvestConfig(**({"ctx_len": 16, "batch_contexts": 4, "buffer_tokens": 128,
-                             "forward_dtype": "float32", "store_dtype": "float32"} | kw))
+    return HarvestConfig(
+        **(
+            {
+                "ctx_len": 16,
+                "batch_contexts": 4,
+                "buffer_tokens": 128,
+                "forward_dtype": "float32",
+                "store_dtype": "float32",
+            }
+            | kw
+        )
+    )
 
 
 def row_keys(acts: ActivationBatch) -> list[bytes]:
@@ -160,9 +170,18 @@ def test_float16_storage_warns_for_gemma(gemma):
         next(iter_activation_batches(gemma, make_docs(), fp32_cfg(store_dtype="float16")))
 
 
-@pytest.mark.parametrize("bad", [dict(ctx_len=1), dict(batch_contexts=0), dict(buffer_tokens=1),
-                                 dict(forward_dtype="float16"), dict(store_dtype="int8"),
-                                 dict(layers=(2, 1)), dict(layers=())])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(ctx_len=1),
+        dict(batch_contexts=0),
+        dict(buffer_tokens=1),
+        dict(forward_dtype="float16"),
+        dict(store_dtype="int8"),
+        dict(layers=(2, 1)),
+        dict(layers=()),
+    ],
+)
 def test_config_checks(bad):
     with pytest.raises(ValueError):
         HarvestConfig(**bad)
@@ -233,8 +252,21 @@ def test_cli_harvest_writes_a_store(tmp_path, monkeypatch, gemma):
     monkeypatch.setattr("cltrace.models.loading.load_model", lambda *a, **k: gemma)
     monkeypatch.setattr("cltrace.commands.harvest._documents", lambda args: (make_docs(), {"split": "t"}))
     out = tmp_path / "store"
-    rc = cli.main(["harvest", "--out", str(out), "--tokens", "200", "--ctx-len", "16", "--dtype",
-                   "float32", "--shard-tokens", "64"])
+    rc = cli.main(
+        [
+            "harvest",
+            "--out",
+            str(out),
+            "--tokens",
+            "200",
+            "--ctx-len",
+            "16",
+            "--dtype",
+            "float32",
+            "--shard-tokens",
+            "64",
+        ]
+    )
     assert rc == 0
     store = ActivationStore(out)
     assert store.n_tokens == 200 and store.complete and len(store.manifest.shards) == 4
@@ -246,6 +278,15 @@ def test_cli_help_mentions_flags(capsys):
     with pytest.raises(SystemExit):
         cli.main(["harvest", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--text", "--split", "--tokens", "--out", "--dtype", "--store-dtype",
-                 "--ctx-len", "--batch"):
+    for flag in (
+        "--model",
+        "--text",
+        "--split",
+        "--tokens",
+        "--out",
+        "--dtype",
+        "--store-dtype",
+        "--ctx-len",
+        "--batch",
+    ):
         assert flag in text

@@ -65,16 +65,16 @@ def test_mismatches_name_the_file(tmp_path):
         load_circuit_tracer(tmp_path / "ct", n_layers=4)
 
     path = tmp_path / "ct" / "W_dec_2.safetensors"
-    save_file({"W_dec_2": torch.zeros(16, 2, 8)}, str(path))                   # wrong layer count
+    save_file({"W_dec_2": torch.zeros(16, 2, 8)}, str(path))  # wrong layer count
     with pytest.raises(CltraceError, match="W_dec_2.safetensors: layer 2 tensor W_dec has shape"):
         load_circuit_tracer(tmp_path / "ct")
     save_file({"W_dec_2": torch.zeros(16, 1, 8, dtype=torch.int32)}, str(path))  # wrong dtype
     with pytest.raises(CltraceError, match="W_dec_2.safetensors: tensor 'W_dec_2' has dtype"):
         load_circuit_tracer(tmp_path / "ct")
-    save_file({"other": torch.zeros(1)}, str(path))                              # missing key
+    save_file({"other": torch.zeros(1)}, str(path))  # missing key
     with pytest.raises(CltraceError, match="W_dec_2.safetensors: missing tensor 'W_dec_2'"):
         load_circuit_tracer(tmp_path / "ct")
-    path.write_bytes(b"\x00" * 10)                                               # corrupt
+    path.write_bytes(b"\x00" * 10)  # corrupt
     with pytest.raises(CltraceError, match="W_dec_2.safetensors"):
         load_circuit_tracer(tmp_path / "ct")
     (tmp_path / "ct" / "config.yaml").write_text("model_kind: sae\n")

@@ -27,9 +27,13 @@ def clean_logits(lm, tokens):
 def test_setting_features_to_their_own_values_changes_nothing(setup):
     lm, tc, st = setup
     tokens = st.tokens(PROMPT)
-    acts = st.activations(tokens)                                      # [n, L, F]
-    ivs = [Intervention(l, i, (p,), "set", float(acts[p, l, i]))
-           for l in range(lm.n_layers) for i in range(0, 24, 5) for p in range(tokens.shape[1])]
+    acts = st.activations(tokens)  # [n, L, F]
+    ivs = [
+        Intervention(l, i, (p,), "set", float(acts[p, l, i]))
+        for l in range(lm.n_layers)
+        for i in range(0, 24, 5)
+        for p in range(tokens.shape[1])
+    ]
     ivs += [Intervention(1, 3, None, "scale", 1.0), Intervention(2, 7, None, "add", 0.0)]
     out = st.logits(tokens, ivs)
     torch.testing.assert_close(out, clean_logits(lm, tokens), rtol=0, atol=1e-5)
@@ -75,11 +79,17 @@ def linear_prediction(lm, tc, tokens, src_layer, src_feat, pos, tgt_layer, tgt_f
 
     with lm.patch_mlp_outputs(patch):
         lm.run(tokens, with_logits=False)
-    pre = seen[tgt_layer][0, pos] @ tc.encoder_weight(tgt_layer)[:, tgt_feat] + tc.encoder_bias(tgt_layer)[tgt_feat]
+    pre = (
+        seen[tgt_layer][0, pos] @ tc.encoder_weight(tgt_layer)[:, tgt_feat]
+        + tc.encoder_bias(tgt_layer)[tgt_feat]
+    )
     pre.backward()
-    dec = tc.decoder_weight(src_layer)[src_feat]                        # [T, d]
-    return sum(float(eps[src_layer + t].grad[0, pos] @ dec[t]) for t in range(dec.shape[0])
-               if src_layer + t < tgt_layer), float(pre.detach())
+    dec = tc.decoder_weight(src_layer)[src_feat]  # [T, d]
+    return sum(
+        float(eps[src_layer + t].grad[0, pos] @ dec[t])
+        for t in range(dec.shape[0])
+        if src_layer + t < tgt_layer
+    ), float(pre.detach())
 
 
 def steered_pre(lm, st, tokens, ivs, tgt_layer, tgt_feat, pos):
@@ -121,20 +131,21 @@ def test_constrained_patching_clamps_the_range_and_adds_decoder_writes(setup):
     with st.applied([iv], tokens, constrain_until=1), lm.hooks(hooks):
         lm.run(tokens)
     # hooks registered after the patch see the patched outputs
-    dec = tc.decoder_weight(0)[2]                                      # [L, d]
+    dec = tc.decoder_weight(0)[2]  # [L, d]
     for l in (0, 1):
         want = clean.mlp_out[:, :, l].clone()
         want[0, -1] += 2.0 * dec[l]
         torch.testing.assert_close(outs[l], want, rtol=0, atol=1e-5)
-    assert (outs[2] - clean.mlp_out[:, :, 2]).abs().max() > 0          # real MLP after the range
+    assert (outs[2] - clean.mlp_out[:, :, 2]).abs().max() > 0  # real MLP after the range
 
 
 def test_generation_matches_transformers_greedy_and_noop_interventions(setup):
     lm, tc, st = setup
     tokens = st.tokens(PROMPT)
     ours = st.generate(tokens, 6)
-    ref = lm.model.generate(tokens, max_new_tokens=6, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, tokens.shape[1]:].tolist()
+    ref = lm.model.generate(tokens, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[
+        0, tokens.shape[1] :
+    ].tolist()
     assert ours == ref[: len(ours)] and len(ours) > 0
     acts = st.activations(tokens)
     same = st.generate(tokens, 6, [Intervention(1, 4, (-1,), "set", float(acts[-1, 1, 4]))])
@@ -145,7 +156,12 @@ def test_run_reports_before_and_after(setup):
     lm, tc, st = setup
     res = st.run(PROMPT, [Intervention(0, i, None, "scale", 10.0) for i in range(24)], top_k=5, generate=3)
     assert len(res.before) == len(res.after) == 5
-    assert abs(sum(t.prob for t in res.before) - float(torch.softmax(res.logits_before, -1).topk(5).values.sum())) < 1e-6
+    assert (
+        abs(
+            sum(t.prob for t in res.before) - float(torch.softmax(res.logits_before, -1).topk(5).values.sum())
+        )
+        < 1e-6
+    )
     assert res.before != res.after
     d = res.to_dict()
     assert set(d) >= {"before", "after", "continuation_before", "continuation"}

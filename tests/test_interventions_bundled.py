@@ -21,7 +21,7 @@ def setup():
     torch.manual_seed(0)
     tc = Transcoder(TranscoderConfig(n_layers=lm.n_layers, d_model=lm.d_model, n_features=128))
     cap = lm.capture(lm.tokenize("Paris is the capital of France, and Berlin is the capital of Germany."))
-    x, y = cap.mlp_in[0, 1:], cap.mlp_out[0, 1:]                      # [n, L, d], BOS left out
+    x, y = cap.mlp_in[0, 1:], cap.mlp_out[0, 1:]  # [n, L, d], BOS left out
     tc.init_from_sample(x, y, fire_frac=0.1)
     with torch.no_grad():  # decoders sized so features matter: a few % of the MLP output each
         for W in tc.W_dec:
@@ -47,14 +47,14 @@ def test_steering_follows_graph_edges(setup):
     graph = attribute(lm, tc, PROMPT, AttributionConfig(max_feature_nodes=512))
     nodes = graph.nodes()
     token = int(graph.logit_tokens[0])
-    row = graph.adjacency[graph.logit_offset, :graph.n_features]     # edges into the top logit
+    row = graph.adjacency[graph.logit_offset, : graph.n_features]  # edges into the top logit
     steerer = Steerer(lm, tc)
     tokens = steerer.tokens(PROMPT)
     base = demeaned(steerer.logits(tokens)[0, -1], token)
     ratios = []
     for i in row.abs().argsort(descending=True)[:8].tolist():
         layer, feature, pos = int(nodes.layer[i]), int(nodes.feature[i]), int(nodes.pos[i])
-        iv = Intervention(layer, feature, (pos,), "scale", 0.5)       # δ = -a/2
+        iv = Intervention(layer, feature, (pos,), "scale", 0.5)  # δ = -a/2
         after = steerer.logits(tokens, [iv], constrain_until=lm.n_layers - 1)[0, -1]
         got, want = demeaned(after, token) - base, -0.5 * float(row[i])
         assert got * want > 0, (layer, pos, feature, got, want)

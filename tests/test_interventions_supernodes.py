@@ -24,8 +24,10 @@ def toy_graph() -> dict:
     nodes = [{"node_id": i, "feature_type": k} for i, k in zip(ids, kinds)]
     links = []
     for src, w in (("0_1_2", 1.0), ("0_4_2", 0.9), ("1_3_2", 1.1)):
-        links += [{"source": "E_5_2", "target": src, "weight": 0.5},
-                  {"source": src, "target": "27_100_3", "weight": w}]
+        links += [
+            {"source": "E_5_2", "target": src, "weight": 0.5},
+            {"source": src, "target": "27_100_3", "weight": w},
+        ]
     for src, w in (("0_7_3", 2.0), ("1_9_3", 1.7)):
         links += [{"source": src, "target": "27_200_3", "weight": w}]
     return {"nodes": nodes, "links": links}
@@ -37,7 +39,7 @@ def test_parse_feature_ids():
 
 
 def test_agglomerate_merges_while_similar():
-    sim = np.array([[1, .9, .1, 0], [.9, 1, .2, 0], [.1, .2, 1, .8], [0, 0, .8, 1]], float)
+    sim = np.array([[1, 0.9, 0.1, 0], [0.9, 1, 0.2, 0], [0.1, 0.2, 1, 0.8], [0, 0, 0.8, 1]], float)
     assert agglomerate(sim, 0.5) == [[0, 1], [2, 3]]
     assert agglomerate(sim, 0.95) == [[0], [1], [2], [3]]
     assert agglomerate(sim, -1.0) == [[0, 1, 2, 3]]
@@ -53,8 +55,9 @@ def test_decoder_directions_can_split_a_group():
         def decoder_weight(self, l):
             w = torch.zeros(10, 2, 4)
             w[:, :, 0] = 1.0
-            w[4, :, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])   # 0_4 points elsewhere
+            w[4, :, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # 0_4 points elsewhere
             return w
+
     cfg = GroupConfig(threshold=0.75, w_decoder=3.0, min_share=0.0, min_groups=0)
     names = [sorted(g["node_ids"]) for g in suggest_supernodes(toy_graph(), transcoder=Tc(), cfg=cfg)]
     assert ["0_1_2", "1_3_2"] in names and ["0_4_2"] in names
@@ -69,7 +72,10 @@ def test_files_by_hand_and_sidecar(tmp_path):
     assert [f.layer for f in sn.features()] == [0, 1]
     assert len(Supernode("x", ["0_1_2", "27_100_3"]).interventions("scale", 0.0, n_layers=26)) == 1
     ivs = sn.interventions("scale", -2.0)
-    assert [(i.layer, i.feature, i.positions, i.value) for i in ivs] == [(0, 1, (2,), -2.0), (1, 3, (2,), -2.0)]
+    assert [(i.layer, i.feature, i.positions, i.value) for i in ivs] == [
+        (0, 1, (2,), -2.0),
+        (1, 3, (2,), -2.0),
+    ]
     assert all(i.positions is None for i in sn.interventions("scale", 0.0, at="all"))
     graph = tmp_path / "dallas.json"
     graph.write_text(json.dumps(toy_graph()))
@@ -99,6 +105,8 @@ def test_suggestions_on_a_real_pruned_graph_and_intervening_on_them():
     assert groups and all(g["node_ids"] for g in groups)
     kept = {view.node_ids[r] for r in rows}
     assert all(set(g["node_ids"]) <= kept for g in groups)
-    ivs = Supernode(groups[0]["name"], groups[0]["node_ids"]).interventions("scale", 0.0, n_layers=lm.n_layers)
+    ivs = Supernode(groups[0]["name"], groups[0]["node_ids"]).interventions(
+        "scale", 0.0, n_layers=lm.n_layers
+    )
     res = Steerer(lm, tc).run(prompt, ivs, top_k=3)
     assert (res.logits_after - res.logits_before).abs().max() > 0

@@ -21,11 +21,13 @@ def test_block_output_is_mid_residual_plus_mlp_output(lm):
     def keep_mid(layer):
         def hook(_m, inputs):
             mids[layer] = inputs[0].detach()
+
         return hook
 
     def keep_out(layer):
         def hook(_m, _i, output):
             outs[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
         return hook
 
     pre = [(lm.adapter.mlp_in_module(b), keep_mid(l)) for l, b in enumerate(lm.blocks)]
@@ -36,8 +38,9 @@ def test_block_output_is_mid_residual_plus_mlp_output(lm):
         torch.testing.assert_close(mids[l] + cap.mlp_out[:, :, l], outs[l], rtol=0, atol=1e-6)
         norm = lm.adapter.mlp_in_module(lm.blocks[l])
         torch.testing.assert_close(norm(mids[l]), cap.mlp_in[:, :, l], rtol=0, atol=0)
-        torch.testing.assert_close(lm.adapter.frozen_norm(norm, mids[l]), cap.mlp_in[:, :, l],
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            lm.adapter.frozen_norm(norm, mids[l]), cap.mlp_in[:, :, l], rtol=1e-6, atol=1e-6
+        )
 
 
 def test_patching_captured_outputs_reproduces_forward(lm):
@@ -61,8 +64,11 @@ def test_unsupported_architecture_is_a_clear_error():
     from cltrace.models.adapters import adapter_for
 
     with pytest.raises(CltraceError, match="unsupported model_type 'bert'; supported: gemma2, "):
-        adapter_for(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=8,
-                                               num_attention_heads=2, intermediate_size=8)))
+        adapter_for(
+            BertForMaskedLM(
+                BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8)
+            )
+        )
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):

@@ -30,29 +30,152 @@ def test_cli_pipeline(workspace, monkeypatch, capsys):
     root, model_dir, text = workspace
     monkeypatch.setenv("CLTRACE_HOME", str(root / "home"))
     store, run = root / "store", root / "run"
-    assert main(["harvest", "--model", str(model_dir), "--text", str(text), "--tokens", "3000",
-                 "--out", str(store), "--ctx-len", "32", "--shard-tokens", "1000", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "harvest",
+                "--model",
+                str(model_dir),
+                "--text",
+                str(text),
+                "--tokens",
+                "3000",
+                "--out",
+                str(store),
+                "--ctx-len",
+                "32",
+                "--shard-tokens",
+                "1000",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     assert json.loads((store / "manifest.json").read_text())["shards"]
-    assert main(["train", "--preset", "demo", "--model", str(model_dir), "--store", str(store),
-                 "--features", "64", "--tokens", "2048", "--batch", "256", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "demo",
+                "--model",
+                str(model_dir),
+                "--store",
+                str(store),
+                "--features",
+                "64",
+                "--tokens",
+                "2048",
+                "--batch",
+                "256",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert (run / "transcoder" / "config.json").exists()
     # resuming a finished run is allowed and refuses to overwrite without --resume
-    assert main(["train", "--preset", "demo", "--model", str(model_dir), "--store", str(store),
-                 "--features", "64", "--tokens", "2048", "--batch", "256", "--out", str(run)]) == 2
-    assert main(["eval", str(run), "--store", str(store), "--tokens", "1000", "--replacement-tokens", "200",
-                 "--text", str(text),
-                 "--model", str(model_dir), "--json", str(root / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "demo",
+                "--model",
+                str(model_dir),
+                "--store",
+                str(store),
+                "--features",
+                "64",
+                "--tokens",
+                "2048",
+                "--batch",
+                "256",
+                "--out",
+                str(run),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--store",
+                str(store),
+                "--tokens",
+                "1000",
+                "--replacement-tokens",
+                "200",
+                "--text",
+                str(text),
+                "--model",
+                str(model_dir),
+                "--json",
+                str(root / "eval.json"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((root / "eval.json").read_text())
     assert metrics  # per-layer and replacement metrics were written
     graph_json = root / "graph.json"
-    assert main(["trace", "the capital of Texas is", "--transcoder", str(run), "--model", str(model_dir),
-                 "--max-feature-nodes", "64", "--out", str(graph_json)]) == 0
+    assert (
+        main(
+            [
+                "trace",
+                "the capital of Texas is",
+                "--transcoder",
+                str(run),
+                "--model",
+                str(model_dir),
+                "--max-feature-nodes",
+                "64",
+                "--out",
+                str(graph_json),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(graph_json.read_text())
     assert doc["nodes"] and doc["metadata"]["prompt_tokens"]
     db = root / "features.sqlite"
-    assert main(["features", str(run), "--model", str(model_dir), "--text", str(text),
-                 "--tokens", "1500", "--db", str(db)]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(run),
+                "--model",
+                str(model_dir),
+                "--text",
+                str(text),
+                "--tokens",
+                "1500",
+                "--db",
+                str(db),
+            ]
+        )
+        == 0
+    )
     assert main(["feature", str(db), "0:0", "--json"]) in (0, 2)
-    assert main(["intervene", "the capital of Texas is", "--transcoder", str(run), "--model",
-                 str(model_dir), "--scale", "0:1=0", "--generate", "2"]) == 0
+    assert (
+        main(
+            [
+                "intervene",
+                "the capital of Texas is",
+                "--transcoder",
+                str(run),
+                "--model",
+                str(model_dir),
+                "--scale",
+                "0:1=0",
+                "--generate",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "before" in capsys.readouterr().out

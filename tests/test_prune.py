@@ -15,17 +15,28 @@ from cltrace.attribution.prune import (
 )
 
 
-def make_graph(adjacency: torch.Tensor, feats: list[tuple[int, int, int]], n_layers: int,
-               n_pos: int, probs: list[float]) -> Graph:
+def make_graph(
+    adjacency: torch.Tensor, feats: list[tuple[int, int, int]], n_layers: int, n_pos: int, probs: list[float]
+) -> Graph:
     n_f = len(feats)
     active = torch.tensor(feats, dtype=torch.long).reshape(-1, 3)
-    return Graph(adjacency=adjacency.float(), active_features=active,
-                 activation_values=torch.ones(n_f), pre_activations=torch.ones(n_f),
-                 selected_features=torch.arange(n_f), logit_tokens=torch.arange(len(probs)),
-                 logit_probabilities=torch.tensor(probs), logit_values=torch.zeros(len(probs)),
-                 input_tokens=torch.arange(n_pos), token_strings=["a"] * n_pos, prompt="a",
-                 model_name="m", transcoder_id="t", n_layers=n_layers,
-                 config=AttributionConfig())
+    return Graph(
+        adjacency=adjacency.float(),
+        active_features=active,
+        activation_values=torch.ones(n_f),
+        pre_activations=torch.ones(n_f),
+        selected_features=torch.arange(n_f),
+        logit_tokens=torch.arange(len(probs)),
+        logit_probabilities=torch.tensor(probs),
+        logit_values=torch.zeros(len(probs)),
+        input_tokens=torch.arange(n_pos),
+        token_strings=["a"] * n_pos,
+        prompt="a",
+        model_name="m",
+        transcoder_id="t",
+        n_layers=n_layers,
+        config=AttributionConfig(),
+    )
 
 
 def chain_graph() -> Graph:
@@ -42,7 +53,7 @@ def chain_graph() -> Graph:
 def test_influence_is_the_neumann_series():
     torch.manual_seed(0)
     n = 7
-    A = torch.randn(n, n).tril(-1)                 # a DAG
+    A = torch.randn(n, n).tril(-1)  # a DAG
     norm = normalize_rows(A)
     w = torch.zeros(n)
     w[-1] = 0.7
@@ -84,13 +95,13 @@ def test_thresholds_keep_tokens_and_logits_and_drop_weak_nodes():
     A = torch.zeros(N, N)
     tok = n_f + L * n
     err = n_f
-    A[0, tok + 1] = 5.0                            # token 1 -> f0
+    A[0, tok + 1] = 5.0  # token 1 -> f0
     A[1, tok + 2] = 5.0
-    A[2, 0], A[2, 1] = 4.0, 1.0                    # f0, f1 -> f2
-    A[3, tok + 2] = 0.01                           # f3: weak, only to a weak logit
+    A[2, 0], A[2, 1] = 4.0, 1.0  # f0, f1 -> f2
+    A[3, tok + 2] = 0.01  # f3: weak, only to a weak logit
     A[3, err + 2] = 0.01
-    A[N - 2, 2], A[N - 2, err + 5] = 6.0, 0.5      # logit 0 <- f2, error (1, 2)
-    A[N - 1, 3] = 0.01                             # logit 1 <- f3 (tiny probability)
+    A[N - 2, 2], A[N - 2, err + 5] = 6.0, 0.5  # logit 0 <- f2, error (1, 2)
+    A[N - 1, 3] = 0.01  # logit 1 <- f3 (tiny probability)
     g = make_graph(A, feats, n_layers=L, n_pos=n, probs=[0.99, 0.01])
     res = prune(g, node_threshold=0.8, edge_threshold=0.98)
     assert res.node_mask[tok:].all(), "tokens and logits are always kept"
@@ -118,8 +129,9 @@ def test_prune_on_a_real_graph():
     from tiny import tiny_model
 
     lm = tiny_model("gemma")
-    graph = attribute(lm, make_transcoder(lm, "clt"), PROMPT,
-                      AttributionConfig(max_feature_nodes=None, progress=False))
+    graph = attribute(
+        lm, make_transcoder(lm, "clt"), PROMPT, AttributionConfig(max_feature_nodes=None, progress=False)
+    )
     res = prune(graph)
     assert 0 < res.n_nodes < graph.n_nodes and 0 < res.n_edges < int((graph.adjacency != 0).sum())
     full, part = graph_scores(graph), graph_scores(graph, res.node_mask)

@@ -34,8 +34,15 @@ def keys(batch) -> list[bytes]:
 
 
 def harvest(lm, out, n_tokens=N_TOKENS, docs=None):
-    return write_store(lm, make_docs() if docs is None else docs, out, n_tokens, cfg(),
-                       shard_tokens=SHARD, corpus={"name": "test"})
+    return write_store(
+        lm,
+        make_docs() if docs is None else docs,
+        out,
+        n_tokens,
+        cfg(),
+        shard_tokens=SHARD,
+        corpus={"name": "test"},
+    )
 
 
 def shard_files(folder) -> dict[str, bytes]:
@@ -96,7 +103,7 @@ def test_several_epochs_visit_every_token_once_per_epoch_in_new_orders(reference
     seen = [k for b in batches for k in keys(b)]
     assert Counter(seen) == Counter({k: 3 * n for k, n in once.items()})
     n = store.n_tokens
-    assert seen[:n] != seen[n:2 * n] != seen[2 * n:]            # each pass reshuffled
+    assert seen[:n] != seen[n : 2 * n] != seen[2 * n :]  # each pass reshuffled
     with pytest.raises(CltraceError, match="epochs"):
         store.iter_batches(32, epochs=0)
 
@@ -183,8 +190,11 @@ def test_disk_full_is_a_clear_error_and_the_store_stays_whole(lm, reference, tmp
         return real(path)
 
     monkeypatch.setattr(store_mod.shutil, "disk_usage", fake_usage)
-    with pytest.raises(CltraceError, match=r"not enough disk space in .*: need ~.* GB for 180 tokens, "
-                                           r"0\.00 GB free; use --tokens fewer or another --out"):
+    with pytest.raises(
+        CltraceError,
+        match=r"not enough disk space in .*: need ~.* GB for 180 tokens, "
+        r"0\.00 GB free; use --tokens fewer or another --out",
+    ):
         harvest(lm, tmp_path)
     store = ActivationStore(tmp_path)
     assert store.n_tokens == 120 and store.verify() == [] and not store.complete

@@ -28,9 +28,19 @@ def one_thread():
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(n_features=64, tokens=64 * 12, batch_size=64, lr=3e-3, lambda_s=3e-3,
-                init_tokens=128, checkpoint_every=0, log_every=4, dead_window_tokens=2000,
-                precision="fp32", lr_warmup_frac=0.1)
+    base = dict(
+        n_features=64,
+        tokens=64 * 12,
+        batch_size=64,
+        lr=3e-3,
+        lambda_s=3e-3,
+        init_tokens=128,
+        checkpoint_every=0,
+        log_every=4,
+        dead_window_tokens=2000,
+        precision="fp32",
+        lr_warmup_frac=0.1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -45,7 +55,7 @@ def test_learns_sparse_teacher(tmp_path):
     first, last = result.history[0], result.history[-1]
     assert first.nmse > 0.9 and last.nmse < 0.05
     assert 0 < last.l0 < 64
-    back = Transcoder.load(tmp_path / "run" / "transcoder")          # final weights saved
+    back = Transcoder.load(tmp_path / "run" / "transcoder")  # final weights saved
     x = next(data(1)).mlp_in
     assert torch.allclose(back(x).recon, result.transcoder(x).recon, atol=1e-5)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -56,7 +66,7 @@ def test_refit_after_training_lowers_held_out_error_and_is_saved(tmp_path):
     cfg = config(tokens=64 * 30)
     plain = train(cfg, data(), L, D, tmp_path / "plain").transcoder
     refit = train(config(tokens=64 * 30, refit_tokens=64 * 20), data(), L, D, tmp_path / "refit")
-    later = list(data(70))[60:]                                   # same teacher, unseen tokens
+    later = list(data(70))[60:]  # same teacher, unseen tokens
     held = SyntheticBatch(torch.cat([b.mlp_in for b in later]), torch.cat([b.mlp_out for b in later]))
 
     def err(tc):
@@ -72,17 +82,29 @@ def test_refit_after_training_lowers_held_out_error_and_is_saved(tmp_path):
 def test_topk_run_ends_as_a_jumprelu_transcoder_with_the_same_l0():
     cfg = config(tokens=64 * 30, activation="topk", topk=6)
     topk = train(cfg, data(), L, D).transcoder
-    x = torch.cat([b.mlp_in for b in list(data(80))[70:]])                # unseen tokens
-    l0_topk = (topk(x).acts > 0).float().sum(-1).mean(0)                  # per layer
+    x = torch.cat([b.mlp_in for b in list(data(80))[70:]])  # unseen tokens
+    l0_topk = (topk(x).acts > 0).float().sum(-1).mean(0)  # per layer
     thetas = topk_to_jumprelu(topk, torch.cat([b.mlp_in for b in list(data(60))[40:]]))
     assert topk.cfg.activation == "jumprelu" and topk.cfg.topk is None and min(thetas) > 0
     l0_jump = (topk(x).acts > 0).float().sum(-1).mean(0)
     torch.testing.assert_close(l0_jump, l0_topk, rtol=0.25, atol=0.5)
     logs = []
-    full = train(config(tokens=64 * 30, activation="topk", topk=6, jumprelu_after_topk=True, init_tokens=128,
-                        refit_tokens=64 * 8), data(30 + 2 + 8), L, D, log=logs.append).transcoder
+    full = train(
+        config(
+            tokens=64 * 30,
+            activation="topk",
+            topk=6,
+            jumprelu_after_topk=True,
+            init_tokens=128,
+            refit_tokens=64 * 8,
+        ),
+        data(30 + 2 + 8),
+        L,
+        D,
+        log=logs.append,
+    ).transcoder
     assert full.cfg.activation == "jumprelu"
-    assert any("on 512 tokens" in line for line in logs), logs    # no batch lost after training
+    assert any("on 512 tokens" in line for line in logs), logs  # no batch lost after training
     with pytest.raises(CltraceError, match="topk"):
         config(jumprelu_after_topk=True)
 
@@ -107,9 +129,9 @@ def test_resume_follows_the_same_trajectory(tmp_path):
     torch.manual_seed(cfg.seed)
     tc = Transcoder(cfg.transcoder_config(L, D))
     with pytest.raises(Killed):
-        Trainer(tc, cfg, tmp_path / "b").fit(killed_after(data(), 8))   # checkpoint at 6, dies at 8
+        Trainer(tc, cfg, tmp_path / "b").fit(killed_after(data(), 8))  # checkpoint at 6, dies at 8
     assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 6
-    torch.manual_seed(123)                                              # a fresh process
+    torch.manual_seed(123)  # a fresh process
     tc = Transcoder(cfg.transcoder_config(L, D))
     trainer = Trainer(tc, cfg, tmp_path / "b")
     resumed = trainer.fit(data(), resume=True).transcoder
@@ -125,15 +147,16 @@ def test_resume_refuses_other_settings(tmp_path):
     other = config(checkpoint_every=4, tokens=64 * 4, lr=1e-2)
     with pytest.raises(CltraceError, match="other settings"):
         train(other, data(), L, D, tmp_path / "run", resume=True)
-    refinished = config(checkpoint_every=4, tokens=64 * 4, refit_tokens=128)   # finishing may change
+    refinished = config(checkpoint_every=4, tokens=64 * 4, refit_tokens=128)  # finishing may change
     logs = []
     train(refinished, data(), L, D, tmp_path / "run", resume=True, log=logs.append)
     assert any("refit" in line for line in logs)
 
 
 def test_schedules():
-    cfg = config(tokens=64 * 100, lr=1.0, lr_warmup_frac=0.1, lr_decay_frac=0.2,
-                 lambda_s=2.0, lambda_s_warmup_frac=0.5)
+    cfg = config(
+        tokens=64 * 100, lr=1.0, lr_warmup_frac=0.1, lr_decay_frac=0.2, lambda_s=2.0, lambda_s_warmup_frac=0.5
+    )
     assert lr_at(cfg, 0) == pytest.approx(0.1)
     assert lr_at(cfg, 9) == pytest.approx(1.0) and lr_at(cfg, 50) == 1.0
     assert lr_at(cfg, 90) == pytest.approx(0.5) and lr_at(cfg, 99) == pytest.approx(0.05)
@@ -144,17 +167,17 @@ def test_schedules():
 def test_presets_and_checks():
     assert preset("demo").model == "gemma-3-270m"
     assert preset("demo", n_features=512).n_features == 512
-    assert preset("demo").minutes == 10 and preset("demo").auxk_alpha == 1 / 32   # a wall-time budget
-    assert preset("demo", tokens=50_000).minutes is None                  # tokens asked for: no budget
+    assert preset("demo").minutes == 10 and preset("demo").auxk_alpha == 1 / 32  # a wall-time budget
+    assert preset("demo", tokens=50_000).minutes is None  # tokens asked for: no budget
     assert preset("demo", tokens=50_000, minutes=3).minutes == 3
     session = preset("session")
-    assert session.activation == "batchtopk" and session.topk * 100 <= session.n_features   # L0 ≤ 1%
-    switched = preset("demo", activation="jumprelu")           # TopK preset, JumpReLU asked for
+    assert session.activation == "batchtopk" and session.topk * 100 <= session.n_features  # L0 ≤ 1%
+    switched = preset("demo", activation="jumprelu")  # TopK preset, JumpReLU asked for
     assert switched.activation == "jumprelu" and switched.topk is None and not switched.jumprelu_after_topk
     with pytest.raises(CltraceError, match="unknown preset"):
         preset("nope")
     with pytest.raises(CltraceError):
-        config(tokens=10)   # less than one batch
+        config(tokens=10)  # less than one batch
 
 
 def test_empty_stream_is_a_clear_error():
@@ -169,7 +192,7 @@ def test_dead_features_reported():
     trainer.fit(data())
     with torch.no_grad():
         trainer.last_active.fill_(trainer.tokens)
-        trainer.last_active[1, :5] = trainer.tokens - 256       # silent for exactly the window
+        trainer.last_active[1, :5] = trainer.tokens - 256  # silent for exactly the window
     trainer.n_dead = 0
     assert trainer.dead_features().sum() == 5
     trainer._report_dead()
@@ -179,8 +202,14 @@ def test_dead_features_reported():
 def planted_dead_run(auxk_alpha: float, n_planted: int = 16):
     """A TopK CLT whose first `n_planted` features per layer start with encoder columns 100x
     too small: never among a token's top k, so without help they never fire or learn."""
-    cfg = config(tokens=64 * 150, activation="topk", topk=4, dead_window_tokens=256, auxk_alpha=auxk_alpha,
-                 log_every=50)
+    cfg = config(
+        tokens=64 * 150,
+        activation="topk",
+        topk=4,
+        dead_window_tokens=256,
+        auxk_alpha=auxk_alpha,
+        log_every=50,
+    )
     torch.manual_seed(cfg.seed)
     tc = Transcoder(cfg.transcoder_config(L, D))
     trainer = Trainer(tc, cfg, log=lambda _m: None)
@@ -189,15 +218,15 @@ def planted_dead_run(auxk_alpha: float, n_planted: int = 16):
         tc.W_enc[:, :, :n_planted] *= 0.01
     before = tc.W_enc[:, :, :n_planted].clone()
     trainer.fit(it)
-    x = torch.cat([b.mlp_in for b in list(data(200))[180:]])              # unseen tokens
-    fires = (tc(x).acts[..., :n_planted] > 0).sum(0)                      # [L, n_planted]
+    x = torch.cat([b.mlp_in for b in list(data(200))[180:]])  # unseen tokens
+    fires = (tc(x).acts[..., :n_planted] > 0).sum(0)  # [L, n_planted]
     return fires, before, tc
 
 
 def test_auxk_revives_planted_dead_features():
     fires, before, tc = planted_dead_run(auxk_alpha=0.0)
-    assert fires.sum() == 0                                               # dead without AuxK ...
-    assert torch.equal(tc.W_enc[:, :, :16], before)                       # ... and never trained
+    assert fires.sum() == 0  # dead without AuxK ...
+    assert torch.equal(tc.W_enc[:, :, :16], before)  # ... and never trained
     fires, _, _ = planted_dead_run(auxk_alpha=1 / 32)
     alive = (fires > 0).float().mean().item()
     # alive with it: 46% measured after 150 steps (the 16-code teacher needs few of the 64 features)
@@ -210,14 +239,14 @@ def test_auxk_loss_by_definition():
     x, y = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
     tc.init_from_sample(x, y)
     dead = torch.zeros(2, 8, dtype=torch.bool)
-    dead[0, :3] = True                                                    # 3 dead in layer 0, none in 1
+    dead[0, :3] = True  # 3 dead in layer 0, none in 1
     pre = tc._encode(tc._normalise(x, tc.in_scale))
     e = torch.randn(2, 5, 4)
     got = tc.aux_loss(pre, dead, 2, e, torch.tensor(7.0))
     a = torch.zeros(5, 8)
     top = pre[0].masked_fill(~dead[0], float("-inf")).topk(2, dim=-1)
     a.scatter_(-1, top.indices, top.values.relu())
-    e_hat = torch.stack([a @ tc.W_dec[0][:, 0], a @ tc.W_dec[0][:, 1]])    # layer 0 writes to 0 and 1
+    e_hat = torch.stack([a @ tc.W_dec[0][:, 0], a @ tc.W_dec[0][:, 1]])  # layer 0 writes to 0 and 1
     s = (min(1.0, 3 / 2) + 0.0) / 2
     want = s * (e_hat - e).pow(2).sum() / (e - e.mean(1, keepdim=True)).pow(2).sum() * 7.0
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
@@ -233,8 +262,8 @@ def test_minutes_budget_stops_within_ten_percent():
     result = train(cfg, data(), L, D, log=logs.append)
     took = time.perf_counter() - t
     assert 0.9 * budget_s <= took <= 1.1 * budget_s, took
-    assert 20 < result.history[-1].step < cfg.n_steps                   # sized to the budget, not tokens
-    assert result.history[-1].lr < 0.1 * cfg.lr                           # the schedule fit: lr decayed
+    assert 20 < result.history[-1].step < cfg.n_steps  # sized to the budget, not tokens
+    assert result.history[-1].lr < 0.1 * cfg.lr  # the schedule fit: lr decayed
     assert result.tokens == result.history[-1].tokens
     assert any("wall-time budget" in line and f"{result.tokens:,} tokens" in line for line in logs), logs
 
@@ -258,4 +287,4 @@ def test_precision_env_forces_fp32(monkeypatch):
     assert resolve_precision("auto", cpu) == (torch.bfloat16 if _cpu_flags_bf16() else None)
     monkeypatch.setenv("CLTRACE_PRECISION", "fp32")
     assert resolve_precision("auto", cpu) is None and fast_dtype(cpu) == torch.float32
-    assert resolve_precision("bf16", cpu) == torch.bfloat16                # an explicit choice wins
+    assert resolve_precision("bf16", cpu) == torch.bfloat16  # an explicit choice wins

@@ -16,9 +16,21 @@ L, D = 3, 16
 
 
 def config() -> TrainConfig:
-    return TrainConfig(n_features=32, tokens=64 * 6, batch_size=64, lr=3e-3, lambda_s=3e-3,
-                       lambda_p=1e-3, init_tokens=128, checkpoint_every=3, log_every=2,
-                       precision="fp32", lr_warmup_frac=0.2, grad_clip=0.5, skip=True)
+    return TrainConfig(
+        n_features=32,
+        tokens=64 * 6,
+        batch_size=64,
+        lr=3e-3,
+        lambda_s=3e-3,
+        lambda_p=1e-3,
+        init_tokens=128,
+        checkpoint_every=3,
+        log_every=2,
+        precision="fp32",
+        lr_warmup_frac=0.2,
+        grad_clip=0.5,
+        skip=True,
+    )
 
 
 def data():

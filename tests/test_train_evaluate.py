@@ -28,7 +28,7 @@ def test_activation_metrics_by_definition():
         assert m.l0[l] == pytest.approx((out.acts[:, l] > 0).sum().item() / 120)
         assert m.dead[l] == int(((out.acts[:, l] > 0).sum(0) == 0).sum())
         density = sorted(((out.acts[:, l] > 0).sum(0) / 120).tolist())
-        assert m.median_density[l] == pytest.approx((density[15] + density[16]) / 2)   # 32 features
+        assert m.median_density[l] == pytest.approx((density[15] + density[16]) / 2)  # 32 features
         assert m.dense[l] == sum(d > 0.1 for d in density)
     assert m.n_tokens == 120
     every = sorted(((out.acts > 0).sum(0) / 120).flatten().tolist())
@@ -36,8 +36,8 @@ def test_activation_metrics_by_definition():
     assert s["median_density"] == pytest.approx((every[47] + every[48]) / 2)
     assert s["dense_share"] == pytest.approx(sum(d > 0.1 for d in every) / 96)
     assert s["dead_share"] == pytest.approx(sum(d == 0 for d in every) / 96)
-    assert s["dense_share"] > 0 and "median density" in report(m)    # fire_frac 0.2: dense ones exist
-    assert "nan" not in report(m).splitlines()[4]                          # the "all" row
+    assert s["dense_share"] > 0 and "median density" in report(m)  # fire_frac 0.2: dense ones exist
+    assert "nan" not in report(m).splitlines()[4]  # the "all" row
 
 
 @pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", True)])
@@ -59,11 +59,11 @@ def test_replacement_closure_matches_forward(kind, skip):
 
     with torch.no_grad(), model.patch_mlp_outputs(spy):
         model.run(tokens)
-    x = torch.stack(seen_in, dim=2)                      # [B, n, L, d] as the replacement saw it
+    x = torch.stack(seen_in, dim=2)  # [B, n, L, d] as the replacement saw it
     expected = tc(x).recon
     got = torch.stack(seen_out, dim=2)
     assert torch.allclose(got[:, 1:], expected[:, 1:], atol=1e-4)
-    assert torch.equal(got[:, 0], cap.mlp_out[:, 0])    # BOS position keeps the real output
+    assert torch.equal(got[:, 0], cap.mlp_out[:, 0])  # BOS position keeps the real output
 
     m = evaluate_replacement(tc, model, [tokens])
     assert 0 <= m.top1_agreement <= 1 and m.kl >= 0 and m.n_tokens == 2 * 5

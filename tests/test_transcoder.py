@@ -18,8 +18,16 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 def small(kind="clt", skip=False, activation="jumprelu", topk=None, L=3, d=8, F=32, seed=0):
     torch.manual_seed(seed)
-    cfg = TranscoderConfig(n_layers=L, d_model=d, n_features=F, kind=kind, skip=skip,
-                           activation=activation, topk=topk, bandwidth=0.5)
+    cfg = TranscoderConfig(
+        n_layers=L,
+        d_model=d,
+        n_features=F,
+        kind=kind,
+        skip=skip,
+        activation=activation,
+        topk=topk,
+        bandwidth=0.5,
+    )
     tc = Transcoder(cfg)
     x, y = torch.randn(96, L, d) * 3, torch.randn(96, L, d) * 0.5
     tc.init_from_sample(x, y, fire_frac=0.1)
@@ -40,12 +48,12 @@ def test_loss_by_hand():
         tc.W_dec[0].copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))  # writes to layers 0 and 1
         tc.W_dec[1].copy_(torch.tensor([[[3.0, 4.0]]]))
         tc.b_dec.zero_()
-    x = torch.tensor([[[2.0, 0.0], [0.0, 0.25]]])   # pre = (2, 0.25); θ = 0.5: only layer 0 fires
-    y = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])    # recon = ([2, 0], [0, 2])
+    x = torch.tensor([[[2.0, 0.0], [0.0, 0.25]]])  # pre = (2, 0.25); θ = 0.5: only layer 0 fires
+    y = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # recon = ([2, 0], [0, 2])
     out = tc.loss(x, y, lambda_s=0.1, lambda_p=0.01, c=4.0)
     assert out.mse.item() == pytest.approx(1.0 + 4.0)
     assert out.sparsity.item() == pytest.approx(math.tanh(4 * math.sqrt(2) * 2))
-    assert out.preact.item() == pytest.approx((0.5 - 0.25) * 5.0)   # ReLU(θ - pre)·||W_dec||
+    assert out.preact.item() == pytest.approx((0.5 - 0.25) * 5.0)  # ReLU(θ - pre)·||W_dec||
     assert out.loss.item() == pytest.approx(5 + 0.1 * math.tanh(8 * math.sqrt(2)) + 0.01 * 1.25)
 
 
@@ -58,18 +66,20 @@ def test_jumprelu_ste_gradients():
     zr = z.clone().requires_grad_()
     theta = log_theta.exp()
     (JumpReLU.apply(zr, theta, eps) * c).sum().backward()
-    assert torch.equal(zr.grad, c * (z > 0.3))                         # pass-through where active
+    assert torch.equal(zr.grad, c * (z > 0.3))  # pass-through where active
     window = ((z - 0.3).abs() < eps / 2).double()
-    expected_theta = (-(0.3 / eps) * window * c).sum(0)                # -(θ/ε) K((z-θ)/ε)
-    assert torch.allclose(log_theta.grad, expected_theta * 0.3)        # chain rule through exp
+    expected_theta = (-(0.3 / eps) * window * c).sum(0)  # -(θ/ε) K((z-θ)/ε)
+    assert torch.allclose(log_theta.grad, expected_theta * 0.3)  # chain rule through exp
 
     # The θ STE is the exact derivative of the smooth surrogate θ0 · H_ε(z - θ), where H_ε is
     # the rectangle kernel's integral: compare with central finite differences.
     def surrogate(t):
         return (c * 0.3 * ((z - t) / eps + 0.5).clamp(0, 1)).sum(0)
+
     h = 1e-6
     fd = (surrogate(0.3 + h) - surrogate(0.3 - h)) / (2 * h)
     assert torch.allclose(fd, expected_theta, atol=1e-5)
+
     # z gradient away from θ equals finite differences of the true function
     def f(zz):
         return (zz * (zz > 0.3) * c).sum()
@@ -81,14 +91,21 @@ def test_jumprelu_ste_gradients():
     assert fd_z.item() == pytest.approx(zr.grad.view(-1)[k].item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("kind,skip,activation", [("clt", False, "jumprelu"), ("plt", True, "jumprelu"),
-                                                  ("clt", True, "topk"), ("clt", False, "batchtopk"),
-                                                  ("plt", False, "topk")])
+@pytest.mark.parametrize(
+    "kind,skip,activation",
+    [
+        ("clt", False, "jumprelu"),
+        ("plt", True, "jumprelu"),
+        ("clt", True, "topk"),
+        ("clt", False, "batchtopk"),
+        ("plt", False, "topk"),
+    ],
+)
 def test_sparse_decode_matches_dense(kind, skip, activation):
     """fp32: the sparse pairs decoder (and the AuxK term's) gives the dense values and gradients."""
     grads, values = [], []
     dead = torch.rand(3, 32, generator=torch.Generator().manual_seed(5)) < 0.3
-    for density in (1.0, -1.0):   # always sparse, then always dense
+    for density in (1.0, -1.0):  # always sparse, then always dense
         tc, x, y = small(kind, skip, activation, topk=4 if activation != "jumprelu" else None)
         tc.sparse_max_density = density
         out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2, dead=dead, auxk=3, auxk_alpha=0.5)
@@ -98,7 +115,7 @@ def test_sparse_decode_matches_dense(kind, skip, activation):
         grads.append({n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None})
     assert torch.allclose(values[0], values[1], rtol=1e-6)
     assert grads[0].keys() == grads[1].keys()
-    assert ("log_threshold" in grads[0]) == (activation == "jumprelu")   # TopK has no θ to train
+    assert ("log_threshold" in grads[0]) == (activation == "jumprelu")  # TopK has no θ to train
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
 
@@ -116,10 +133,11 @@ def test_bf16_decoder_rows_within_tolerance(activation):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2)
         out.loss.backward()
-        results.append((out.loss.item(), {n: p.grad.clone() for n, p in tc.named_parameters()
-                                          if p.grad is not None}))
+        results.append(
+            (out.loss.item(), {n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None})
+        )
     (loss32, g32), (loss16, g16) = results
-    assert loss16 != loss32                                   # the bf16 rows were used
+    assert loss16 != loss32  # the bf16 rows were used
     assert loss16 == pytest.approx(loss32, rel=1e-2)
     for name in g32:
         assert (g16[name] - g32[name]).norm() <= 3e-2 * g32[name].norm(), name
@@ -127,13 +145,14 @@ def test_bf16_decoder_rows_within_tolerance(activation):
 
 def test_batch_topk_keeps_k_per_token_on_average_and_matches_pairs():
     tc, x, _ = small(activation="batchtopk", topk=4)
-    acts = tc(x).acts                                          # [N, L, F]
-    assert torch.equal((acts > 0).sum((0, 2)), torch.full((3,), 4 * 96))   # k·N per layer
-    assert (acts > 0).sum(-1).float().std() > 0                # but not k for every token
+    acts = tc(x).acts  # [N, L, F]
+    assert torch.equal((acts > 0).sum((0, 2)), torch.full((3,), 4 * 96))  # k·N per layer
+    assert (acts > 0).sum(-1).float().std() > 0  # but not k for every token
     pre = tc._encode(tc._normalise(x, tc.in_scale))
     from cltrace.transcoders.model import pairs_batch_topk, pairs_to_dense
+
     for l, p in enumerate(pairs_batch_topk(pre, 4)):
-        assert torch.all(p.tok[1:] >= p.tok[:-1])             # token-major
+        assert torch.all(p.tok[1:] >= p.tok[:-1])  # token-major
         assert torch.equal(pairs_to_dense(p, 96, 32), acts[:, l])
 
 
@@ -141,7 +160,7 @@ def test_public_decode_sparse_and_dense_agree():
     tc, x, _ = small()
     out = tc(x)
     acts = out.acts.detach().requires_grad_()
-    dense = tc.decode(acts)                  # wants grads w.r.t. acts: dense path
+    dense = tc.decode(acts)  # wants grads w.r.t. acts: dense path
     with torch.no_grad():
         sparse = tc.decode(acts)
     assert torch.allclose(dense, sparse, atol=1e-5)
@@ -160,8 +179,8 @@ def test_raw_scale_accessors_reproduce_forward(kind, skip):
             assert torch.allclose(pre, out.pre[:, l], atol=1e-4)
             acts = pre * (pre > tc.threshold(l))
             assert torch.allclose(acts, out.acts[:, l], atol=1e-4)
-            W = tc.decoder_weight(l)                     # [F, T, d]
-            recon[:, l:l + W.shape[1]] += torch.einsum("nf,ftd->ntd", acts, W)
+            W = tc.decoder_weight(l)  # [F, T, d]
+            recon[:, l : l + W.shape[1]] += torch.einsum("nf,ftd->ntd", acts, W)
             if skip:
                 recon[:, l] += x[:, l] @ tc.skip_weight(l)
         assert torch.allclose(recon, out.recon, atol=1e-4)

@@ -54,8 +54,7 @@ def fake_server(graph_dir):
     srv.server_close()
 
 
-def request(srv, method: str, path: str, body=None, content_type="application/json",
-            headers=None):
+def request(srv, method: str, path: str, body=None, content_type="application/json", headers=None):
     """(status, parsed JSON or raw bytes) for one request sent verbatim."""
     conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
@@ -106,24 +105,27 @@ def test_get_graph_and_pages(server):
     assert request(server, "GET", "/static/graph.js")[0] == 200
 
 
-@pytest.mark.parametrize("path", [
-    "/api/graph/..%2F..%2Fetc%2Fpasswd",
-    "/api/graph/../../etc/passwd",
-    "/api/graph/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "/api/graph/..%252F..%252Fetc%252Fpasswd",
-    "/api/graph/%2Fetc%2Fpasswd",
-    "/api/graph//etc/passwd",
-    "/api/graph/sub%5C..%5C..%5Csecret",
-    "/api/graph/..",
-    "/api/graph/escape",
-    "/api/graph/secret",
-    "/api/graph/good%00",
-    "/graph/..%2F..%2Fetc%2Fpasswd",
-    "/static/..%2Fbackend.py",
-    "/static/../api.py",
-    "/api/graph/..%2Fsecret/supernodes",
-    "/api/feature/0/1?graph=..%2Fsecret",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/graph/..%2F..%2Fetc%2Fpasswd",
+        "/api/graph/../../etc/passwd",
+        "/api/graph/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/api/graph/..%252F..%252Fetc%252Fpasswd",
+        "/api/graph/%2Fetc%2Fpasswd",
+        "/api/graph//etc/passwd",
+        "/api/graph/sub%5C..%5C..%5Csecret",
+        "/api/graph/..",
+        "/api/graph/escape",
+        "/api/graph/secret",
+        "/api/graph/good%00",
+        "/graph/..%2F..%2Fetc%2Fpasswd",
+        "/static/..%2Fbackend.py",
+        "/static/../api.py",
+        "/api/graph/..%2Fsecret/supernodes",
+        "/api/feature/0/1?graph=..%2Fsecret",
+    ],
+)
 def test_path_traversal_is_refused(server, path):
     status, body = request(server, "GET", path)
     assert status in (400, 404), (path, status)
@@ -147,8 +149,7 @@ def test_unknown_routes(server):
 
 
 def test_feature_null_backend(server):
-    node = next(n for n in synthetic_graph(seed=1)["nodes"]
-                if n["feature_type"] == "cross layer transcoder")
+    node = next(n for n in synthetic_graph(seed=1)["nodes"] if n["feature_type"] == "cross layer transcoder")
     layer, index = int(node["layer"]), int(node["node_id"].split("_")[1])
     status, card = request(server, "GET", f"/api/feature/{layer}/{index}?graph=good")
     assert status == 200 and card["layer"] == layer and card["index"] == index
@@ -162,9 +163,11 @@ def test_feature_fake_backend(fake_server):
     assert status == 200 and card["label"] == "fake feature 2/17" and len(card["contexts"]) == 3
 
 
-GOOD_INTERVENTION = {"graph": "good", "generate": 3,
-                     "interventions": [{"layer": 1, "feature": 5, "pos": 2, "mode": "scale",
-                                        "value": 0}]}
+GOOD_INTERVENTION = {
+    "graph": "good",
+    "generate": 3,
+    "interventions": [{"layer": 1, "feature": 5, "pos": 2, "mode": "scale", "value": 0}],
+}
 
 
 def test_intervene_null_backend_is_501(server):
@@ -183,18 +186,30 @@ def _with(**change):
     return {**GOOD_INTERVENTION, "interventions": [item]}
 
 
-@pytest.mark.parametrize("body", [
-    b"not json", b"[1, 2]", {},
-    {"graph": "good", "interventions": []},
-    {"graph": "good", "interventions": "x"},
-    {"graph": 3, "interventions": GOOD_INTERVENTION["interventions"]},
-    {**GOOD_INTERVENTION, "generate": -1},
-    {**GOOD_INTERVENTION, "generate": 10_000},
-    {**GOOD_INTERVENTION, "interventions": GOOD_INTERVENTION["interventions"] * 1000},
-    _with(mode="add"), _with(value="big"), _with(value=1e12), _with(value=True),
-    _with(layer=-1), _with(layer="1"), _with(feature=1.5), _with(pos=99), _with(pos=-1),
-    {**GOOD_INTERVENTION, "graph": "../secret"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[1, 2]",
+        {},
+        {"graph": "good", "interventions": []},
+        {"graph": "good", "interventions": "x"},
+        {"graph": 3, "interventions": GOOD_INTERVENTION["interventions"]},
+        {**GOOD_INTERVENTION, "generate": -1},
+        {**GOOD_INTERVENTION, "generate": 10_000},
+        {**GOOD_INTERVENTION, "interventions": GOOD_INTERVENTION["interventions"] * 1000},
+        _with(mode="add"),
+        _with(value="big"),
+        _with(value=1e12),
+        _with(value=True),
+        _with(layer=-1),
+        _with(layer="1"),
+        _with(feature=1.5),
+        _with(pos=99),
+        _with(pos=-1),
+        {**GOOD_INTERVENTION, "graph": "../secret"},
+    ],
+)
 def test_intervene_bad_bodies(fake_server, body):
     status, reply = request(fake_server, "POST", "/api/intervene", body=body)
     assert status == 400, reply
@@ -226,13 +241,18 @@ def test_supernodes_round_trip(server, graph_dir):
     assert "good.supernodes" not in listed
 
 
-@pytest.mark.parametrize("body", [
-    {}, {"supernodes": "x"}, {"supernodes": [{"name": "", "node_ids": ["E_100_0"]}]},
-    {"supernodes": [{"name": "a", "node_ids": []}]},
-    {"supernodes": [{"name": "a", "node_ids": ["not-a-node"]}]},
-    {"supernodes": [{"name": "a" * 500, "node_ids": ["E_100_0"]}]},
-    {"supernodes": [{"name": "a", "node_ids": [1]}]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"supernodes": "x"},
+        {"supernodes": [{"name": "", "node_ids": ["E_100_0"]}]},
+        {"supernodes": [{"name": "a", "node_ids": []}]},
+        {"supernodes": [{"name": "a", "node_ids": ["not-a-node"]}]},
+        {"supernodes": [{"name": "a" * 500, "node_ids": ["E_100_0"]}]},
+        {"supernodes": [{"name": "a", "node_ids": [1]}]},
+    ],
+)
 def test_supernodes_bad_bodies(server, body):
     assert request(server, "POST", "/api/graph/good/supernodes", body=body)[0] == 400
 
@@ -250,19 +270,24 @@ def test_suggest_groups_share_a_target(server):
 
 def test_suggest_by_shared_target_ground_truth():
     def feat(layer, f):
-        return {"node_id": f"{layer}_{f}_0", "layer": str(layer),
-                "feature_type": "cross layer transcoder"}
-    graph = {"nodes": [feat(0, 1), feat(0, 2), feat(0, 3), feat(1, 4), feat(1, 5)],
-             "links": [{"source": "0_1_0", "target": "1_4_0", "weight": 2.0},
-                       {"source": "0_2_0", "target": "1_4_0", "weight": -3.0},
-                       {"source": "0_2_0", "target": "1_5_0", "weight": 1.0},
-                       {"source": "0_3_0", "target": "1_5_0", "weight": 1.0}]}
+        return {"node_id": f"{layer}_{f}_0", "layer": str(layer), "feature_type": "cross layer transcoder"}
+
+    graph = {
+        "nodes": [feat(0, 1), feat(0, 2), feat(0, 3), feat(1, 4), feat(1, 5)],
+        "links": [
+            {"source": "0_1_0", "target": "1_4_0", "weight": 2.0},
+            {"source": "0_2_0", "target": "1_4_0", "weight": -3.0},
+            {"source": "0_2_0", "target": "1_5_0", "weight": 1.0},
+            {"source": "0_3_0", "target": "1_5_0", "weight": 1.0},
+        ],
+    }
     expected = [{"name": "L0 → 1_4_0", "node_ids": ["0_1_0", "0_2_0"]}]
     assert suggest_by_shared_target(graph) == expected
 
 
 def test_serve_command_registers():
     from cltrace.cli import build_parser
+
     args = build_parser().parse_args(["serve", "--graphs", "a", "--graphs", "b", "--port", "0"])
     assert args.graphs == ["a", "b"] and args.port == 0 and args.host == "127.0.0.1"
     assert args.func.__module__ == "cltrace.commands.serve"
@@ -272,6 +297,7 @@ class _Store:
     def dashboard(self, layer, index):
         if index > 100:
             from cltrace.errors import CltraceError
+
             raise CltraceError(f"no feature L{layer}:{index} in this store")
         return {"layer": layer, "index": index, "label": "from store"}
 
@@ -290,8 +316,13 @@ class _Steerer:
 
     def run(self, prompt, interventions, *, top_k, generate):
         self.calls.append((prompt, interventions, top_k, generate))
-        return _Result({"before": [{"token": "a", "prob": 0.5}],
-                        "after": [{"token": "b", "prob": 0.6}], "continuation": "x"})
+        return _Result(
+            {
+                "before": [{"token": "a", "prob": 0.5}],
+                "after": [{"token": "b", "prob": 0.6}],
+                "continuation": "x",
+            }
+        )
 
 
 def test_model_backend_maps_requests(graph_dir):
@@ -304,15 +335,21 @@ def test_model_backend_maps_requests(graph_dir):
         status, card = request(srv, "GET", "/api/feature/3/7?graph=good")
         assert status == 200 and card["label"] == "from store"
         assert request(srv, "GET", "/api/feature/3/700?graph=good")[0] == 404
-        body = {**GOOD_INTERVENTION, "interventions": [
-            {"layer": 1, "feature": 5, "pos": 2, "mode": "scale", "value": 0},
-            {"layer": 2, "feature": 9, "pos": None, "mode": "set", "value": 3.5}]}
+        body = {
+            **GOOD_INTERVENTION,
+            "interventions": [
+                {"layer": 1, "feature": 5, "pos": 2, "mode": "scale", "value": 0},
+                {"layer": 2, "feature": 9, "pos": None, "mode": "set", "value": 3.5},
+            ],
+        }
         status, reply = request(srv, "POST", "/api/intervene", body=body)
         assert status == 200 and reply["after"][0]["token"] == "b"
         prompt, ivs, _, generate = steerer.calls[0]
         assert prompt == synthetic_graph(seed=1)["metadata"]["prompt"] and generate == 3
         assert [(i.layer, i.feature, i.positions, i.mode, i.value) for i in ivs] == [
-            (1, 5, (2,), "scale", 0.0), (2, 9, None, "set", 3.5)]
+            (1, 5, (2,), "scale", 0.0),
+            (2, 9, None, "set", 3.5),
+        ]
     finally:
         srv.shutdown()
         srv.server_close()
@@ -324,7 +361,6 @@ def test_make_backend_without_stores_is_null():
     from cltrace.errors import CltraceError
     from cltrace.viewer.backend import make_backend
 
-    assert isinstance(make_backend(Namespace(model=None, transcoder=None, features=None)),
-                      NullBackend)
+    assert isinstance(make_backend(Namespace(model=None, transcoder=None, features=None)), NullBackend)
     with pytest.raises(CltraceError):
         make_backend(Namespace(model="m", transcoder=None, features=None))

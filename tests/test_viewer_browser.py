@@ -18,13 +18,18 @@ from cltrace.viewer.server import ViewerConfig, start_in_thread
 from cltrace.viewer.synthetic import SyntheticBackend, synthetic_graph
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(),
-                       reason="needs /usr/bin/chromium (apt-get install -y chromium)"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
 
@@ -79,7 +84,8 @@ def count(page, element_id: str) -> int:
 def wait_count(page, element_id: str, test: str) -> None:
     """Wait until the number in #element_id satisfies the JS comparison `test` (e.g. '> 0')."""
     page.wait_for_function(
-        f"Number(document.querySelector('#{element_id}').textContent) {test}", timeout=10_000)
+        f"Number(document.querySelector('#{element_id}').textContent) {test}", timeout=10_000
+    )
 
 
 def click_node(page, node, shift=False):
@@ -147,8 +153,7 @@ def test_supernode_create_and_suggest(page, base_url, graph_dir):
     page.click("#supernode-create")
     page.wait_for_selector("[data-testid=supernode-item]")
     assert "my group" in page.text_content("#supernode-list")
-    page.wait_for_function(
-        "document.querySelector('#supernode-status').textContent.startsWith('saved')")
+    page.wait_for_function("document.querySelector('#supernode-status').textContent.startsWith('saved')")
     saved = json.loads((graph_dir / "demo.supernodes.json").read_text())
     assert saved["supernodes"] == [{"name": "my group", "node_ids": [first["id"], second["id"]]}]
     page.click("#supernode-suggest")

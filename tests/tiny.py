@@ -10,9 +10,11 @@ import torch
 
 FAMILIES = ("gemma", "gemma2", "llama", "qwen2", "qwen3", "gpt2")
 
-WORDS = ("the a of in is to and city capital Paris France Texas Austin Dallas state opposite "
-         "hot cold big small Tokyo Japan yen currency country whose Fact : sport plays Michael "
-         "Jordan basketball \" . , located tower Eiffel").split()
+WORDS = (
+    "the a of in is to and city capital Paris France Texas Austin Dallas state opposite "
+    "hot cold big small Tokyo Japan yen currency country whose Fact : sport plays Michael "
+    'Jordan basketball " . , located tower Eiffel'
+).split()
 
 
 def tiny_tokenizer():
@@ -25,20 +27,35 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
 
 
 def tiny_config(family: str, vocab_size: int = 64, n_layers: int = 3, d: int = 32):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=d, intermediate_size=2 * d,
-                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if family == "gemma":
-        return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
-                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"][:n_layers]
-                                   + ["full_attention"] * max(0, n_layers - 3))
+        return tf.Gemma3TextConfig(
+            **common,
+            head_dim=8,
+            sliding_window=4,
+            query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"][:n_layers]
+            + ["full_attention"] * max(0, n_layers - 3),
+        )
     if family == "gemma2":
         return tf.Gemma2Config(**common, head_dim=8, sliding_window=4, query_pre_attn_scalar=8)
     if family == "llama":
@@ -48,8 +65,15 @@ def tiny_config(family: str, vocab_size: int = 64, n_layers: int = 3, d: int = 3
     if family == "qwen3":
         return tf.Qwen3Config(**common, head_dim=8)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab_size, n_embd=d, n_layer=n_layers, n_head=4,
-                             n_positions=128, bos_token_id=1, eos_token_id=2)
+        return tf.GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=d,
+            n_layer=n_layers,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     raise ValueError(family)
 
 

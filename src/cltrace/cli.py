@@ -18,8 +18,21 @@ from cltrace.commands import HelpFormatter
 from cltrace.errors import CltraceError
 
 # Order shown in --help: the pipeline order.
-COMMANDS = ["demo", "models", "corpus", "harvest", "train", "eval", "trace", "diff", "circuits", "features",
-            "feature", "intervene", "serve"]
+COMMANDS = [
+    "demo",
+    "models",
+    "corpus",
+    "harvest",
+    "train",
+    "eval",
+    "trace",
+    "diff",
+    "circuits",
+    "features",
+    "feature",
+    "intervene",
+    "serve",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             return _internal_error(err)
-        print(f"error: disk full: {err}\n  hint: free space and rerun the same command (with --resume "
-              "where it has one) to continue", file=sys.stderr)
+        print(
+            f"error: disk full: {err}\n  hint: free space and rerun the same command (with --resume "
+            "where it has one) to continue",
+            file=sys.stderr,
+        )
         return 2
     except MemoryError:
-        print("error: out of memory; use a shorter prompt, fewer tokens or a smaller batch",
-              file=sys.stderr)
+        print("error: out of memory; use a shorter prompt, fewer tokens or a smaller batch", file=sys.stderr)
         return 2
     except Exception as err:
         return _internal_error(err)
@@ -72,8 +87,11 @@ def _internal_error(err: Exception) -> int:
     """A bug: say so in one line; CLTRACE_DEBUG=1 re-raises for the traceback."""
     if os.environ.get("CLTRACE_DEBUG"):
         raise err
-    print(f"internal error: {type(err).__name__}: {err}\n  hint: this is a bug in cltrace; "
-          "rerun with CLTRACE_DEBUG=1 for the traceback and report it", file=sys.stderr)
+    print(
+        f"internal error: {type(err).__name__}: {err}\n  hint: this is a bug in cltrace; "
+        "rerun with CLTRACE_DEBUG=1 for the traceback and report it",
+        file=sys.stderr,
+    )
     return 1
 
 

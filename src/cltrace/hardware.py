@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-PRECISION_ENV = "CLTRACE_PRECISION"   # "fp32": behave as on a CPU without fast bf16 (AVX2 only)
+PRECISION_ENV = "CLTRACE_PRECISION"  # "fp32": behave as on a CPU without fast bf16 (AVX2 only)
 
 
 def forced_fp32() -> bool:
@@ -55,11 +55,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> str:
     except (RuntimeError, ValueError):
         raise CltraceError(f"unknown device {str(device)!r}", "use auto, cpu, cuda or cuda:N") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise CltraceError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU",
-                           "use --device cpu (or auto), or install a CUDA build of torch")
+        raise CltraceError(
+            f"device {str(device)!r} asked for, but torch sees no CUDA GPU",
+            "use --device cpu (or auto), or install a CUDA build of torch",
+        )
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise CltraceError(f"no GPU {parsed.index}: torch sees {torch.cuda.device_count()}",
-                           f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise CltraceError(
+            f"no GPU {parsed.index}: torch sees {torch.cuda.device_count()}",
+            f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+        )
     return str(device)
 
 

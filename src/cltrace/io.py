@@ -42,8 +42,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(data: Any, path: str | Path, *, indent: int | None = 2,
-                      compact: bool = False) -> Path:
+def atomic_write_json(data: Any, path: str | Path, *, indent: int | None = 2, compact: bool = False) -> Path:
     """JSON (UTF-8); `compact` drops whitespace for large documents such as graphs."""
     if compact:
         text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))

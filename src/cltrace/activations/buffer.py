@@ -38,10 +38,12 @@ class ActivationBatch(NamedTuple):
     def slice(self, start: int, stop: int) -> ActivationBatch:
         return ActivationBatch(self.mlp_in[start:stop], self.mlp_out[start:stop])
 
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> ActivationBatch:
-        return ActivationBatch(self.mlp_in.to(device=device, dtype=dtype),
-                               self.mlp_out.to(device=device, dtype=dtype))
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ActivationBatch:
+        return ActivationBatch(
+            self.mlp_in.to(device=device, dtype=dtype), self.mlp_out.to(device=device, dtype=dtype)
+        )
 
 
 def concat(parts: list[ActivationBatch]) -> ActivationBatch:
@@ -51,8 +53,9 @@ def concat(parts: list[ActivationBatch]) -> ActivationBatch:
     return ActivationBatch(torch.cat([p.mlp_in for p in parts]), torch.cat([p.mlp_out for p in parts]))
 
 
-def rebatch(chunks: Iterable[ActivationBatch], batch_tokens: int,
-            drop_last: bool = False) -> Iterator[ActivationBatch]:
+def rebatch(
+    chunks: Iterable[ActivationBatch], batch_tokens: int, drop_last: bool = False
+) -> Iterator[ActivationBatch]:
     """Cut a stream of token chunks into batches of exactly `batch_tokens` (the last may be
     smaller unless `drop_last`)."""
     pending: list[ActivationBatch] = []
@@ -80,12 +83,18 @@ class ShuffleBuffer:
         generator: source of randomness (seed it for reproducible order).
     """
 
-    def __init__(self, capacity: int, n_layers: int, d_model: int, dtype: torch.dtype,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        capacity: int,
+        n_layers: int,
+        d_model: int,
+        dtype: torch.dtype,
+        generator: torch.Generator | None = None,
+    ):
         if capacity < 2:
             raise ValueError(f"capacity must be >= 2 tokens, got {capacity}")
         self.capacity = capacity
-        self._in = torch.empty(capacity, n_layers, d_model, dtype=dtype)   # (C, L, d)
+        self._in = torch.empty(capacity, n_layers, d_model, dtype=dtype)  # (C, L, d)
         self._out = torch.empty(capacity, n_layers, d_model, dtype=dtype)  # (C, L, d)
         self._free = torch.arange(capacity)  # slot indices not holding a token
         self._gen = generator

@@ -34,9 +34,18 @@ from cltrace.hardware import fast_dtype
 from cltrace.models.loading import LoadedModel
 from cltrace.progress import progress
 
-__all__ = ["ActivationBatch", "HarvestConfig", "iter_activation_batches", "iter_contexts",
-           "harvest_contexts", "pack_contexts", "limit_contexts", "require_contexts",
-           "document_token_ids", "default_forward_dtype"]
+__all__ = [
+    "ActivationBatch",
+    "HarvestConfig",
+    "iter_activation_batches",
+    "iter_contexts",
+    "harvest_contexts",
+    "pack_contexts",
+    "limit_contexts",
+    "require_contexts",
+    "document_token_ids",
+    "default_forward_dtype",
+]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,8 +108,10 @@ class HarvestConfig:
         """The harvested layers of a model with `n_layers` layers."""
         layers = list(range(n_layers)) if self.layers is None else list(self.layers)
         if layers[-1] >= n_layers:
-            raise CltraceError(f"layer {layers[-1]} does not exist: the model has {n_layers} layers",
-                               f"choose layers between 0 and {n_layers - 1}")
+            raise CltraceError(
+                f"layer {layers[-1]} does not exist: the model has {n_layers} layers",
+                f"choose layers between 0 and {n_layers - 1}",
+            )
         return layers
 
 
@@ -141,7 +152,7 @@ def harvest_contexts(model: LoadedModel, contexts: list[list[int]], cfg: Harvest
     tokens = torch.tensor(contexts, dtype=torch.long, device=model.device)  # (B, T)
     layers = cfg.layer_list(model.n_layers)
     shape = (tokens.shape[0], tokens.shape[1] - 1, len(layers), model.d_model)
-    ins = torch.empty(shape, dtype=cfg.torch_store_dtype, device=model.device)   # (B, T-1, L, d)
+    ins = torch.empty(shape, dtype=cfg.torch_store_dtype, device=model.device)  # (B, T-1, L, d)
     outs = torch.empty(shape, dtype=cfg.torch_store_dtype, device=model.device)  # (B, T-1, L, d)
 
     def keep(store: torch.Tensor, k: int, last: bool):
@@ -149,12 +160,14 @@ def harvest_contexts(model: LoadedModel, contexts: list[list[int]], cfg: Harvest
             store[:, :, k].copy_(output[:, 1:])
             if last:
                 raise _StopForward
+
         return hook
 
     adapter, last = model.adapter, len(layers) - 1
     hooks = [(adapter.mlp_in_module(model.blocks[l]), keep(ins, k, False)) for k, l in enumerate(layers)]
-    hooks += [(adapter.mlp_out_module(model.blocks[l]), keep(outs, k, k == last))
-              for k, l in enumerate(layers)]
+    hooks += [
+        (adapter.mlp_out_module(model.blocks[l]), keep(outs, k, k == last)) for k, l in enumerate(layers)
+    ]
     with torch.no_grad(), model.hooks(hooks):
         try:
             model.run(tokens, with_logits=False)
@@ -175,12 +188,15 @@ def check_model(model: LoadedModel, cfg: HarvestConfig) -> None:
             f"load it with load_model(..., dtype=torch.{name}) or set HarvestConfig.forward_dtype",
         )
     if cfg.store_dtype == "float16" and model.adapter.family.startswith("gemma"):
-        warnings.warn("float16 storage can overflow for Gemma, whose residual stream reaches ~1e5; "
-                      "use bfloat16", stacklevel=3)
+        warnings.warn(
+            "float16 storage can overflow for Gemma, whose residual stream reaches ~1e5; use bfloat16",
+            stacklevel=3,
+        )
 
 
-def iter_token_rows(model: LoadedModel, contexts: Iterable[list[int]], cfg: HarvestConfig,
-                    max_tokens: int | None = None) -> Iterator[ActivationBatch]:
+def iter_token_rows(
+    model: LoadedModel, contexts: Iterable[list[int]], cfg: HarvestConfig, max_tokens: int | None = None
+) -> Iterator[ActivationBatch]:
     """Harvested rows in stream order, one chunk per forward batch, at most `max_tokens`."""
     if max_tokens is not None:
         contexts = limit_contexts(contexts, max_tokens)
@@ -195,14 +211,19 @@ def limit_contexts(contexts: Iterable[list[int]], max_tokens: int) -> Iterator[l
         ctx = next(it, None)
         if ctx is None:
             return
-        ctx = ctx[:left + 1]
+        ctx = ctx[: left + 1]
         left -= len(ctx) - 1
         yield ctx
 
 
-def iter_activation_batches(model: LoadedModel, documents: Iterable[str], cfg: HarvestConfig,
-                            batch_tokens: int = 4096, max_tokens: int | None = None,
-                            drop_last: bool = False) -> Iterator[ActivationBatch]:
+def iter_activation_batches(
+    model: LoadedModel,
+    documents: Iterable[str],
+    cfg: HarvestConfig,
+    batch_tokens: int = 4096,
+    max_tokens: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[ActivationBatch]:
     """Token-shuffled batches of MLP inputs/outputs, `[batch_tokens, L, d]`, straight from text.
 
     Args:
@@ -244,6 +265,8 @@ def require_contexts(contexts: Iterator[list[int]]) -> Iterator[list[int]]:
     """The contexts, or CltraceError if there are none (an empty corpus)."""
     first = next(contexts, None)
     if first is None or len(first) < 2:
-        raise CltraceError("the documents hold no text to harvest",
-                           "check the corpus (`cltrace corpus`) or the files given with --text")
+        raise CltraceError(
+            "the documents hold no text to harvest",
+            "check the corpus (`cltrace corpus`) or the files given with --text",
+        )
     return itertools.chain([first], contexts)

@@ -64,7 +64,7 @@ class ShardRecord:
     bytes: int
     sha256: str
     context_start: int  # first packed context of the document stream in this shard
-    context_stop: int   # one past the last
+    context_stop: int  # one past the last
 
 
 @dataclass
@@ -90,8 +90,15 @@ class Manifest:
     def identity(self) -> dict[str, Any]:
         """What must match for a restart to continue this store."""
         cfg = {k: v for k, v in self.config.items() if k != "buffer_tokens"}
-        return dict(model=self.model, layers=self.layers, d_model=self.d_model, dtype=self.dtype,
-                    tokens_per_shard=self.tokens_per_shard, config=cfg, corpus=self.corpus)
+        return dict(
+            model=self.model,
+            layers=self.layers,
+            d_model=self.d_model,
+            dtype=self.dtype,
+            tokens_per_shard=self.tokens_per_shard,
+            config=cfg,
+            corpus=self.corpus,
+        )
 
     def save(self, folder: Path) -> None:
         data = asdict(self) | {"n_tokens": self.n_tokens}
@@ -103,14 +110,19 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise CltraceError(f"{folder} is not an activation store (no {MANIFEST})",
-                               "create one with `cltrace harvest --out DIR`") from None
+            raise CltraceError(
+                f"{folder} is not an activation store (no {MANIFEST})",
+                "create one with `cltrace harvest --out DIR`",
+            ) from None
         except json.JSONDecodeError as err:
-            raise CltraceError(f"{path} is not valid JSON: {err}",
-                               "delete the folder and harvest again") from err
+            raise CltraceError(
+                f"{path} is not valid JSON: {err}", "delete the folder and harvest again"
+            ) from err
         if data.get("format") != FORMAT:
-            raise CltraceError(f"{folder} holds format {data.get('format')!r}, expected {FORMAT!r}",
-                               "harvest again with this version of cltrace")
+            raise CltraceError(
+                f"{folder} holds format {data.get('format')!r}, expected {FORMAT!r}",
+                "harvest again with this version of cltrace",
+            )
         data.pop("n_tokens", None)
         data["shards"] = [ShardRecord(**s) for s in data["shards"]]
         return cls(**data)
@@ -142,7 +154,8 @@ def check_disk_space(folder: Path, n_tokens: int, bytes_per_token: int) -> None:
         raise CltraceError(
             f"not enough disk space in {folder}: need ~{need / 1e9:.2f} GB for {n_tokens:,} tokens, "
             f"{free / 1e9:.2f} GB free; use --tokens fewer or another --out",
-            "the shards written so far are complete: rerun the same command with --resume to continue")
+            "the shards written so far are complete: rerun the same command with --resume to continue",
+        )
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -160,19 +173,28 @@ def disk_full_is_a_user_error(out: Path) -> Iterator[None]:
     except Exception as err:
         if not is_disk_full(err):
             raise
-        raise CltraceError(f"disk full while writing the store in {out} ({err})",
-                           "free space and rerun the same command with --resume to continue: "
-                           "the shards written so far are complete and kept") from err
+        raise CltraceError(
+            f"disk full while writing the store in {out} ({err})",
+            "free space and rerun the same command with --resume to continue: "
+            "the shards written so far are complete and kept",
+        ) from err
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def write_store(model: LoadedModel, documents: Iterable[str], out: Path | str, n_tokens: int,
-                cfg: HarvestConfig, *, shard_tokens: int = 8192,
-                corpus: dict[str, Any] | None = None,
-                log: Callable[[str], None] = _stderr) -> ActivationStore:
+def write_store(
+    model: LoadedModel,
+    documents: Iterable[str],
+    out: Path | str,
+    n_tokens: int,
+    cfg: HarvestConfig,
+    *,
+    shard_tokens: int = 8192,
+    corpus: dict[str, Any] | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> ActivationStore:
     """Harvest `n_tokens` tokens of `documents` into a store at `out`, resuming if it exists.
 
     Args:
@@ -199,15 +221,15 @@ def write_store(model: LoadedModel, documents: Iterable[str], out: Path | str, n
         return _fill(model, documents, out, _start_or_resume(out, fresh, log), cfg)
 
 
-def _fill(model: LoadedModel, documents: Iterable[str], out: Path, manifest: Manifest,
-          cfg: HarvestConfig) -> ActivationStore:
+def _fill(
+    model: LoadedModel, documents: Iterable[str], out: Path, manifest: Manifest, cfg: HarvestConfig
+) -> ActivationStore:
     """Harvest shards until the manifest's target (or the end of the documents)."""
     n_tokens = manifest.target_tokens
     if manifest.n_tokens < n_tokens:
         contexts = require_contexts(iter_contexts(model, documents, cfg))
         _skip(contexts, manifest.shards[-1].context_stop if manifest.shards else 0)
-        bar = progress(total=n_tokens, initial=manifest.n_tokens, desc="harvest", unit="tok",
-                       unit_scale=True)
+        bar = progress(total=n_tokens, initial=manifest.n_tokens, desc="harvest", unit="tok", unit_scale=True)
         try:
             while manifest.n_tokens < n_tokens:
                 if not _write_next_shard(model, contexts, cfg, out, manifest, bar):
@@ -222,20 +244,33 @@ def _fill(model: LoadedModel, documents: Iterable[str], out: Path, manifest: Man
 def remove_store(folder: Path) -> None:
     """Delete a store's own files (manifest, shards, temporary files), nothing else in `folder`."""
     folder = Path(folder)
-    for path in [folder / MANIFEST, *folder.glob("shard_*.safetensors"), *folder.glob("*.tmp"),
-                 *folder.glob(".*.tmp")]:
+    for path in [
+        folder / MANIFEST,
+        *folder.glob("shard_*.safetensors"),
+        *folder.glob("*.tmp"),
+        *folder.glob(".*.tmp"),
+    ]:
         path.unlink(missing_ok=True)
 
 
-def _new_manifest(model: LoadedModel, cfg: HarvestConfig, n_tokens: int, shard_tokens: int,
-                  corpus: dict[str, Any] | None) -> Manifest:
+def _new_manifest(
+    model: LoadedModel, cfg: HarvestConfig, n_tokens: int, shard_tokens: int, corpus: dict[str, Any] | None
+) -> Manifest:
     per_shard = max(1, shard_tokens // cfg.tokens_per_context) * cfg.tokens_per_context
     forward = str(cfg.torch_forward_dtype(model.device)).removeprefix("torch.")
     config = asdict(cfg) | {"forward_dtype": forward}
     config["layers"] = cfg.layer_list(model.n_layers)
-    return Manifest(model=model.name, layers=cfg.layer_list(model.n_layers), d_model=model.d_model,
-                    dtype=cfg.store_dtype, tokens_per_shard=per_shard, target_tokens=n_tokens,
-                    config=config, corpus=dict(corpus or {}), shards=[])
+    return Manifest(
+        model=model.name,
+        layers=cfg.layer_list(model.n_layers),
+        d_model=model.d_model,
+        dtype=cfg.store_dtype,
+        tokens_per_shard=per_shard,
+        target_tokens=n_tokens,
+        config=config,
+        corpus=dict(corpus or {}),
+        shards=[],
+    )
 
 
 def _start_or_resume(out: Path, fresh: Manifest, log: Callable[[str], None] = _stderr) -> Manifest:
@@ -247,17 +282,23 @@ def _start_or_resume(out: Path, fresh: Manifest, log: Callable[[str], None] = _s
         return fresh
     old = Manifest.load(out)
     if old.identity() != json.loads(json.dumps(fresh.identity())):
-        raise CltraceError(f"{out} holds a different harvest (model, layers, config or corpus differ)",
-                           "use another --out, or the same settings to continue it")
+        raise CltraceError(
+            f"{out} holds a different harvest (model, layers, config or corpus differ)",
+            "use another --out, or the same settings to continue it",
+        )
     listed = old.shards
     old.shards = _valid_prefix(out, listed)
     if len(old.shards) < len(listed):
         bad, redo = listed[len(old.shards)].file, len(listed) - len(old.shards)
-        log(f"note: {bad} is missing, truncated or corrupt (size or sha256 differ from the manifest): "
-            f"harvesting it{f' and the {redo - 1} shards after it' if redo > 1 else ''} again")
+        log(
+            f"note: {bad} is missing, truncated or corrupt (size or sha256 differ from the manifest): "
+            f"harvesting it{f' and the {redo - 1} shards after it' if redo > 1 else ''} again"
+        )
     if old.shards:
-        log(f"continuing the store in {out}: {old.n_tokens:,} tokens in {len(old.shards)} complete "
-            "shards are kept")
+        log(
+            f"continuing the store in {out}: {old.n_tokens:,} tokens in {len(old.shards)} complete "
+            "shards are kept"
+        )
     short_tail = old.shards and old.shards[-1].n_tokens < old.tokens_per_shard
     if short_tail and fresh.target_tokens > old.n_tokens:
         old.shards.pop()  # rebuilt with more tokens (or identically if the corpus ends there)
@@ -278,12 +319,15 @@ def _skip(contexts: Iterator[list[int]], n: int) -> None:
     """Consume the first `n` contexts (already stored)."""
     for i in range(n):
         if next(contexts, None) is None:
-            raise CltraceError(f"the documents end after {i} contexts, but the store already holds {n}",
-                               "the corpus changed since the store was started: use another --out")
+            raise CltraceError(
+                f"the documents end after {i} contexts, but the store already holds {n}",
+                "the corpus changed since the store was started: use another --out",
+            )
 
 
-def _write_next_shard(model: LoadedModel, contexts: Iterator[list[int]], cfg: HarvestConfig,
-                      out: Path, manifest: Manifest, bar) -> bool:
+def _write_next_shard(
+    model: LoadedModel, contexts: Iterator[list[int]], cfg: HarvestConfig, out: Path, manifest: Manifest, bar
+) -> bool:
     """Harvest, shuffle and write the next shard; False once the documents are exhausted."""
     index = len(manifest.shards)
     start = manifest.shards[-1].context_stop if manifest.shards else 0
@@ -294,8 +338,7 @@ def _write_next_shard(model: LoadedModel, contexts: Iterator[list[int]], cfg: Ha
     bytes_per_token = 2 * len(manifest.layers) * manifest.d_model * cfg.torch_store_dtype.itemsize
     check_disk_space(out, manifest.target_tokens - manifest.n_tokens, bytes_per_token)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-    buffer = ShuffleBuffer(max(2, want), len(manifest.layers), manifest.d_model,
-                           cfg.torch_store_dtype, gen)
+    buffer = ShuffleBuffer(max(2, want), len(manifest.layers), manifest.d_model, cfg.torch_store_dtype, gen)
     for chunk in iter_token_rows(model, shard_contexts, cfg):
         buffer.push(chunk)
         bar.update(chunk.n_tokens)
@@ -308,10 +351,17 @@ def _write_next_shard(model: LoadedModel, contexts: Iterator[list[int]], cfg: Ha
 def _save_shard(out: Path, index: int, acts: ActivationBatch, ctx_start: int, ctx_stop: int) -> ShardRecord:
 
     name = f"shard_{index:05d}.safetensors"
-    path = atomic_save_tensors({"mlp_in": acts.mlp_in.contiguous(),
-                                "mlp_out": acts.mlp_out.contiguous()}, out / name)
-    return ShardRecord(file=name, n_tokens=acts.n_tokens, bytes=path.stat().st_size,
-                       sha256=_sha256(path), context_start=ctx_start, context_stop=ctx_stop)
+    path = atomic_save_tensors(
+        {"mlp_in": acts.mlp_in.contiguous(), "mlp_out": acts.mlp_out.contiguous()}, out / name
+    )
+    return ShardRecord(
+        file=name,
+        n_tokens=acts.n_tokens,
+        bytes=path.stat().st_size,
+        sha256=_sha256(path),
+        context_start=ctx_start,
+        context_stop=ctx_stop,
+    )
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -352,15 +402,20 @@ class ActivationStore:
         try:
             tensors = load_file(str(self.folder / rec.file))
         except Exception as err:  # safetensors raises its own error types
-            raise CltraceError(f"cannot read {self.folder / rec.file}: {err}",
-                               "rerun `cltrace harvest --resume` with the same --out to rebuild it") from err
+            raise CltraceError(
+                f"cannot read {self.folder / rec.file}: {err}",
+                "rerun `cltrace harvest --resume` with the same --out to rebuild it",
+            ) from err
         if tensors["mlp_in"].shape[0] != rec.n_tokens:
-            raise CltraceError(f"{rec.file} holds {tensors['mlp_in'].shape[0]} tokens, the manifest says "
-                               f"{rec.n_tokens}", "rerun `cltrace harvest --resume` with the same --out")
+            raise CltraceError(
+                f"{rec.file} holds {tensors['mlp_in'].shape[0]} tokens, the manifest says {rec.n_tokens}",
+                "rerun `cltrace harvest --resume` with the same --out",
+            )
         return ActivationBatch(tensors["mlp_in"], tensors["mlp_out"])
 
-    def iter_batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0,
-                     drop_last: bool = False, epochs: int = 1) -> Iterator[ActivationBatch]:
+    def iter_batches(
+        self, batch_tokens: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False, epochs: int = 1
+    ) -> Iterator[ActivationBatch]:
         """Batches of `batch_tokens` tokens (storage dtype, CPU): `epochs` passes over the store.
 
         With `shuffle`, shards come in random order and tokens within each shard in random
@@ -369,8 +424,11 @@ class ActivationStore:
         """
         if epochs < 1:
             raise CltraceError(f"epochs must be >= 1, got {epochs}")
-        return rebatch((chunk for e in range(epochs) for chunk in self._epoch(shuffle, seed + e)),
-                       batch_tokens, drop_last)
+        return rebatch(
+            (chunk for e in range(epochs) for chunk in self._epoch(shuffle, seed + e)),
+            batch_tokens,
+            drop_last,
+        )
 
     def _epoch(self, shuffle: bool, seed: int) -> Iterator[ActivationBatch]:
         gen = torch.Generator().manual_seed(seed)

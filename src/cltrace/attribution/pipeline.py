@@ -24,11 +24,11 @@ class TraceResult:
 
     graph: Graph
     pruned: PruneResult
-    scores: dict[str, GraphScores]     # "unpruned" / "pruned"
-    logit_strings: dict[int, str]      # logit token id -> its text
-    seconds: float                     # time spent in `attribute`
-    json_path: Path                    # pruned graph, Neuronpedia schema
-    graph_path: Path                   # full graph, safetensors
+    scores: dict[str, GraphScores]  # "unpruned" / "pruned"
+    logit_strings: dict[int, str]  # logit token id -> its text
+    seconds: float  # time spent in `attribute`
+    json_path: Path  # pruned graph, Neuronpedia schema
+    graph_path: Path  # full graph, safetensors
     n_json_nodes: int
     n_json_links: int
 
@@ -44,9 +44,17 @@ def default_graph_path(prompt: str) -> Path:
     return paths.graphs_dir() / f"{slugify(prompt)}.json"
 
 
-def trace_to_files(lm, transcoder: TranscoderLike, prompt, cfg: AttributionConfig, out: Path, *,
-                   transcoder_id: str, node_threshold: float = 0.8,
-                   edge_threshold: float = 0.98) -> TraceResult:
+def trace_to_files(
+    lm,
+    transcoder: TranscoderLike,
+    prompt,
+    cfg: AttributionConfig,
+    out: Path,
+    *,
+    transcoder_id: str,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> TraceResult:
     """Build the graph of `prompt`, write `out` (pruned JSON) and `<stem>.graph.safetensors`."""
     start = time.perf_counter()
     graph = attribute(lm, transcoder, prompt, cfg, transcoder_id=transcoder_id)
@@ -55,9 +63,17 @@ def trace_to_files(lm, transcoder: TranscoderLike, prompt, cfg: AttributionConfi
     scores = {"unpruned": graph_scores(graph), "pruned": graph_scores(graph, pruned.node_mask)}
     ids = graph.logit_tokens.tolist()
     strings = dict(zip(ids, lm.token_strings(ids)))
-    doc = to_frontend_json(graph, pruned, slug=out.stem, logit_strings=strings, scores=scores,
-                           node_threshold=node_threshold, edge_threshold=edge_threshold)
+    doc = to_frontend_json(
+        graph,
+        pruned,
+        slug=out.stem,
+        logit_strings=strings,
+        scores=scores,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+    )
     write_json(doc, out)
     graph_path = graph.save(out.with_name(out.stem + ".graph.safetensors"))
-    return TraceResult(graph, pruned, scores, strings, seconds, out, graph_path,
-                       len(doc["nodes"]), len(doc["links"]))
+    return TraceResult(
+        graph, pruned, scores, strings, seconds, out, graph_path, len(doc["nodes"]), len(doc["links"])
+    )

@@ -35,10 +35,10 @@ class PruneResult:
     """Which nodes and edges of a graph survive pruning."""
 
     node_mask: Bool[Tensor, "node"]
-    edge_mask: Bool[Tensor, "node node"]       # [target, source]
-    node_influence: Float[Tensor, "node"]      # influence on the logits (unpruned graph)
-    cumulative_scores: Float[Tensor, "node"]   # share of total influence of nodes at least as
-                                               # influential (the frontend's `influence`)
+    edge_mask: Bool[Tensor, "node node"]  # [target, source]
+    node_influence: Float[Tensor, "node"]  # influence on the logits (unpruned graph)
+    cumulative_scores: Float[Tensor, "node"]  # share of total influence of nodes at least as
+    # influential (the frontend's `influence`)
 
     @property
     def n_nodes(self) -> int:
@@ -63,8 +63,9 @@ def normalize_rows(adjacency: Float[Tensor, "node node"]) -> Float[Tensor, "node
     return a / a.sum(1, keepdim=True).clamp_min(1e-10)
 
 
-def influence(normalized: Float[Tensor, "node node"], logit_weights: Float[Tensor, "node"],
-              max_iter: int = 1000) -> Float[Tensor, "node"]:
+def influence(
+    normalized: Float[Tensor, "node node"], logit_weights: Float[Tensor, "node"], max_iter: int = 1000
+) -> Float[Tensor, "node"]:
     """w·(Â + Â² + ...): total influence of every node on the weighted logits."""
     current = logit_weights @ normalized
     total = current.clone()
@@ -78,7 +79,7 @@ def influence(normalized: Float[Tensor, "node node"], logit_weights: Float[Tenso
 
 def logit_weights(graph: Graph) -> Float[Tensor, "node"]:
     w = torch.zeros(graph.n_nodes)
-    w[graph.logit_offset:] = graph.logit_probabilities.float()
+    w[graph.logit_offset :] = graph.logit_probabilities.float()
     return w
 
 
@@ -89,8 +90,10 @@ def score_threshold(scores: Tensor, fraction: float) -> float:
     if total <= 0:
         return float("inf")
     cumulative = torch.cumsum(ordered, 0) / total
-    index = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))),
-                ordered.numel() - 1)
+    index = min(
+        int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))),
+        ordered.numel() - 1,
+    )
     return float(ordered[index])
 
 
@@ -103,7 +106,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     w = logit_weights(graph)
     node_infl = influence(normalize_rows(A), w)
     node_mask = node_infl >= score_threshold(node_infl, node_threshold)
-    node_mask[graph.token_offset:] = True                      # tokens and logits
+    node_mask[graph.token_offset :] = True  # tokens and logits
     pruned = A.clone()
     pruned[~node_mask] = 0
     pruned[:, ~node_mask] = 0
@@ -143,13 +146,13 @@ def graph_scores(graph: Graph, node_mask: Tensor | None = None) -> GraphScores:
     """
     A = graph.adjacency.float()
     error = torch.zeros(graph.n_nodes, dtype=torch.bool)
-    error[graph.error_offset:graph.token_offset] = True
+    error[graph.error_offset : graph.token_offset] = True
     if node_mask is not None:
         A = _fold_pruned_features(graph, A, node_mask)
     norm = normalize_rows(A)
     w = logit_weights(graph)
     infl = influence(norm, w)
-    tokens = infl[graph.token_offset:graph.logit_offset].sum()
+    tokens = infl[graph.token_offset : graph.logit_offset].sum()
     errors = infl[error].sum()
     replacement = float(tokens / (tokens + errors)) if tokens + errors > 0 else 0.0
     out = infl + w
@@ -161,7 +164,7 @@ def graph_scores(graph: Graph, node_mask: Tensor | None = None) -> GraphScores:
 def _fold_pruned_features(graph: Graph, A: Tensor, node_mask: Tensor) -> Tensor:
     """Add each dropped feature's column to its error node's column; remove the feature."""
     A = A.clone()
-    dropped = (~node_mask[:graph.n_features]).nonzero().squeeze(1)
+    dropped = (~node_mask[: graph.n_features]).nonzero().squeeze(1)
     if dropped.numel():
         feats = graph.active_features[graph.selected_features[dropped]]
         err_cols = graph.error_offset + feats[:, 0] * graph.n_pos + feats[:, 1]

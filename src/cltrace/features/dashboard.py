@@ -36,19 +36,19 @@ class FeatureRecord:
     layer: int
     index: int
     context_len: int
-    n_tokens: int                       # tokens scanned by the build so far
+    n_tokens: int  # tokens scanned by the build so far
     n_fires: int = 0
     sum_activation: float = 0.0
     max_activation: float = 0.0
-    top: list[tuple[float, int]] = field(default_factory=list)        # (value, location), best first
+    top: list[tuple[float, int]] = field(default_factory=list)  # (value, location), best first
     reservoir: list[tuple[float, int]] = field(default_factory=list)  # (value, location)
-    promoted: list[tuple[int, float]] = field(default_factory=list)   # (token id, logit effect)
+    promoted: list[tuple[int, float]] = field(default_factory=list)  # (token id, logit effect)
     suppressed: list[tuple[int, float]] = field(default_factory=list)
     auto_label: str | None = None
     user_label: str | None = None
-    label_info: dict | None = None                                    # `label_store.label_info`
-    contexts: dict[int, list[int]] = field(default_factory=dict)      # context id -> token ids
-    vocab: dict[int, str] = field(default_factory=dict)               # token id -> string
+    label_info: dict | None = None  # `label_store.label_info`
+    contexts: dict[int, list[int]] = field(default_factory=dict)  # context id -> token ids
+    vocab: dict[int, str] = field(default_factory=dict)  # token id -> string
 
     def locations(self) -> list[int]:
         return [loc for _, loc in self.top] + [loc for _, loc in self.reservoir]
@@ -59,8 +59,13 @@ def example(rec: FeatureRecord, value: float, location: int, before: int, after:
     ctx_id, pos = divmod(location, rec.context_len)
     ids = rec.contexts.get(ctx_id, [])
     lo, hi = max(0, pos - before), min(len(ids), pos + after + 1)
-    return {"tokens": [rec.vocab.get(t, f"<{t}>") for t in ids[lo:hi]],
-            "active_index": pos - lo, "value": value, "context_id": ctx_id, "position": pos}
+    return {
+        "tokens": [rec.vocab.get(t, f"<{t}>") for t in ids[lo:hi]],
+        "active_index": pos - lo,
+        "value": value,
+        "context_id": ctx_id,
+        "position": pos,
+    }
 
 
 def active_tokens(rec: FeatureRecord) -> list[str]:
@@ -86,8 +91,13 @@ def quantile_bins(rec: FeatureRecord, n_bins: int, per_bin: int, before: int, af
     for b in reversed(range(n_bins)):
         chosen = sorted(bins[b], reverse=True)[:per_bin]
         if chosen:
-            out.append({"low": top * b / n_bins, "high": top * (b + 1) / n_bins,
-                        "examples": [example(rec, v, loc, before, after) for v, loc in chosen]})
+            out.append(
+                {
+                    "low": top * b / n_bins,
+                    "high": top * (b + 1) / n_bins,
+                    "examples": [example(rec, v, loc, before, after) for v, loc in chosen],
+                }
+            )
     return out
 
 
@@ -95,8 +105,15 @@ def token_list(rec: FeatureRecord, pairs: list[tuple[int, float]]) -> list[dict]
     return [{"token": rec.vocab.get(t, f"<{t}>"), "token_id": t, "value": v} for t, v in pairs]
 
 
-def assemble(rec: FeatureRecord, *, n_bins: int = 5, per_bin: int = 4, before: int = 12,
-             after: int = 4, n_top: int | None = None) -> dict:
+def assemble(
+    rec: FeatureRecord,
+    *,
+    n_bins: int = 5,
+    per_bin: int = 4,
+    before: int = 12,
+    after: int = 4,
+    n_top: int | None = None,
+) -> dict:
     """The dashboard card for one feature (see the module docstring for its keys)."""
     label, source = (rec.user_label, "user") if rec.user_label else (rec.auto_label, "auto")
     if not label:
@@ -105,9 +122,13 @@ def assemble(rec: FeatureRecord, *, n_bins: int = 5, per_bin: int = 4, before: i
         label = DEAD_LABEL
     top = rec.top if n_top is None else rec.top[:n_top]
     card = {
-        "layer": rec.layer, "index": rec.index, "label": label, "label_source": source,
+        "layer": rec.layer,
+        "index": rec.index,
+        "label": label,
+        "label_source": source,
         "density": rec.n_fires / rec.n_tokens if rec.n_tokens else None,
-        "n_fires": rec.n_fires, "n_tokens": rec.n_tokens,
+        "n_fires": rec.n_fires,
+        "n_tokens": rec.n_tokens,
         "mean_activation": rec.sum_activation / rec.n_fires if rec.n_fires else None,
         "max_activation": rec.max_activation if rec.n_fires else None,
         "contexts": [example(rec, v, loc, before, after) for v, loc in top],
@@ -124,11 +145,15 @@ def assemble(rec: FeatureRecord, *, n_bins: int = 5, per_bin: int = 4, before: i
 def label_keys(rec: FeatureRecord) -> dict:
     """The automatic label's parts and scores (scores None for a store without them)."""
     info = rec.label_info or {}
-    return {"auto_label": rec.auto_label, "label_reads": [r["text"] for r in info.get("reads", [])],
-            "label_writes": [w["text"] for w in info.get("writes", [])],
-            "label_broad": info.get("broad", False),
-            "label_detection": info.get("detection"), "label_output": info.get("output"),
-            "label_evidence": {k: info[k] for k in ("reads", "writes", "n_pos", "n_neg")} if info else None}
+    return {
+        "auto_label": rec.auto_label,
+        "label_reads": [r["text"] for r in info.get("reads", [])],
+        "label_writes": [w["text"] for w in info.get("writes", [])],
+        "label_broad": info.get("broad", False),
+        "label_detection": info.get("detection"),
+        "label_output": info.get("output"),
+        "label_evidence": {k: info[k] for k in ("reads", "writes", "n_pos", "n_neg")} if info else None,
+    }
 
 
 def score_text(card: dict) -> str:
@@ -138,8 +163,7 @@ def score_text(card: dict) -> str:
     if card.get("label_broad"):
         return "not scored (broad)"
     names = (("detection", "label_detection"), ("output", "label_output"))
-    parts = [f"{name} {card[key]:.2f}" for name, key in names
-             if card.get(key) is not None]
+    parts = [f"{name} {card[key]:.2f}" for name, key in names if card.get(key) is not None]
     return " · ".join(parts) if parts else "not scored"
 
 
@@ -159,13 +183,19 @@ def render_context(ctx: dict) -> str:
 def render(card: dict, max_contexts: int = 10) -> str:
     """The dashboard as text for a terminal."""
     dens = card.get("density")
-    lines = [f"feature L{card['layer']}:{card['index']}  {card.get('label', '')!s}"
-             + ("  (your label)" if card.get("label_source") == "user" else ""),
-             f"  label score: {score_text(card)}"
-             + (f"  (automatic label: {card['auto_label']})" if card.get("label_source") == "user"
-                and card.get("auto_label") else ""),
-             f"  density {dens:.3g} ({card['n_fires']:,} of {card['n_tokens']:,} tokens)"
-             if dens is not None else "  density unknown (no tokens scanned yet)"]
+    lines = [
+        f"feature L{card['layer']}:{card['index']}  {card.get('label', '')!s}"
+        + ("  (your label)" if card.get("label_source") == "user" else ""),
+        f"  label score: {score_text(card)}"
+        + (
+            f"  (automatic label: {card['auto_label']})"
+            if card.get("label_source") == "user" and card.get("auto_label")
+            else ""
+        ),
+        f"  density {dens:.3g} ({card['n_fires']:,} of {card['n_tokens']:,} tokens)"
+        if dens is not None
+        else "  density unknown (no tokens scanned yet)",
+    ]
     if card.get("mean_activation") is not None:
         lines.append(f"  activation mean {card['mean_activation']:.4g}, max {card['max_activation']:.4g}")
     if card.get("message"):

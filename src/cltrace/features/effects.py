@@ -65,7 +65,11 @@ def token_effects(
 
 
 def write_effects(
-    store: FeatureStore, model: "LoadedModel", transcoder: TranscoderLike, cfg: FeatureStoreConfig, show_progress: bool
+    store: FeatureStore,
+    model: "LoadedModel",
+    transcoder: TranscoderLike,
+    cfg: FeatureStoreConfig,
+    show_progress: bool,
 ) -> None:
     """Compute and store token effects for each layer not done yet (resumable per layer)."""
     import numpy as np

@@ -315,7 +315,9 @@ def _word_logits(
 
     import torch
 
-    hooks = model.patch_mlp_outputs(_shift_mlp_outputs(delta)) if delta is not None else contextlib.nullcontext()
+    hooks = (
+        model.patch_mlp_outputs(_shift_mlp_outputs(delta)) if delta is not None else contextlib.nullcontext()
+    )
     with torch.no_grad(), hooks:
         hidden = model.run(tokens, with_logits=False).last_hidden_state[
             :, 1:

@@ -197,7 +197,9 @@ def _join(reads: list[ReadItem], writes: list[WriteItem]) -> str:
     return left or (f"→ {right}" if right else "")
 
 
-def auto_label(active_tokens: list[str], promoted: Sequence[str] = (), max_chars: int = MAX_LABEL_CHARS) -> str:
+def auto_label(
+    active_tokens: list[str], promoted: Sequence[str] = (), max_chars: int = MAX_LABEL_CHARS
+) -> str:
     """A label without the text's base rates (for a store made before scored labels):
     the commonest firing tokens (each in at least a fifth of the top examples) → the first
     promoted token with a visible character."""

@@ -37,6 +37,7 @@ from cltrace.features.config import FeatureStoreConfig
 from cltrace.features.label_store import (
     LABEL_SCHEMA,
     LABEL_TABLES,
+    Order,
     label_evidence,
     label_info,
     label_summary,
@@ -71,9 +72,17 @@ CREATE TABLE IF NOT EXISTS user_labels (layer INTEGER NOT NULL, feature INTEGER 
 CREATE INDEX IF NOT EXISTS auto_labels_by_label ON auto_labels (label);
 CREATE INDEX IF NOT EXISTS user_labels_by_label ON user_labels (label);
 """
-BUILD_TABLES = ("meta", "progress", "contexts", "vocab", "features", "layer_stats", "effects",
-                "auto_labels", *LABEL_TABLES)
-
+BUILD_TABLES = (
+    "meta",
+    "progress",
+    "contexts",
+    "vocab",
+    "features",
+    "layer_stats",
+    "effects",
+    "auto_labels",
+    *LABEL_TABLES,
+)
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,10 @@ class FeatureStore:
     def __init__(self, path: str | Path, *, create: bool = False):
         self.path = Path(path)
         if not create and not self.path.is_file():
-            raise CltraceError(f"no feature store at {self.path}",
-                               "build one with `cltrace features RUN` (see `cltrace features --help`)")
+            raise CltraceError(
+                f"no feature store at {self.path}",
+                "build one with `cltrace features RUN` (see `cltrace features --help`)",
+            )
         self._lock = threading.RLock()
         self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
@@ -133,8 +144,10 @@ class FeatureStore:
             self.conn.executescript(SCHEMA + LABEL_SCHEMA)
         except sqlite3.DatabaseError as err:
             self.conn.close()
-            raise CltraceError(f"{self.path} is not a feature store ({err})",
-                               "pass the features.sqlite that `cltrace features` wrote") from err
+            raise CltraceError(
+                f"{self.path} is not a feature store ({err})",
+                "pass the features.sqlite that `cltrace features` wrote",
+            ) from err
         self._meta: dict[str, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -161,8 +174,10 @@ class FeatureStore:
 
     def _int_meta(self, key: str) -> int:
         if key not in self.meta:
-            raise CltraceError(f"{self.path} has no finished set-up (missing {key!r})",
-                               "rebuild it with `cltrace features RUN --fresh`")
+            raise CltraceError(
+                f"{self.path} has no finished set-up (missing {key!r})",
+                "rebuild it with `cltrace features RUN --fresh`",
+            )
         return int(self.meta[key])
 
     @property
@@ -185,15 +200,18 @@ class FeatureStore:
 
     def _fid(self, layer: int, index: int) -> int:
         if not (0 <= layer < self.n_layers and 0 <= index < self.n_features):
-            raise CltraceError(f"no feature L{layer}:{index} in this store",
-                               f"layers 0..{self.n_layers - 1}, features 0..{self.n_features - 1}")
+            raise CltraceError(
+                f"no feature L{layer}:{index} in this store",
+                f"layers 0..{self.n_layers - 1}, features 0..{self.n_features - 1}",
+            )
         return layer * self.n_features + index
 
     # -- labels ----------------------------------------------------------------------------
     def user_label(self, layer: int, index: int) -> str | None:
         with self._lock:
-            row = self.conn.execute("SELECT label FROM user_labels WHERE layer = ? AND feature = ?",
-                                    (layer, index)).fetchone()
+            row = self.conn.execute(
+                "SELECT label FROM user_labels WHERE layer = ? AND feature = ?", (layer, index)
+            ).fetchone()
         return None if row is None else row[0]
 
     def label(self, layer: int, index: int) -> str:
@@ -202,8 +220,9 @@ class FeatureStore:
         if user:
             return user
         with self._lock:
-            row = self.conn.execute("SELECT label FROM auto_labels WHERE id = ?",
-                                    (self._fid(layer, index),)).fetchone()
+            row = self.conn.execute(
+                "SELECT label FROM auto_labels WHERE id = ?", (self._fid(layer, index),)
+            ).fetchone()
         return row[0] if row else self.dashboard(layer, index)["label"]
 
     def labels(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], str]:
@@ -214,9 +233,16 @@ class FeatureStore:
         with self._lock:
             ids = sorted(fids)
             for s in range(0, len(ids), 500):
-                part = ids[s:s + 500]
-                out.update({fids[int(i)]: lab for i, lab in self.conn.execute(
-                    f"SELECT id, label FROM auto_labels WHERE id IN ({','.join('?' * len(part))})", part)})
+                part = ids[s : s + 500]
+                out.update(
+                    {
+                        fids[int(i)]: lab
+                        for i, lab in self.conn.execute(
+                            f"SELECT id, label FROM auto_labels WHERE id IN ({','.join('?' * len(part))})",
+                            part,
+                        )
+                    }
+                )
             for layer, index, lab in self.conn.execute("SELECT layer, feature, label FROM user_labels"):
                 if (layer, index) in fids.values():
                     out[(layer, index)] = lab
@@ -230,20 +256,29 @@ class FeatureStore:
                 self.conn.execute(
                     "INSERT INTO user_labels (layer, feature, label, updated) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (layer, feature) DO UPDATE SET label = excluded.label, "
-                    "updated = excluded.updated", (layer, index, label, time.time()))
+                    "updated = excluded.updated",
+                    (layer, index, label, time.time()),
+                )
             else:
-                self.conn.execute("DELETE FROM user_labels WHERE layer = ? AND feature = ?",
-                                  (layer, index))
+                self.conn.execute("DELETE FROM user_labels WHERE layer = ? AND feature = ?", (layer, index))
 
     def search(self, text: str, limit: int = 20) -> list[tuple[int, int, str]]:
         """Features whose label contains `text` (case-insensitive): [(layer, index, label)]."""
         pattern = f"%{text}%"
         F = self.n_features
         with self._lock:
-            user = list(self.conn.execute(
-                "SELECT layer, feature, label FROM user_labels WHERE label LIKE ? LIMIT ?", (pattern, limit)))
-            auto = [(i // F, i % F, lab) for i, lab in self.conn.execute(
-                "SELECT id, label FROM auto_labels WHERE label LIKE ? LIMIT ?", (pattern, limit))]
+            user = list(
+                self.conn.execute(
+                    "SELECT layer, feature, label FROM user_labels WHERE label LIKE ? LIMIT ?",
+                    (pattern, limit),
+                )
+            )
+            auto = [
+                (i // F, i % F, lab)
+                for i, lab in self.conn.execute(
+                    "SELECT id, label FROM auto_labels WHERE label LIKE ? LIMIT ?", (pattern, limit)
+                )
+            ]
         seen = {(l, i) for l, i, _ in user}
         return (user + [a for a in auto if (a[0], a[1]) not in seen])[:limit]
 
@@ -252,8 +287,9 @@ class FeatureStore:
         """Everything stored about one feature (a handful of primary-key reads)."""
         fid = self._fid(layer, index)
         layout = RecordLayout(int(self.meta["top_k"]), int(self.meta["n_bins"]) * int(self.meta["per_bin"]))
-        rec = dash.FeatureRecord(layer=layer, index=index, context_len=self.context_len,
-                                 n_tokens=self.progress()[1])
+        rec = dash.FeatureRecord(
+            layer=layer, index=index, context_len=self.context_len, n_tokens=self.progress()[1]
+        )
         with self._lock:
             row = self.conn.execute("SELECT data FROM features WHERE id = ?", (fid,)).fetchone()
             if row is not None:
@@ -273,8 +309,9 @@ class FeatureStore:
             with self.conn.blobopen("layer_stats", column, layer, readonly=True) as blob:
                 blob.seek(offset)
                 return blob.read(size)
-        row = self.conn.execute(f"SELECT substr({column}, ?, ?) FROM layer_stats WHERE layer = ?",
-                                (offset + 1, size, layer)).fetchone()
+        row = self.conn.execute(
+            f"SELECT substr({column}, ?, ?) FROM layer_stats WHERE layer = ?", (offset + 1, size, layer)
+        ).fetchone()
         return bytes(row[0])
 
     def _read_stats(self, rec: dash.FeatureRecord) -> None:
@@ -304,7 +341,9 @@ class FeatureStore:
         ctx_ids = sorted({loc // rec.context_len for loc in rec.locations()})
         if ctx_ids:
             marks = ",".join("?" * len(ctx_ids))
-            for cid, blob in self.conn.execute(f"SELECT id, tokens FROM contexts WHERE id IN ({marks})", ctx_ids):
+            for cid, blob in self.conn.execute(
+                f"SELECT id, tokens FROM contexts WHERE id IN ({marks})", ctx_ids
+            ):
                 rec.contexts[int(cid)] = list(_ints(blob))
         ids = {t for toks in rec.contexts.values() for t in toks}
         ids |= {t for t, _ in rec.promoted} | {t for t, _ in rec.suppressed}
@@ -313,13 +352,25 @@ class FeatureStore:
             marks = ",".join("?" * len(ids_list))
             rec.vocab = dict(self.conn.execute(f"SELECT id, text FROM vocab WHERE id IN ({marks})", ids_list))
 
-    def labels_table(self, *, min_score: float | None = None, min_output: float | None = None,
-                     order: str = "score", limit: int | None = None,
-                     include_broad: bool = False) -> list[dict]:
+    def labels_table(
+        self,
+        *,
+        min_score: float | None = None,
+        min_output: float | None = None,
+        order: Order = "score",
+        limit: int | None = None,
+        include_broad: bool = False,
+    ) -> list[dict]:
         """Labelled features with scores, sorted and filtered (`features.label_store.labels_table`)."""
         with self._lock:
-            return labels_table(self, min_score=min_score, min_output=min_output,
-                                order=order, limit=limit, include_broad=include_broad)  # type: ignore[arg-type]
+            return labels_table(
+                self,
+                min_score=min_score,
+                min_output=min_output,
+                order=order,
+                limit=limit,
+                include_broad=include_broad,
+            )
 
     def label_evidence(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], tuple[list, list]]:
         """{(layer, index): (read texts, written texts)} (`features.label_store.label_evidence`)."""
@@ -330,12 +381,19 @@ class FeatureStore:
         """Score distributions of all labels and of shuffled labels (None before scored labels)."""
         return label_summary(self)
 
-    def dashboard(self, layer: int, index: int, *, before: int = 12, after: int = 4,
-                  n_top: int | None = None) -> dict:
+    def dashboard(
+        self, layer: int, index: int, *, before: int = 12, after: int = 4, n_top: int | None = None
+    ) -> dict:
         """The feature's dashboard card (JSON-able; keys in `features.dashboard`)."""
         rec = self.record(layer, index)
-        return dash.assemble(rec, n_bins=int(self.meta["n_bins"]), per_bin=int(self.meta["per_bin"]),
-                             before=before, after=after, n_top=n_top)
+        return dash.assemble(
+            rec,
+            n_bins=int(self.meta["n_bins"]),
+            per_bin=int(self.meta["per_bin"]),
+            before=before,
+            after=after,
+            n_top=n_top,
+        )
 
 
 class _Transaction:
@@ -362,38 +420,75 @@ def add_vocab(conn: sqlite3.Connection, model: "LoadedModel", ids: set[int]) -> 
     """Store the display string of each token id not stored yet."""
     if not ids:
         return
-    have = {r[0] for r in conn.execute(
-        f"SELECT id FROM vocab WHERE id IN ({','.join('?' * len(ids))})", sorted(ids))} \
-        if len(ids) < 30000 else {r[0] for r in conn.execute("SELECT id FROM vocab")}
+    have = (
+        {
+            r[0]
+            for r in conn.execute(
+                f"SELECT id FROM vocab WHERE id IN ({','.join('?' * len(ids))})", sorted(ids)
+            )
+        }
+        if len(ids) < 30000
+        else {r[0] for r in conn.execute("SELECT id FROM vocab")}
+    )
     missing = sorted(ids - have)
-    conn.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)",
-                     zip(missing, model.token_strings(missing)))
+    conn.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", zip(missing, model.token_strings(missing)))
 
 
-def write_auto_labels(store: FeatureStore, config: LabelConfig = DEFAULT_LABELS, *,
-                      model: "LoadedModel | None" = None, transcoder: TranscoderLike | None = None,
-                      score_output: int | None = 0,
-                      show_progress: bool = False) -> int:
+def write_auto_labels(
+    store: FeatureStore,
+    config: LabelConfig = DEFAULT_LABELS,
+    *,
+    model: "LoadedModel | None" = None,
+    transcoder: TranscoderLike | None = None,
+    score_output: int | None = 0,
+    show_progress: bool = False,
+) -> int:
     """(Re)compute every automatic label and its scores from the stored data (no rescan);
     returns the count. With a model and transcoder the held-out pool is made when missing and
     `score_output` features get output scores (`features.label_store.relabel`)."""
     from cltrace.features.label_store import relabel
 
-    return relabel(store, config, model=model, transcoder=transcoder, score_output=score_output,
-                   show_progress=show_progress).n_features
+    return relabel(
+        store,
+        config,
+        model=model,
+        transcoder=transcoder,
+        score_output=score_output,
+        show_progress=show_progress,
+    ).n_features
 
 
 # Names that lived here before the build was split out stay importable from here (compatibility);
 # resolved on first use, since those modules import FeatureStore from here.
-_MOVED = {"BuildSummary": "build", "build_feature_store": "build", "iter_contexts": "build",
-          "EFFECTS_METHOD": "effects", "final_norm_gain": "effects", "token_effects": "effects",
-          "StreamingStats": "streaming"}
+_MOVED = {
+    "BuildSummary": "build",
+    "build_feature_store": "build",
+    "iter_contexts": "build",
+    "EFFECTS_METHOD": "effects",
+    "final_norm_gain": "effects",
+    "token_effects": "effects",
+    "StreamingStats": "streaming",
+}
 
-__all__ = ["FeatureStore", "FeatureStoreConfig", "RecordLayout", "add_vocab", "write_auto_labels",
-           "SCHEMA", "SCHEMA_VERSION", "DB_FILENAME", "BUILD_TABLES",
-           # the names of _MOVED, spelled out (and imported when type checking) for type checkers
-           "BuildSummary", "build_feature_store", "iter_contexts", "EFFECTS_METHOD", "final_norm_gain",
-           "token_effects", "StreamingStats"]
+__all__ = [
+    "FeatureStore",
+    "FeatureStoreConfig",
+    "RecordLayout",
+    "add_vocab",
+    "write_auto_labels",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "DB_FILENAME",
+    "BUILD_TABLES",
+    # the names of _MOVED, spelled out (and imported when type checking) for type checkers
+    "BuildSummary",
+    "build_feature_store",
+    "iter_contexts",
+    "EFFECTS_METHOD",
+    "final_norm_gain",
+    "token_effects",
+    "StreamingStats",
+]
 
 
 def __getattr__(name: str) -> Any:

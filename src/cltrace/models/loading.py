@@ -105,8 +105,11 @@ class LoadedModel:
         return [str(self.tokenizer.decode([int(i)])) for i in ids]
 
     @contextlib.contextmanager
-    def hooks(self, forward_hooks: Sequence[tuple[nn.Module, Callable]] = (),
-              pre_hooks: Sequence[tuple[nn.Module, Callable]] = ()) -> Iterator[None]:
+    def hooks(
+        self,
+        forward_hooks: Sequence[tuple[nn.Module, Callable]] = (),
+        pre_hooks: Sequence[tuple[nn.Module, Callable]] = (),
+    ) -> Iterator[None]:
         """Install forward (and pre-forward) hooks for the `with` block; always removed."""
         handles = []
         try:
@@ -125,8 +128,9 @@ class LoadedModel:
             return self.model(input_ids=tokens, use_cache=False).logits
         return self.model.base_model(input_ids=tokens, use_cache=False)
 
-    def capture(self, tokens: Int[Tensor, "batch pos"], *, with_logits: bool = False,
-                layers: list[int] | None = None) -> Captured:
+    def capture(
+        self, tokens: Int[Tensor, "batch pos"], *, with_logits: bool = False, layers: list[int] | None = None
+    ) -> Captured:
         """One forward pass recording the MLP input and output of every layer (or `layers`)."""
         layers = list(range(self.n_layers)) if layers is None else layers
         ins: dict[int, Tensor] = {}
@@ -135,6 +139,7 @@ class LoadedModel:
         def keep(store: dict[int, Tensor], layer: int):
             def hook(_module, _inputs, output):
                 store[layer] = output.detach()
+
             return hook
 
         fwd = [(self.adapter.mlp_in_module(self.blocks[l]), keep(ins, l)) for l in layers]
@@ -145,18 +150,21 @@ class LoadedModel:
         stack = lambda store: torch.stack([store[l] for l in layers], dim=2)  # noqa: E731
         return Captured(stack(ins), stack(outs), logits)
 
-    def mlp_hooks(self, on_in: Callable[[int, Tensor], None],
-                  on_out: Callable[[int, Tensor], Tensor | None]) -> list[tuple[nn.Module, Callable]]:
+    def mlp_hooks(
+        self, on_in: Callable[[int, Tensor], None], on_out: Callable[[int, Tensor], Tensor | None]
+    ) -> list[tuple[nn.Module, Callable]]:
         """Forward hooks for every layer, for `hooks(...)`: on_in(layer, mlp_in) sees each MLP
         input; on_out(layer, mlp_out) sees each MLP output and may return a replacement."""
+
         def seen(layer: int):
             return lambda _m, _i, output: on_in(layer, output)
 
         def replaced(layer: int):
             return lambda _m, _i, output: on_out(layer, output)
 
-        return ([(self.adapter.mlp_in_module(b), seen(l)) for l, b in enumerate(self.blocks)]
-                + [(self.adapter.mlp_out_module(b), replaced(l)) for l, b in enumerate(self.blocks)])
+        return [(self.adapter.mlp_in_module(b), seen(l)) for l, b in enumerate(self.blocks)] + [
+            (self.adapter.mlp_out_module(b), replaced(l)) for l, b in enumerate(self.blocks)
+        ]
 
     @contextlib.contextmanager
     def patch_mlp_outputs(self, fn: MlpPatch) -> Iterator[None]:
@@ -166,14 +174,14 @@ class LoadedModel:
         layers (a CLT closure accumulates each layer's feature activations).
         """
         current_in: dict[int, Tensor] = {}
-        fwd = self.mlp_hooks(current_in.__setitem__,
-                             lambda layer, out: fn(layer, current_in.pop(layer), out))
+        fwd = self.mlp_hooks(current_in.__setitem__, lambda layer, out: fn(layer, current_in.pop(layer), out))
         with self.hooks(fwd):
             yield
 
 
-def load_model(name_or_path: str, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """Load a bundled model by name (e.g. "gemma-3-270m") or any local transformers directory.
 
     Attention runs in the eager implementation so that later stages can freeze patterns.
@@ -193,13 +201,16 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu",
                 "transformers model directory (with config.json)",
             )
         if not (path / "config.json").exists():
-            raise CltraceError(f"{path} has no config.json, so it is not a transformers model directory",
-                               "pass the folder that save_pretrained() wrote")
+            raise CltraceError(
+                f"{path} has no config.json, so it is not a transformers model directory",
+                "pass the folder that save_pretrained() wrote",
+            )
     return load_model_dir(path, name=name, device=device, dtype=dtype)
 
 
-def load_model_dir(path: Path, *, name: str, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model_dir(
+    path: Path, *, name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """Load model + tokenizer from a transformers directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -211,14 +222,17 @@ def load_model_dir(path: Path, *, name: str, device: str | torch.device = "cpu",
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError) as err:
-        raise CltraceError(f"could not load the model in {path}: {err}",
-                           "check that the folder is complete (config, weights, tokenizer)") from err
+        raise CltraceError(
+            f"could not load the model in {path}: {err}",
+            "check that the folder is complete (config, weights, tokenizer)",
+        ) from err
     model.to(device)  # pyright: ignore[reportArgumentType]  (transformers' stub types `to` oddly)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model))
 
 
-def from_pretrained_objects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                            name: str = "in-memory") -> LoadedModel:
+def from_pretrained_objects(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory"
+) -> LoadedModel:
     """Wrap an already-built transformers model (tests build tiny random ones)."""
     if getattr(model.config, "_attn_implementation", "eager") != "eager":
         model.set_attn_implementation("eager")
@@ -231,6 +245,7 @@ def config_model_type(path: Path) -> str | None:
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise CltraceError(f"cannot read {config}: {err}",
-                           "pass the folder that save_pretrained() wrote") from err
+        raise CltraceError(
+            f"cannot read {config}: {err}", "pass the folder that save_pretrained() wrote"
+        ) from err
     return data.get("model_type") if isinstance(data, dict) else None

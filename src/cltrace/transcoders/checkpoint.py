@@ -58,13 +58,19 @@ def rng_state() -> dict[str, str]:
 def set_rng_state(state: dict[str, str]) -> None:
     def decode(s: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
     torch.set_rng_state(decode(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(decode(state["cuda"]))
 
 
-def save_checkpoint(directory: Path, transcoder, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    directory: Path,
+    transcoder,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Model, optimizer tensors, trainer tensors (`extra`), then state.json (last)."""
     directory = Path(directory)
     transcoder.save(directory)
@@ -82,8 +88,9 @@ def save_checkpoint(directory: Path, transcoder, optimizer: torch.optim.Optimize
     atomic_write_json(full, directory / "state.json")
 
 
-def load_checkpoint(directory: Path, transcoder, optimizer: torch.optim.Optimizer
-                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_checkpoint(
+    directory: Path, transcoder, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore weights, optimizer and RNG into existing objects; return state.json and the
     trainer tensors."""
     from cltrace.transcoders.model import WEIGHTS_FILE, load_state_checked

@@ -23,8 +23,7 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise CltraceError(f"{what}: unknown field(s) {unknown}",
-                           hint="was it written by a newer cltrace?")
+        raise CltraceError(f"{what}: unknown field(s) {unknown}", hint="was it written by a newer cltrace?")
     try:
         return cls(**data)
     except TypeError as err:
@@ -35,18 +34,18 @@ def _from_dict(cls, data: dict[str, Any], what: str):
 class TranscoderConfig:
     """Architecture of a transcoder; saved as config.json next to the weights."""
 
-    n_layers: int                                    # L: layers of the language model
-    d_model: int                                     # d: residual width
-    n_features: int                                  # F: features per layer
-    kind: Literal["clt", "plt"] = "clt"              # cross-layer or per-layer decoders
-    skip: bool = False                               # add a linear skip W_skip x_l (skip transcoder)
+    n_layers: int  # L: layers of the language model
+    d_model: int  # d: residual width
+    n_features: int  # F: features per layer
+    kind: Literal["clt", "plt"] = "clt"  # cross-layer or per-layer decoders
+    skip: bool = False  # add a linear skip W_skip x_l (skip transcoder)
     activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
-    topk: int | None = None                          # k per layer and token (TopK; BatchTopK: on average)
-    bandwidth: float = 1.0                           # STE rectangle-kernel width ε (normalised scale)
-    init_threshold: float = 0.03                     # θ at initialisation (normalised scale)
-    model_name: str | None = None                    # the language model it was trained on
-    hook_in: str = "mlp_in"                          # what it reads (MLP input, after pre-norm)
-    hook_out: str = "mlp_out"                        # what it writes (MLP output)
+    topk: int | None = None  # k per layer and token (TopK; BatchTopK: on average)
+    bandwidth: float = 1.0  # STE rectangle-kernel width ε (normalised scale)
+    init_threshold: float = 0.03  # θ at initialisation (normalised scale)
+    model_name: str | None = None  # the language model it was trained on
+    hook_in: str = "mlp_in"  # what it reads (MLP input, after pre-norm)
+    hook_out: str = "mlp_out"  # what it writes (MLP output)
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_features"):
@@ -56,15 +55,19 @@ class TranscoderConfig:
         if self.kind not in ("clt", "plt"):
             raise CltraceError(f"TranscoderConfig.kind must be 'clt' or 'plt', got {self.kind!r}")
         if self.activation not in ("jumprelu", "topk", "batchtopk"):
-            raise CltraceError(f"TranscoderConfig.activation must be 'jumprelu', 'topk' or 'batchtopk', "
-                               f"got {self.activation!r}")
+            raise CltraceError(
+                f"TranscoderConfig.activation must be 'jumprelu', 'topk' or 'batchtopk', "
+                f"got {self.activation!r}"
+            )
         if self.activation != "jumprelu":
             if self.topk is None or not 1 <= self.topk <= self.n_features:
-                raise CltraceError(f"activation={self.activation!r} needs 1 <= topk <= n_features, "
-                                   f"got {self.topk!r}")
+                raise CltraceError(
+                    f"activation={self.activation!r} needs 1 <= topk <= n_features, got {self.topk!r}"
+                )
         elif self.topk is not None:
-            raise CltraceError("topk is set but activation is 'jumprelu'",
-                               hint="drop topk or use activation='topk'")
+            raise CltraceError(
+                "topk is set but activation is 'jumprelu'", hint="drop topk or use activation='topk'"
+            )
         if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
             raise CltraceError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
         if not self.init_threshold > 0:
@@ -86,49 +89,49 @@ class TranscoderConfig:
 class TrainConfig:
     """How a transcoder is trained. Saved as train_config.json in the run folder."""
 
-    model: str = DEFAULT_MODEL                       # language model (name or path)
+    model: str = DEFAULT_MODEL  # language model (name or path)
     kind: Literal["clt", "plt"] = "clt"
     skip: bool = False
     activation: Literal["jumprelu", "topk", "batchtopk"] = "jumprelu"
-    topk: int | None = None                          # k per token (BatchTopK: k·batch per batch)
-    n_features: int = 2048                           # F per layer
-    tokens: int = 300_000                            # training tokens in total (with `minutes`: at most)
-    minutes: float | None = None                     # wall-time budget of the training loop: the token
-                                                     # budget is sized from the measured throughput
-    batch_size: int = 1024                           # tokens per optimizer step
-    lr: float = 2e-4                                 # AdamW peak learning rate
-    lr_warmup_frac: float = 0.01                     # linear warm-up, fraction of steps
-    lr_decay_frac: float = 0.2                       # linear decay to 0 over the last fraction
+    topk: int | None = None  # k per token (BatchTopK: k·batch per batch)
+    n_features: int = 2048  # F per layer
+    tokens: int = 300_000  # training tokens in total (with `minutes`: at most)
+    minutes: float | None = None  # wall-time budget of the training loop: the token
+    # budget is sized from the measured throughput
+    batch_size: int = 1024  # tokens per optimizer step
+    lr: float = 2e-4  # AdamW peak learning rate
+    lr_warmup_frac: float = 0.01  # linear warm-up, fraction of steps
+    lr_decay_frac: float = 0.2  # linear decay to 0 over the last fraction
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    lambda_s: float = 1.0                            # sparsity penalty λ_S (final value); in cltrace's
-                                                     # normalisation (per token, summed over layers, each
-                                                     # target's mean norm √d) 1.0 gave L0 ≈ 77 on a 18×1024
-                                                     # PLT of gemma-3-270m, 3.0 gave 26, 2e-4 gave 370
-    lambda_s_warmup_frac: float = 0.7                # λ_S ramps linearly from 0 over this fraction
-    lambda_p: float = 3e-6                           # pre-activation penalty λ_P
-    sparsity_c: float = 4.0                          # c in tanh(c·||W_dec||·a)
-    bandwidth: float = 1.0                           # JumpReLU STE width ε (normalised scale)
+    lambda_s: float = 1.0  # sparsity penalty λ_S (final value); in cltrace's
+    # normalisation (per token, summed over layers, each
+    # target's mean norm √d) 1.0 gave L0 ≈ 77 on a 18×1024
+    # PLT of gemma-3-270m, 3.0 gave 26, 2e-4 gave 370
+    lambda_s_warmup_frac: float = 0.7  # λ_S ramps linearly from 0 over this fraction
+    lambda_p: float = 3e-6  # pre-activation penalty λ_P
+    sparsity_c: float = 4.0  # c in tanh(c·||W_dec||·a)
+    bandwidth: float = 1.0  # JumpReLU STE width ε (normalised scale)
     init_threshold: float = 0.03
-    init_tokens: int = 4096                          # tokens used to set norm scalars and b_enc
-    grad_clip: float | None = 1.0                    # max global grad norm; None = no clipping
+    init_tokens: int = 4096  # tokens used to set norm scalars and b_enc
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 where AMX/CUDA has it
-    dead_window_tokens: int = 100_000                # a feature is dead if silent this long
-    checkpoint_every: int = 50                       # steps between checkpoints (0 = only at the end)
-    log_every: int = 10                              # steps between metric log lines
+    dead_window_tokens: int = 100_000  # a feature is dead if silent this long
+    checkpoint_every: int = 50  # steps between checkpoints (0 = only at the end)
+    log_every: int = 10  # steps between metric log lines
     seed: int = 0
-    context_len: int = 128                           # harvest: tokens per context
-    store: str | None = None                         # activation store to read (None = harvest on the fly)
-    refit_tokens: int = 0                            # after training, refit the decoder by least squares
-                                                     # on this many further tokens (0 = off; refit.py)
-    refit_ridge: float = 1e-3                        # ridge, relative to the mean Gram diagonal
-    jumprelu_after_topk: bool = False                # TopK / BatchTopK: end as a JumpReLU transcoder with
-                                                     # per-layer thresholds keeping L0 (refit.py), so it
-                                                     # can be intervened on; before the refit
-    auxk_alpha: float = 0.0                          # AuxK dead-feature loss weight α (1/32 in the presets)
-    auxk: int | None = None                          # k_aux: dead features decoding the residual per token
-                                                     # and layer (None: 2·topk, or d_model/2 for JumpReLU)
+    context_len: int = 128  # harvest: tokens per context
+    store: str | None = None  # activation store to read (None = harvest on the fly)
+    refit_tokens: int = 0  # after training, refit the decoder by least squares
+    # on this many further tokens (0 = off; refit.py)
+    refit_ridge: float = 1e-3  # ridge, relative to the mean Gram diagonal
+    jumprelu_after_topk: bool = False  # TopK / BatchTopK: end as a JumpReLU transcoder with
+    # per-layer thresholds keeping L0 (refit.py), so it
+    # can be intervened on; before the refit
+    auxk_alpha: float = 0.0  # AuxK dead-feature loss weight α (1/32 in the presets)
+    auxk: int | None = None  # k_aux: dead features decoding the residual per token
+    # and layer (None: 2·topk, or d_model/2 for JumpReLU)
 
     def __post_init__(self):
         positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
@@ -154,8 +157,10 @@ class TrainConfig:
         if self.refit_tokens < 0 or not self.refit_ridge > 0:
             raise CltraceError("refit_tokens must be >= 0 and refit_ridge > 0")
         if self.refit_tokens and self.skip:
-            raise CltraceError("the least-squares refit does not handle skip transcoders",
-                               hint="set refit_tokens=0 for --skip")
+            raise CltraceError(
+                "the least-squares refit does not handle skip transcoders",
+                hint="set refit_tokens=0 for --skip",
+            )
         if self.jumprelu_after_topk and self.activation == "jumprelu":
             raise CltraceError("jumprelu_after_topk needs activation='topk' or 'batchtopk'")
         if self.minutes is not None and not self.minutes > 0:
@@ -172,14 +177,25 @@ class TrainConfig:
     @property
     def tokens_needed(self) -> int:
         """Training tokens plus those the closed-form finishing steps read after them."""
-        return (self.n_steps * self.batch_size + (self.init_tokens if self.jumprelu_after_topk else 0)
-                + self.refit_tokens)
+        return (
+            self.n_steps * self.batch_size
+            + (self.init_tokens if self.jumprelu_after_topk else 0)
+            + self.refit_tokens
+        )
 
     def transcoder_config(self, n_layers: int, d_model: int) -> TranscoderConfig:
-        return TranscoderConfig(n_layers=n_layers, d_model=d_model, n_features=self.n_features,
-                                kind=self.kind, skip=self.skip, activation=self.activation,
-                                topk=self.topk, bandwidth=self.bandwidth,
-                                init_threshold=self.init_threshold, model_name=self.model)
+        return TranscoderConfig(
+            n_layers=n_layers,
+            d_model=d_model,
+            n_features=self.n_features,
+            kind=self.kind,
+            skip=self.skip,
+            activation=self.activation,
+            topk=self.topk,
+            bandwidth=self.bandwidth,
+            init_threshold=self.init_threshold,
+            model_name=self.model,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,21 +220,57 @@ class TrainConfig:
 #   small    18 x 4096 JumpReLU, 2M tokens: hours on this CPU; minutes on one GPU.
 #   paper    18 x 16384, 50M tokens: GPU only.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(model=DEFAULT_MODEL, n_features=1024, activation="topk", topk=64, minutes=10.0,
-                 tokens=2_000_000, batch_size=1024, lr=2e-3, dead_window_tokens=20_000, checkpoint_every=20,
-                 jumprelu_after_topk=True, auxk_alpha=1 / 32),
-    "session": dict(model=DEFAULT_MODEL, n_features=2048, activation="batchtopk", topk=20, minutes=45.0,
-                    tokens=5_000_000, batch_size=1024, lr=2e-3, checkpoint_every=50,
-                    dead_window_tokens=20_000, jumprelu_after_topk=True, auxk_alpha=1 / 32),
+    "demo": dict(
+        model=DEFAULT_MODEL,
+        n_features=1024,
+        activation="topk",
+        topk=64,
+        minutes=10.0,
+        tokens=2_000_000,
+        batch_size=1024,
+        lr=2e-3,
+        dead_window_tokens=20_000,
+        checkpoint_every=20,
+        jumprelu_after_topk=True,
+        auxk_alpha=1 / 32,
+    ),
+    "session": dict(
+        model=DEFAULT_MODEL,
+        n_features=2048,
+        activation="batchtopk",
+        topk=20,
+        minutes=45.0,
+        tokens=5_000_000,
+        batch_size=1024,
+        lr=2e-3,
+        checkpoint_every=50,
+        dead_window_tokens=20_000,
+        jumprelu_after_topk=True,
+        auxk_alpha=1 / 32,
+    ),
     "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
-    "paper": dict(model=DEFAULT_MODEL, n_features=16384, tokens=50_000_000, batch_size=4096,
-                  dead_window_tokens=10_000_000, checkpoint_every=500),
-    "smollm2": dict(model="smollm2-135m", n_features=1024, tokens=50_000, batch_size=1024, lr=1e-3,
-                    lambda_s_warmup_frac=0.5, dead_window_tokens=20_000, checkpoint_every=10),
+    "paper": dict(
+        model=DEFAULT_MODEL,
+        n_features=16384,
+        tokens=50_000_000,
+        batch_size=4096,
+        dead_window_tokens=10_000_000,
+        checkpoint_every=500,
+    ),
+    "smollm2": dict(
+        model="smollm2-135m",
+        n_features=1024,
+        tokens=50_000,
+        batch_size=1024,
+        lr=1e-3,
+        lambda_s_warmup_frac=0.5,
+        dead_window_tokens=20_000,
+        checkpoint_every=10,
+    ),
 }
 
 
-TOPK_ONLY = ("topk", "jumprelu_after_topk")      # settings that only mean something for (Batch)TopK
+TOPK_ONLY = ("topk", "jumprelu_after_topk")  # settings that only mean something for (Batch)TopK
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
@@ -227,10 +279,10 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
         raise CltraceError(f"unknown preset {name!r}", hint=f"choose one of {sorted(PRESETS)}")
     values = dict(PRESETS[name])
     if overrides.get("tokens") is not None and overrides.get("minutes") is None:
-        values.pop("minutes", None)                            # a token count asked for: no time budget
+        values.pop("minutes", None)  # a token count asked for: no time budget
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("activation", "jumprelu") == "jumprelu":   # a TopK preset switched to JumpReLU:
-        for key in TOPK_ONLY:                                  # drop its TopK-only settings
+    if values.get("activation", "jumprelu") == "jumprelu":  # a TopK preset switched to JumpReLU:
+        for key in TOPK_ONLY:  # drop its TopK-only settings
             if overrides.get(key) is None:
                 values.pop(key, None)
     return TrainConfig(**values)

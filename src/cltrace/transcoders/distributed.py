@@ -28,7 +28,7 @@ from cltrace.errors import CltraceError
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.train import Distributed
 
-FEATURE_DIM = {"W_enc": 2, "b_enc": 1, "log_threshold": 1}   # W_dec.{l}: dim 0
+FEATURE_DIM = {"W_enc": 2, "b_enc": 1, "log_threshold": 1}  # W_dec.{l}: dim 0
 
 
 def _feature_dim(name: str) -> int | None:
@@ -89,7 +89,9 @@ class FeatureSharded(Distributed):
         if self.dp == 1:
             return x, y
         if x.shape[0] % self.dp:
-            raise CltraceError(f"batch of {x.shape[0]} tokens does not split over {self.dp} data-parallel ranks")
+            raise CltraceError(
+                f"batch of {x.shape[0]} tokens does not split over {self.dp} data-parallel ranks"
+            )
         return x.chunk(self.dp)[self.dp_rank], y.chunk(self.dp)[self.dp_rank]
 
     def reduce_partial(self, recon: Tensor) -> Tensor:

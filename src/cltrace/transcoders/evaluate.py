@@ -36,26 +36,35 @@ if TYPE_CHECKING:
 @dataclass
 class ActivationMetrics:
     n_tokens: int
-    nmse: list[float]       # per layer
+    nmse: list[float]  # per layer
     fve: list[float]
     l0: list[float]
     dead: list[int]
-    dense: list[int]        # features active on > dense_frac of the tokens
-    median_density: list[float] = field(default_factory=list)   # per layer (absent in old eval.json)
-    median_density_all: float | None = None                      # over every feature
-    n_features: int | None = None                                # per layer
+    dense: list[int]  # features active on > dense_frac of the tokens
+    median_density: list[float] = field(default_factory=list)  # per layer (absent in old eval.json)
+    median_density_all: float | None = None  # over every feature
+    n_features: int | None = None  # per layer
     dense_frac: float = 0.1
 
     def summary(self) -> dict[str, float]:
         def mean(v):
             return sum(v) / len(v)
 
-        out = {"nmse": mean(self.nmse), "fve": mean(self.fve), "l0": mean(self.l0),
-               "dead": sum(self.dead), "dense": sum(self.dense)}
+        out = {
+            "nmse": mean(self.nmse),
+            "fve": mean(self.fve),
+            "l0": mean(self.l0),
+            "dead": sum(self.dead),
+            "dense": sum(self.dense),
+        }
         if self.n_features:
             total = self.n_features * len(self.nmse)
-            out.update(dead_share=sum(self.dead) / total, dense_share=sum(self.dense) / total,
-                       median_density=self.median_density_all, l0_share=out["l0"] / self.n_features)
+            out.update(
+                dead_share=sum(self.dead) / total,
+                dense_share=sum(self.dense) / total,
+                median_density=self.median_density_all,
+                l0_share=out["l0"] / self.n_features,
+            )
         return out
 
 
@@ -63,7 +72,7 @@ class ActivationMetrics:
 class ReplacementMetrics:
     n_tokens: int
     top1_agreement: float
-    kl: float               # nats per token, KL(real || replacement)
+    kl: float  # nats per token, KL(real || replacement)
     ce_real: float
     ce_replacement: float
     ce_zero_ablation: float
@@ -71,8 +80,9 @@ class ReplacementMetrics:
 
 
 @torch.no_grad()
-def evaluate_activations(tc: Transcoder, batches: Iterable, *, max_tokens: int | None = None,
-                         dense_frac: float = 0.1) -> ActivationMetrics:
+def evaluate_activations(
+    tc: Transcoder, batches: Iterable, *, max_tokens: int | None = None, dense_frac: float = 0.1
+) -> ActivationMetrics:
     """Per-layer reconstruction and sparsity on `batches` of `.mlp_in, .mlp_out` [B, L, d]."""
     L, n_feat = tc.cfg.n_layers, tc.cfg.n_features
     device = next(tc.parameters()).device
@@ -95,13 +105,21 @@ def evaluate_activations(tc: Transcoder, batches: Iterable, *, max_tokens: int |
             break
     if n == 0:
         raise CltraceError("no evaluation tokens", hint="check the held-out store or --tokens")
-    var = sq - total.pow(2).sum(1) / n                        # Σ ||y - mean(y)||²
+    var = sq - total.pow(2).sum(1) / n  # Σ ||y - mean(y)||²
     nmse = (err / var.clamp_min(1e-12)).tolist()
-    density = fires.double() / n                                              # [L, F]
-    return ActivationMetrics(n, nmse, [1 - v for v in nmse], (fires.sum(1) / n).tolist(),
-                             (fires == 0).sum(1).tolist(), (fires > dense_frac * n).sum(1).tolist(),
-                             density.quantile(0.5, dim=1).tolist(), density.quantile(0.5).item(), n_feat,
-                             dense_frac)
+    density = fires.double() / n  # [L, F]
+    return ActivationMetrics(
+        n,
+        nmse,
+        [1 - v for v in nmse],
+        (fires.sum(1) / n).tolist(),
+        (fires == 0).sum(1).tolist(),
+        (fires > dense_frac * n).sum(1).tolist(),
+        density.quantile(0.5, dim=1).tolist(),
+        density.quantile(0.5).item(),
+        n_feat,
+        dense_frac,
+    )
 
 
 def replacement_patch(tc: Transcoder) -> Callable[[int, Tensor, Tensor], Tensor]:
@@ -118,13 +136,13 @@ def replacement_patch(tc: Transcoder) -> Callable[[int, Tensor, Tensor], Tensor]
         x = mlp_in.float()
         pre = x @ tc.encoder_weight(layer) + tc.encoder_bias(layer)
         acts.append(tc.activate_layer(pre, layer))
-        recon = tc.b_dec[layer].expand_as(x).clone()                 # normalised scale
+        recon = tc.b_dec[layer].expand_as(x).clone()  # normalised scale
         first = layer if tc.cfg.kind == "plt" else 0
         for src in range(first, layer + 1):
             W = tc.W_dec[src][:, layer - src if tc.cfg.kind == "clt" else 0]  # [F, d], no copy
             recon += acts[src] @ W
         recon /= tc.out_scale[layer]
-        skip = tc.skip_weight(layer)                                 # None unless cfg.skip
+        skip = tc.skip_weight(layer)  # None unless cfg.skip
         if skip is not None:
             recon += x @ skip
         recon[:, 0] = mlp_out[:, 0].float()
@@ -143,8 +161,10 @@ def zero_patch(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
 def evaluate_replacement(tc: Transcoder, model, token_batches: Iterable[Tensor]) -> ReplacementMetrics:
     """Replacement-model metrics over batches of token ids [B, n] (`model`: a LoadedModel)."""
     if tc.cfg.n_layers != model.n_layers or tc.cfg.d_model != model.d_model:
-        raise CltraceError(f"the transcoder is for {tc.cfg.n_layers} layers x d={tc.cfg.d_model}, "
-                           f"the model has {model.n_layers} x d={model.d_model}")
+        raise CltraceError(
+            f"the transcoder is for {tc.cfg.n_layers} layers x d={tc.cfg.d_model}, "
+            f"the model has {model.n_layers} x d={model.d_model}"
+        )
     sums = dict(agree=0.0, kl=0.0, ce_real=0.0, ce_rep=0.0, ce_zero=0.0)
     n = 0
     for tokens in token_batches:
@@ -154,7 +174,7 @@ def evaluate_replacement(tc: Transcoder, model, token_batches: Iterable[Tensor])
             rep = model.run(tokens).float()
         with model.patch_mlp_outputs(zero_patch):
             zero = model.run(tokens).float()
-        real, rep, zero = real[:, 1:-1], rep[:, 1:-1], zero[:, 1:-1]   # positions 1.. predicting next
+        real, rep, zero = real[:, 1:-1], rep[:, 1:-1], zero[:, 1:-1]  # positions 1.. predicting next
         labels = tokens[:, 2:]
         logp_real, logp_rep = real.log_softmax(-1), rep.log_softmax(-1)
         sums["agree"] += (real.argmax(-1) == rep.argmax(-1)).sum().item()
@@ -166,8 +186,9 @@ def evaluate_replacement(tc: Transcoder, model, token_batches: Iterable[Tensor])
         raise CltraceError("no token sequences of length >= 3 to evaluate the replacement model on")
     ce = {k: sums[k] / n for k in ("ce_real", "ce_rep", "ce_zero")}
     recovered = (ce["ce_zero"] - ce["ce_rep"]) / max(ce["ce_zero"] - ce["ce_real"], 1e-9)
-    return ReplacementMetrics(n, sums["agree"] / n, sums["kl"] / n, ce["ce_real"], ce["ce_rep"],
-                              ce["ce_zero"], recovered)
+    return ReplacementMetrics(
+        n, sums["agree"] / n, sums["kl"] / n, ce["ce_real"], ce["ce_rep"], ce["ce_zero"], recovered
+    )
 
 
 def _or_nan(value: float | None) -> float:
@@ -179,21 +200,29 @@ def report(act: ActivationMetrics, rep: ReplacementMetrics | None = None) -> str
     med = act.median_density or [float("nan")] * len(act.nmse)
     lines = [f"{'layer':>5} {'nmse':>7} {'fve':>7} {'L0':>8} {'dead':>6} {'dense':>6} {'med dens':>9}"]
     for l in range(len(act.nmse)):
-        lines.append(f"{l:>5} {act.nmse[l]:>7.3f} {act.fve[l]:>7.3f} {act.l0[l]:>8.1f} "
-                     f"{act.dead[l]:>6} {act.dense[l]:>6} {med[l]:>9.2e}")
+        lines.append(
+            f"{l:>5} {act.nmse[l]:>7.3f} {act.fve[l]:>7.3f} {act.l0[l]:>8.1f} "
+            f"{act.dead[l]:>6} {act.dense[l]:>6} {med[l]:>9.2e}"
+        )
     s = act.summary()
-    lines.append(f"{'all':>5} {s['nmse']:>7.3f} {s['fve']:>7.3f} {s['l0']:>8.1f} "
-                 f"{s['dead']:>6} {s['dense']:>6} {_or_nan(s.get('median_density')):>9.2e}"
-                 f"   ({act.n_tokens:,} tokens)")
+    lines.append(
+        f"{'all':>5} {s['nmse']:>7.3f} {s['fve']:>7.3f} {s['l0']:>8.1f} "
+        f"{s['dead']:>6} {s['dense']:>6} {_or_nan(s.get('median_density')):>9.2e}"
+        f"   ({act.n_tokens:,} tokens)"
+    )
     if "dead_share" in s:
-        lines.append(f"features: {s['dead_share']:.1%} dead (never active), {s['dense_share']:.1%} dense "
-                     f"(active on > {act.dense_frac:.0%} of tokens), median density "
-                     f"{s['median_density']:.2e}, L0 {s['l0_share']:.2%} of the width")
+        lines.append(
+            f"features: {s['dead_share']:.1%} dead (never active), {s['dense_share']:.1%} dense "
+            f"(active on > {act.dense_frac:.0%} of tokens), median density "
+            f"{s['median_density']:.2e}, L0 {s['l0_share']:.2%} of the width"
+        )
     if rep is not None:
-        lines.append(f"replacement model on {rep.n_tokens:,} tokens: top-1 agreement "
-                     f"{rep.top1_agreement:.3f}, KL {rep.kl:.3f} nats, CE real {rep.ce_real:.3f} / "
-                     f"replacement {rep.ce_replacement:.3f} / zero-ablated {rep.ce_zero_ablation:.3f}, "
-                     f"CE loss recovered {rep.ce_recovered:.3f}")
+        lines.append(
+            f"replacement model on {rep.n_tokens:,} tokens: top-1 agreement "
+            f"{rep.top1_agreement:.3f}, KL {rep.kl:.3f} nats, CE real {rep.ce_real:.3f} / "
+            f"replacement {rep.ce_replacement:.3f} / zero-ablated {rep.ce_zero_ablation:.3f}, "
+            f"CE loss recovered {rep.ce_recovered:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -202,19 +231,28 @@ class EvalResult:
     """What `cltrace eval` measures and writes to eval.json."""
 
     activations: ActivationMetrics
-    replacement: ReplacementMetrics | None   # None: not measured
+    replacement: ReplacementMetrics | None  # None: not measured
 
     def to_dict(self) -> dict:
-        return {"activations": asdict(self.activations),
-                "replacement": asdict(self.replacement) if self.replacement else None}
+        return {
+            "activations": asdict(self.activations),
+            "replacement": asdict(self.replacement) if self.replacement else None,
+        }
 
 
-EVAL_CONTEXT_LEN = 128   # tokens per held-out context (BOS included)
+EVAL_CONTEXT_LEN = 128  # tokens per held-out context (BOS included)
 
 
-def evaluate_on_text(tc: Transcoder, model: LoadedModel | None, *, tokens: int = 20_000,
-                     replacement_tokens: int = 2_000, split: Split = "heldout",
-                     text: list[str] | None = None, store: str | Path | None = None) -> EvalResult:
+def evaluate_on_text(
+    tc: Transcoder,
+    model: LoadedModel | None,
+    *,
+    tokens: int = 20_000,
+    replacement_tokens: int = 2_000,
+    split: Split = "heldout",
+    text: list[str] | None = None,
+    store: str | Path | None = None,
+) -> EvalResult:
     """Activation metrics on `tokens` held-out tokens (read from an activation `store`, else
     harvested from the corpus `split` or the `text` files) and the replacement model's metrics on
     `replacement_tokens` tokens (0: skipped). `model` may be None only with a store and no
@@ -231,8 +269,9 @@ def evaluate_on_text(tc: Transcoder, model: LoadedModel | None, *, tokens: int =
         batches = ActivationStore(store).iter_batches(1024, shuffle=False)
     else:
         assert model is not None, "harvesting needs the model"
-        batches = iter_activation_batches(model, iter_documents(split, paths=text), hcfg, batch_tokens=1024,
-                                          max_tokens=tokens)
+        batches = iter_activation_batches(
+            model, iter_documents(split, paths=text), hcfg, batch_tokens=1024, max_tokens=tokens
+        )
     act = evaluate_activations(tc, batches, max_tokens=tokens)
     if not replacement_tokens:
         return EvalResult(act, None)
@@ -240,12 +279,23 @@ def evaluate_on_text(tc: Transcoder, model: LoadedModel | None, *, tokens: int =
     ctxs = iter_contexts(model, iter_documents(split, paths=text), hcfg)
     n_ctx = max(1, replacement_tokens // (hcfg.ctx_len - 2))
     full = [c for c in itertools.islice(ctxs, n_ctx) if len(c) == hcfg.ctx_len]
-    token_batches = [torch.tensor(full[i:i + 8]) for i in range(0, len(full), 8)]
+    token_batches = [torch.tensor(full[i : i + 8]) for i in range(0, len(full), 8)]
     if not token_batches:
-        raise CltraceError(f"the text holds no full {hcfg.ctx_len}-token context for the replacement metrics",
-                           hint="give more text, or --replacement-tokens 0")
+        raise CltraceError(
+            f"the text holds no full {hcfg.ctx_len}-token context for the replacement metrics",
+            hint="give more text, or --replacement-tokens 0",
+        )
     return EvalResult(act, evaluate_replacement(tc, model, token_batches))
 
 
-__all__ = ["ActivationMetrics", "EvalResult", "ReplacementMetrics", "evaluate_activations",
-           "evaluate_on_text", "evaluate_replacement", "replacement_patch", "zero_patch", "report"]
+__all__ = [
+    "ActivationMetrics",
+    "EvalResult",
+    "ReplacementMetrics",
+    "evaluate_activations",
+    "evaluate_on_text",
+    "evaluate_replacement",
+    "replacement_patch",
+    "zero_patch",
+    "report",
+]

@@ -38,53 +38,75 @@ KIND_OF: dict[str, Kind] = {v: k for k, v in KINDS.items()}
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "hook_mlp_out"
 
 
-def save_circuit_tracer(tc: Transcoder, directory: str | Path, *, model_name: str | None = None,
-                        dtype: torch.dtype = torch.float32) -> Path:
+def save_circuit_tracer(
+    tc: Transcoder,
+    directory: str | Path,
+    *,
+    model_name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write `tc` (raw scale, scalars folded in) in circuit-tracer's format."""
     cfg = tc.cfg
     if cfg.activation != "jumprelu":
         raise CltraceError("circuit-tracer's format has no TopK transcoders", hint="export a JumpReLU one")
     if cfg.kind == "clt" and cfg.skip:
-        raise CltraceError("circuit-tracer's CLT files have no skip weights",
-                           hint="export a PLT, or a CLT without skip")
+        raise CltraceError(
+            "circuit-tracer's CLT files have no skip weights", hint="export a PLT, or a CLT without skip"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cast = lambda t: t.detach().to("cpu", dtype).contiguous()  # noqa: E731
     files = []
     for i in range(cfg.n_layers):
         if cfg.kind == "plt":
-            tensors = {"W_enc": tc.encoder_weight(i).T, "W_dec": tc.decoder_weight(i)[:, 0],
-                       "b_enc": tc.encoder_bias(i), "b_dec": tc.decoder_bias()[i],
-                       "activation_function.threshold": tc.threshold(i)}
+            tensors = {
+                "W_enc": tc.encoder_weight(i).T,
+                "W_dec": tc.decoder_weight(i)[:, 0],
+                "b_enc": tc.encoder_bias(i),
+                "b_dec": tc.decoder_bias()[i],
+                "activation_function.threshold": tc.threshold(i),
+            }
             skip = tc.skip_weight(i)  # None exactly when not cfg.skip
             if skip is not None:
                 tensors["W_skip"] = skip.T
             files.append(f"layer_{i}.safetensors")
             atomic_save_tensors({k: cast(v) for k, v in tensors.items()}, directory / files[-1])
         else:
-            enc = {f"W_enc_{i}": tc.encoder_weight(i).T, f"b_enc_{i}": tc.encoder_bias(i),
-                   f"b_dec_{i}": tc.decoder_bias()[i], f"threshold_{i}": tc.threshold(i)}
+            enc = {
+                f"W_enc_{i}": tc.encoder_weight(i).T,
+                f"b_enc_{i}": tc.encoder_bias(i),
+                f"b_dec_{i}": tc.decoder_bias()[i],
+                f"threshold_{i}": tc.threshold(i),
+            }
             atomic_save_tensors({k: cast(v) for k, v in enc.items()}, directory / f"W_enc_{i}.safetensors")
-            atomic_save_tensors({f"W_dec_{i}": cast(tc.decoder_weight(i))},
-                                directory / f"W_dec_{i}.safetensors")
-    config: dict[str, str | list[str]] = {"model_kind": KINDS[cfg.kind], "model_name": model_name or cfg.model_name or "unknown",
-              "feature_input_hook": INPUT_HOOK, "feature_output_hook": OUTPUT_HOOK}
+            atomic_save_tensors(
+                {f"W_dec_{i}": cast(tc.decoder_weight(i))}, directory / f"W_dec_{i}.safetensors"
+            )
+    config: dict[str, str | list[str]] = {
+        "model_kind": KINDS[cfg.kind],
+        "model_name": model_name or cfg.model_name or "unknown",
+        "feature_input_hook": INPUT_HOOK,
+        "feature_output_hook": OUTPUT_HOOK,
+    }
     if files:
         config["transcoders"] = [str((directory / f).resolve()) for f in files]
     (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return directory
 
 
-def load_circuit_tracer(directory: str | Path, *, n_layers: int | None = None,
-                        d_model: int | None = None) -> Transcoder:
+def load_circuit_tracer(
+    directory: str | Path, *, n_layers: int | None = None, d_model: int | None = None
+) -> Transcoder:
     """Read a circuit-tracer transcoder folder; check it against (n_layers, d_model) if given."""
     directory = Path(directory)
     config = _read_config(directory / "config.yaml")
     model_kind = config.get("model_kind")
     kind = KIND_OF.get(model_kind) if isinstance(model_kind, str) else None
     if kind is None:
-        raise CltraceError(f"{directory / 'config.yaml'}: model_kind must be one of "
-                           f"{sorted(KINDS.values())}, got {config.get('model_kind')!r}")
+        raise CltraceError(
+            f"{directory / 'config.yaml'}: model_kind must be one of "
+            f"{sorted(KINDS.values())}, got {config.get('model_kind')!r}"
+        )
     layers = _read_plt(directory, config) if kind == "plt" else _read_clt(directory)
     L = len(layers)
     if n_layers is not None and L != n_layers:
@@ -94,10 +116,12 @@ def load_circuit_tracer(directory: str | Path, *, n_layers: int | None = None,
     for i, layer in enumerate(layers):
         _check_shapes(layer, i, L, F, d_model if d_model is not None else d, kind)
         if ("threshold" in layer.tensors) != has_threshold or ("W_skip" in layer.tensors) != has_skip:
-            raise CltraceError(f"{layer.file}: layer {i} differs from layer 0 in having a "
-                               f"threshold or skip weights")
-    cfg = TranscoderConfig(n_layers=L, d_model=d, n_features=F, kind=kind, skip=has_skip,
-                           model_name=config.get("model_name"))
+            raise CltraceError(
+                f"{layer.file}: layer {i} differs from layer 0 in having a threshold or skip weights"
+            )
+    cfg = TranscoderConfig(
+        n_layers=L, d_model=d, n_features=F, kind=kind, skip=has_skip, model_name=config.get("model_name")
+    )
     tc = Transcoder(cfg)
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -109,7 +133,7 @@ def load_circuit_tracer(directory: str | Path, *, n_layers: int | None = None,
             theta = t["threshold"] if has_threshold else torch.zeros(F)
             if (theta < 0).any():
                 raise CltraceError(f"{layer.file}: negative JumpReLU thresholds are not supported")
-            tc.log_threshold[i] = theta.log()          # θ = 0 (ReLU) -> log θ = -inf
+            tc.log_threshold[i] = theta.log()  # θ = 0 (ReLU) -> log θ = -inf
             if tc.W_skip is not None:  # cfg.skip = has_skip
                 tc.W_skip[i] = t["W_skip"].T
     return tc
@@ -159,8 +183,14 @@ def _read_plt(directory: Path, config: dict) -> list[_LayerFiles]:
     paths = [Path(p) if Path(p).is_absolute() else directory / p for p in paths]
     if not paths:
         raise CltraceError(f"{directory}: no layer_*.safetensors files")
-    keys = {"W_enc": "W_enc", "W_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec",
-            "activation_function.threshold": "threshold", "W_skip": "W_skip"}
+    keys = {
+        "W_enc": "W_enc",
+        "W_dec": "W_dec",
+        "b_enc": "b_enc",
+        "b_dec": "b_dec",
+        "activation_function.threshold": "threshold",
+        "W_skip": "W_skip",
+    }
     return [_load(p, keys) for p in paths]
 
 
@@ -170,9 +200,15 @@ def _read_clt(directory: Path) -> list[_LayerFiles]:
         raise CltraceError(f"{directory}: no W_enc_*.safetensors files")
     layers = []
     for i in range(n):
-        enc = _load(directory / f"W_enc_{i}.safetensors",
-                    {f"W_enc_{i}": "W_enc", f"b_enc_{i}": "b_enc", f"b_dec_{i}": "b_dec",
-                     f"threshold_{i}": "threshold"})
+        enc = _load(
+            directory / f"W_enc_{i}.safetensors",
+            {
+                f"W_enc_{i}": "W_enc",
+                f"b_enc_{i}": "b_enc",
+                f"b_dec_{i}": "b_dec",
+                f"threshold_{i}": "threshold",
+            },
+        )
         dec = _load(directory / f"W_dec_{i}.safetensors", {f"W_dec_{i}": "W_dec"})
         enc.tensors["W_dec"], enc.dec_file = dec.tensors["W_dec"], dec.file
         layers.append(enc)
@@ -182,10 +218,18 @@ def _read_clt(directory: Path) -> list[_LayerFiles]:
 def _check_shapes(layer: _LayerFiles, i: int, L: int, F: int, d: int, kind: str) -> None:
     t = layer.tensors
     T = L - i if kind == "clt" else 1
-    expected = {"W_enc": (F, d), "b_enc": (F,), "b_dec": (d,), "threshold": (F,), "W_skip": (d, d),
-                "W_dec": (F, T, d) if kind == "clt" else (F, d)}
+    expected = {
+        "W_enc": (F, d),
+        "b_enc": (F,),
+        "b_dec": (d,),
+        "threshold": (F,),
+        "W_skip": (d, d),
+        "W_dec": (F, T, d) if kind == "clt" else (F, d),
+    }
     for name, shape in expected.items():
         if name in t and tuple(t[name].shape) != shape:
             where = (layer.dec_file or layer.file) if name == "W_dec" else layer.file
-            raise CltraceError(f"{where}: layer {i} tensor {name} has shape {tuple(t[name].shape)}, "
-                               f"expected {shape} (n_layers={L}, n_features={F}, d_model={d})")
+            raise CltraceError(
+                f"{where}: layer {i} tensor {name} has shape {tuple(t[name].shape)}, "
+                f"expected {shape} (n_layers={L}, n_features={F}, d_model={d})"
+            )

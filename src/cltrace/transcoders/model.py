@@ -57,20 +57,20 @@ CONFIG_FILE = "config.json"
 
 
 class TranscoderOutput(NamedTuple):
-    pre: Tensor    # [..., L, F] pre-activations
-    acts: Tensor   # [..., L, F] feature activations
+    pre: Tensor  # [..., L, F] pre-activations
+    acts: Tensor  # [..., L, F] feature activations
     recon: Tensor  # [..., L, d] reconstructed MLP outputs (raw scale)
 
 
 class LossOutput(NamedTuple):
-    loss: Tensor      # scalar, per token: mse + λ_S·sparsity + λ_P·preact
-    mse: Tensor       # scalar, Σ_t ||ỹ̂_t - ỹ_t||² per token (normalised scale)
+    loss: Tensor  # scalar, per token: mse + λ_S·sparsity + λ_P·preact
+    mse: Tensor  # scalar, Σ_t ||ỹ̂_t - ỹ_t||² per token (normalised scale)
     sparsity: Tensor  # scalar, Σ tanh(c·||W_dec||·a) per token
-    preact: Tensor    # scalar, Σ ReLU(θ - pre)·||W_dec|| per token
-    aux: Tensor       # scalar, the AuxK term (0 when off), detached
-    counts: Tensor    # [L, F] tokens of the batch each feature is active on (detached)
-    recon: Tensor     # [L, N, d] detached reconstruction (normalised scale)
-    target: Tensor    # [L, N, d] normalised targets
+    preact: Tensor  # scalar, Σ ReLU(θ - pre)·||W_dec|| per token
+    aux: Tensor  # scalar, the AuxK term (0 when off), detached
+    counts: Tensor  # [L, F] tokens of the batch each feature is active on (detached)
+    recon: Tensor  # [L, N, d] detached reconstruction (normalised scale)
+    target: Tensor  # [L, N, d] normalised targets
 
 
 class JumpReLU(torch.autograd.Function):
@@ -108,8 +108,9 @@ def _offsets(index: Tensor, n_bags: int) -> Tensor:
 
 class Pairs(NamedTuple):
     """The active (token, feature) pairs of one source layer, token-major (tok non-decreasing)."""
-    tok: Tensor     # [P] long
-    feat: Tensor    # [P] long
+
+    tok: Tensor  # [P] long
+    feat: Tensor  # [P] long
     values: Tensor  # [P] activations (carry the autograd graph)
 
 
@@ -122,7 +123,7 @@ def pairs_from_mask(a: Tensor, mask: Tensor) -> Pairs:
 def pairs_topk(pre: Tensor, k: int) -> list[Pairs]:
     """TopK per token: pre [L, N, F] -> per layer the k largest of each token, ReLU'd."""
     L, N, _ = pre.shape
-    values, index = pre.topk(k, dim=-1)                                     # [L, N, k]
+    values, index = pre.topk(k, dim=-1)  # [L, N, k]
     values = values.relu()
     tok = torch.arange(N, device=pre.device).repeat_interleave(k)
     return [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
@@ -132,8 +133,8 @@ def pairs_batch_topk(pre: Tensor, k: int) -> list[Pairs]:
     """BatchTopK: per layer the k·N largest of all N·F pre-activations, ReLU'd (a token may
     get more or fewer than k)."""
     L, N, n_feat = pre.shape
-    values, flat = pre.reshape(L, N * n_feat).topk(min(k * N, N * n_feat), dim=-1)   # [L, k·N]
-    order = torch.stack([_sort_order(f, N * n_feat) for f in flat])          # token-major
+    values, flat = pre.reshape(L, N * n_feat).topk(min(k * N, N * n_feat), dim=-1)  # [L, k·N]
+    order = torch.stack([_sort_order(f, N * n_feat) for f in flat])  # token-major
     flat, values = flat.gather(-1, order), values.gather(-1, order).relu()
     return [Pairs(flat[l] // n_feat, flat[l] % n_feat, values[l]) for l in range(L)]
 
@@ -166,8 +167,9 @@ class SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, W: Tensor, tok: Tensor, feat: Tensor, n_tokens: int,
-                low_precision: bool) -> Tensor:
+    def forward(
+        ctx, values: Tensor, W: Tensor, tok: Tensor, feat: Tensor, n_tokens: int, low_precision: bool
+    ) -> Tensor:
         offsets = _offsets(tok, n_tokens)
         ctx.save_for_backward(values, W, tok, feat, offsets)
         table = W.to(torch.bfloat16) if low_precision else W
@@ -184,15 +186,21 @@ class SparseDecode(torch.autograd.Function):
             crow = torch.cat([offsets, offsets.new_tensor([tok.numel()])])
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore")
-                pattern = torch.sparse_csr_tensor(crow, feat, W.new_ones(tok.numel()),
-                                                  size=(n_tokens, n_features), check_invariants=False)
+                pattern = torch.sparse_csr_tensor(
+                    crow, feat, W.new_ones(tok.numel()), size=(n_tokens, n_features), check_invariants=False
+                )
             grad_values = torch.sparse.sampled_addmm(pattern, grad, W.T, beta=0.0)
             grad_values = grad_values.values().to(values.dtype)
         if ctx.needs_input_grad[1]:
-            order = _sort_order(feat * n_tokens + tok, n_features * n_tokens)   # (feature, token)
+            order = _sort_order(feat * n_tokens + tok, n_features * n_tokens)  # (feature, token)
             by_feature = _offsets(feat[order], n_features)
-            grad_W = F.embedding_bag(tok[order], grad, by_feature, mode="sum",
-                                     per_sample_weights=values.detach()[order].to(W.dtype))
+            grad_W = F.embedding_bag(
+                tok[order],
+                grad,
+                by_feature,
+                mode="sum",
+                per_sample_weights=values.detach()[order].to(W.dtype),
+            )
         return grad_values, grad_W, None, None, None, None
 
 
@@ -206,7 +214,7 @@ class AccumulateTargets(torch.autograd.Function):
         recon = torch.zeros(shape, device=outs[0].device, dtype=torch.float32)
         for l, out in enumerate(outs):
             T = out.shape[1] // d
-            recon[l:l + T] += out.view(N, T, d).transpose(0, 1)
+            recon[l : l + T] += out.view(N, T, d).transpose(0, 1)
         ctx.widths = [out.shape[1] // d for out in outs]
         ctx.dtypes = [out.dtype for out in outs]
         return recon
@@ -214,8 +222,10 @@ class AccumulateTargets(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         N = grad.shape[1]
-        slabs = [grad[l:l + T].transpose(0, 1).reshape(N, -1).to(dt)
-                 for l, (T, dt) in enumerate(zip(ctx.widths, ctx.dtypes))]
+        slabs = [
+            grad[l : l + T].transpose(0, 1).reshape(N, -1).to(dt)
+            for l, (T, dt) in enumerate(zip(ctx.widths, ctx.dtypes))
+        ]
         return (None, *slabs)
 
 
@@ -241,7 +251,8 @@ class Transcoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L, n_feat))
         self.log_threshold = nn.Parameter(torch.full((L, n_feat), math.log(cfg.init_threshold)))
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.empty(n_feat, cfg.n_targets(l), d)) for l in range(L)])
+            [nn.Parameter(torch.empty(n_feat, cfg.n_targets(l), d)) for l in range(L)]
+        )
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
         self.register_buffer("in_scale", torch.ones(L))
@@ -264,8 +275,9 @@ class Transcoder(nn.Module):
             self.W_skip.zero_()
 
     @torch.no_grad()
-    def init_from_sample(self, x: Float[Tensor, "N L d"], y: Float[Tensor, "N L d"],
-                         fire_frac: float | None = None) -> None:
+    def init_from_sample(
+        self, x: Float[Tensor, "N L d"], y: Float[Tensor, "N L d"], fire_frac: float | None = None
+    ) -> None:
         """Set the norm scalars from a raw sample, and b_enc so each JumpReLU feature fires
         on `fire_frac` of the sample (default min(10⁴/F, 0.05)) at the initial θ."""
         d = self.cfg.d_model
@@ -280,10 +292,10 @@ class Transcoder(nn.Module):
         k = min(n - 1, max(1, math.ceil((1 - p) * n))) if n > 1 else 1
         theta = self.log_threshold.exp()
         for l in range(self.cfg.n_layers):
-            z = xn[l] @ self.W_enc[l]                                    # [N, F]
+            z = xn[l] @ self.W_enc[l]  # [N, F]
             lo = z.kthvalue(k, dim=0).values
             hi = z.kthvalue(k + 1, dim=0).values if n > 1 else lo + 1e-3
-            self.b_enc[l] = theta[l] - (lo + hi) / 2    # θ midway between two sample values
+            self.b_enc[l] = theta[l] - (lo + hi) / 2  # θ midway between two sample values
 
     # ---- internal, normalised, layer-major [L, N, ...] ----
 
@@ -311,8 +323,9 @@ class Transcoder(nn.Module):
                 raise CltraceError("a JumpReLU transcoder needs its threshold θ to activate")
             return JumpReLU.apply(pre, theta, self.cfg.bandwidth)
         if act == "batchtopk":
-            return _batch_topk(pre.reshape(-1, pre.shape[-2] * pre.shape[-1]), self._k(),
-                               pre.shape[-2]).view_as(pre)
+            return _batch_topk(
+                pre.reshape(-1, pre.shape[-2] * pre.shape[-1]), self._k(), pre.shape[-2]
+            ).view_as(pre)
         values, index = pre.topk(self._k(), dim=-1)
         return torch.zeros_like(pre).scatter(-1, index, values.relu())
 
@@ -340,8 +353,9 @@ class Transcoder(nn.Module):
     def _decode_pairs(self, pairs: list[Pairs], n_tokens: int, dense: bool = False) -> Tensor:
         """Σ over source layers of the decoded pairs: [L, N, d] float32, no biases."""
         L, d = self.cfg.n_layers, self.cfg.d_model
-        outs = [self._decode_layer(p, n_tokens, W.view(W.shape[0], -1), dense)
-                for p, W in zip(pairs, self.W_dec)]                          # [N, T·d] each
+        outs = [
+            self._decode_layer(p, n_tokens, W.view(W.shape[0], -1), dense) for p, W in zip(pairs, self.W_dec)
+        ]  # [N, T·d] each
         return AccumulateTargets.apply((L, n_tokens, d), *outs)
 
     def _decode_dense(self, acts: Tensor) -> Tensor:
@@ -350,8 +364,9 @@ class Transcoder(nn.Module):
         outs = [a @ W.view(W.shape[0], -1) for a, W in zip(acts.unbind(0), self.W_dec)]
         return AccumulateTargets.apply((L, N, d), *outs)
 
-    def _finish_decode(self, recon: Tensor, xn: Tensor | None,
-                       reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    def _finish_decode(
+        self, recon: Tensor, xn: Tensor | None, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
         """Feature part [L, N, d] -> normalised reconstruction: `reduce` sums the features' part
         over feature shards (distributed training), then the biases and the skip term."""
         if reduce is not None:
@@ -375,25 +390,35 @@ class Transcoder(nn.Module):
         """||W_dec_{l,i}|| over all targets, normalised scale: [L, F]."""
         return torch.stack([torch.linalg.vector_norm(W, dim=(1, 2)) for W in self.W_dec])
 
-    def loss(self, x: Float[Tensor, "N L d"], y: Float[Tensor, "N L d"], *, lambda_s: float,
-             lambda_p: float, c: float = 4.0, reduce: Callable[[Tensor], Tensor] | None = None,
-             dead: Tensor | None = None, auxk: int = 0, auxk_alpha: float = 0.0) -> LossOutput:
+    def loss(
+        self,
+        x: Float[Tensor, "N L d"],
+        y: Float[Tensor, "N L d"],
+        *,
+        lambda_s: float,
+        lambda_p: float,
+        c: float = 4.0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        dead: Tensor | None = None,
+        auxk: int = 0,
+        auxk_alpha: float = 0.0,
+    ) -> LossOutput:
         """The training loss on raw-scale MLP inputs x and outputs y (module docstring), plus
         the AuxK term when `dead` [L, F] marks dead features and auxk_alpha > 0 (see `aux_loss`).
         Penalties cover this module's features only (a shard's, under feature sharding)."""
         n_tokens = x.shape[0]
         xn, yn = self._normalise(x, self.in_scale), self._normalise(y, self.out_scale)
-        theta = self.log_threshold.exp()[:, None, :]               # [L, 1, F]
-        pre = self._encode(xn)                                     # [L, N, F]
+        theta = self.log_threshold.exp()[:, None, :]  # [L, 1, F]
+        pre = self._encode(xn)  # [L, N, F]
         pairs, acts = self._pairs(pre, theta)
         recon = self._finish_decode(self._decode_pairs(pairs, n_tokens), xn, reduce)
         mse = (recon - yn.float()).pow(2).sum() / n_tokens
         zero = mse.new_zeros(())
-        jump = self.cfg.activation == "jumprelu"      # TopK fixes L0 itself and has no θ
+        jump = self.cfg.activation == "jumprelu"  # TopK fixes L0 itself and has no θ
         use_s, use_p = bool(lambda_s) and jump, bool(lambda_p) and jump
         sparsity = preact = zero
         if use_s or use_p:
-            norms = self.decoder_norms()[:, None, :]                               # [L, 1, F]
+            norms = self.decoder_norms()[:, None, :]  # [L, 1, F]
             if use_s:
                 if acts is None:  # _pairs returns dense activations for JumpReLU, the only use_s case
                     raise CltraceError("the sparsity penalty needs dense JumpReLU activations")
@@ -405,8 +430,9 @@ class Transcoder(nn.Module):
             target_var = (yn - yn.mean(dim=1, keepdim=True)).pow(2).sum() / n_tokens
             aux = self.aux_loss(pre, dead, auxk, (yn - recon).detach(), target_var)
         loss = mse + lambda_s * sparsity + lambda_p * preact + auxk_alpha * aux
-        counts = torch.stack([torch.bincount(p.feat[p.values > 0], minlength=pre.shape[-1])
-                              for p in pairs]).detach()
+        counts = torch.stack(
+            [torch.bincount(p.feat[p.values > 0], minlength=pre.shape[-1]) for p in pairs]
+        ).detach()
         return LossOutput(loss, mse, sparsity, preact, aux.detach(), counts, recon.detach(), yn)
 
     def aux_loss(self, pre: Tensor, dead: Tensor, k_aux: int, residual: Tensor, target_var: Tensor) -> Tensor:
@@ -416,10 +442,10 @@ class Transcoder(nn.Module):
         i.e. the residual's normalised error, in the units of the main mse term (per token, summed
         over layers), so that α = 1/32 weighs it as in the TopK SAE literature."""
         L, N, _ = pre.shape
-        n_dead = dead.sum(-1)                                                    # [L]
+        n_dead = dead.sum(-1)  # [L]
         k = int(min(k_aux, int(n_dead.max())))
         masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
-        values, index = masked.topk(k, dim=-1)                                   # [L, N, k]
+        values, index = masked.topk(k, dim=-1)  # [L, N, k]
         values = values.relu().nan_to_num(0.0)
         tok = torch.arange(N, device=pre.device).repeat_interleave(k)
         pairs = [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
@@ -438,7 +464,7 @@ class Transcoder(nn.Module):
     def activate(self, pre: Float[Tensor, "... L F"]) -> Float[Tensor, "... L F"]:
         """BatchTopK selects over all the tokens given (it is converted to JumpReLU after training)."""
         if self.cfg.activation == "batchtopk":
-            flat = pre.reshape(-1, *pre.shape[-2:]).transpose(0, 1)               # [L, N, F]
+            flat = pre.reshape(-1, *pre.shape[-2:]).transpose(0, 1)  # [L, N, F]
             return self._activate(flat, None).transpose(0, 1).reshape(pre.shape)
         return self._activate(pre, self.log_threshold.exp())
 
@@ -448,8 +474,9 @@ class Transcoder(nn.Module):
             return self._activate(pre.reshape(-1, pre.shape[-1]), None).view_as(pre)
         return self._activate(pre, self.log_threshold[layer].exp())
 
-    def decode(self, acts: Float[Tensor, "... L F"], x: Float[Tensor, "... L d"] | None = None
-               ) -> Float[Tensor, "... L d"]:
+    def decode(
+        self, acts: Float[Tensor, "... L F"], x: Float[Tensor, "... L d"] | None = None
+    ) -> Float[Tensor, "... L d"]:
         """Raw-scale reconstruction. Sparse unless gradients w.r.t. `acts` are wanted."""
         lead, L = acts.shape[:-2], self.cfg.n_layers
         a = acts.reshape(-1, L, acts.shape[-1]).transpose(0, 1)
@@ -481,7 +508,7 @@ class Transcoder(nn.Module):
     @torch.no_grad()
     def decoder_weight(self, layer: int) -> Float[Tensor, "F T d"]:
         T = self.cfg.n_targets(layer)
-        return self.W_dec[layer] / self.out_scale[layer:layer + T][None, :, None]
+        return self.W_dec[layer] / self.out_scale[layer : layer + T][None, :, None]
 
     @torch.no_grad()
     def decoder_bias(self) -> Float[Tensor, "L d"]:
@@ -540,16 +567,27 @@ def load_state_checked(module: nn.Module, tensors: dict[str, Tensor], path: Path
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise CltraceError(f"{path}: tensors do not match the config "
-                           f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        raise CltraceError(
+            f"{path}: tensors do not match the config (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
     for key, value in tensors.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise CltraceError(f"{path}: tensor {key} has shape {tuple(value.shape)}, "
-                               f"the config needs {tuple(expected[key].shape)}")
+            raise CltraceError(
+                f"{path}: tensor {key} has shape {tuple(value.shape)}, "
+                f"the config needs {tuple(expected[key].shape)}"
+            )
         if not value.dtype.is_floating_point:
             raise CltraceError(f"{path}: tensor {key} has dtype {value.dtype}, expected a float type")
     module.load_state_dict({k: v.float() for k, v in tensors.items()})
 
 
-__all__ = ["Transcoder", "TranscoderConfig", "TranscoderOutput", "LossOutput", "JumpReLU",
-           "load_state_checked", "WEIGHTS_FILE", "CONFIG_FILE"]
+__all__ = [
+    "Transcoder",
+    "TranscoderConfig",
+    "TranscoderOutput",
+    "LossOutput",
+    "JumpReLU",
+    "load_state_checked",
+    "WEIGHTS_FILE",
+    "CONFIG_FILE",
+]

@@ -47,14 +47,15 @@ def topk_to_jumprelu(tc: Transcoder, x: Tensor) -> list[float]:
     cfg = tc.cfg
     if cfg.activation == "jumprelu":
         raise CltraceError("topk_to_jumprelu needs a TopK or BatchTopK transcoder, this one is jumprelu")
-    pre = tc._encode(tc._normalise(x.to(tc.b_enc.device, torch.float32), tc.in_scale))   # [L, N, F]
+    pre = tc._encode(tc._normalise(x.to(tc.b_enc.device, torch.float32), tc.in_scale))  # [L, N, F]
     L, N, F = pre.shape
     # L0 is the number of *positive* selected values (ReLU after the selection): per token's k
     # largest (TopK) or the layer's k·N largest (BatchTopK); θ_l is chosen so that as many of
     # the layer's N·F pre-activations lie above it
-    n_active = (tc._activate(pre, None) > 0).sum(dim=(1, 2))                                 # [L]
-    theta = torch.stack([pre[l].flatten().kthvalue(max(1, N * F - int(n_active[l]))).values
-                         for l in range(L)]).clamp_min(1e-4)
+    n_active = (tc._activate(pre, None) > 0).sum(dim=(1, 2))  # [L]
+    theta = torch.stack(
+        [pre[l].flatten().kthvalue(max(1, N * F - int(n_active[l]))).values for l in range(L)]
+    ).clamp_min(1e-4)
     tc.log_threshold.copy_(theta.log()[:, None].expand(L, F))
     tc.cfg = dataclasses.replace(cfg, activation="jumprelu", topk=None)
     return theta.tolist()
@@ -69,8 +70,11 @@ class RefitStats:
         self.plt = tc.cfg.kind == "plt"
         k = F if self.plt else L * F
         self.G = torch.zeros((L, F, F) if self.plt else (k, k), dtype=torch.float64, device=dev)
-        self.C = torch.zeros(L, F, d, dtype=torch.float64, device=dev) if self.plt else \
-            torch.zeros(k, L, d, dtype=torch.float64, device=dev)
+        self.C = (
+            torch.zeros(L, F, d, dtype=torch.float64, device=dev)
+            if self.plt
+            else torch.zeros(k, L, d, dtype=torch.float64, device=dev)
+        )
         self.sum_a = torch.zeros(L, F, dtype=torch.float64, device=dev)
         self.sum_y = torch.zeros(L, d, dtype=torch.float64, device=dev)
         self.fired = torch.zeros(L, F, dtype=torch.bool, device=dev)
@@ -90,8 +94,8 @@ class RefitStats:
             return
         # only the blocks that matter: G's lower block triangle (mirrored in _solve) and, for
         # layer l's features, the targets t >= l they write to: about half the products
-        flat = acts.transpose(0, 1).reshape(N, L * F)                  # [N, L·F], layer-major
-        ys = yn.transpose(0, 1)                                        # [N, L, d]
+        flat = acts.transpose(0, 1).reshape(N, L * F)  # [N, L·F], layer-major
+        ys = yn.transpose(0, 1)  # [N, L, d]
         for l in range(L):
             rows = slice(l * F, (l + 1) * F)
             self.G[rows, : (l + 1) * F] += (acts[l].T @ flat[:, : (l + 1) * F]).double()
@@ -99,8 +103,9 @@ class RefitStats:
 
 
 @torch.no_grad()
-def refit_decoder(tc: Transcoder, batches: Iterable, *, max_tokens: int, ridge: float = 1e-3,
-                  desc: str = "refit") -> int:
+def refit_decoder(
+    tc: Transcoder, batches: Iterable, *, max_tokens: int, ridge: float = 1e-3, desc: str = "refit"
+) -> int:
     """Replace `tc`'s decoders and b_dec by the ridge least-squares fit on up to `max_tokens`
     tokens of `batches` (`.mlp_in, .mlp_out` [B, L, d], raw scale). `ridge` is relative to
     the mean diagonal of the Gram matrix. Returns the tokens used."""
@@ -126,33 +131,33 @@ def refit_decoder(tc: Transcoder, batches: Iterable, *, max_tokens: int, ridge: 
 def _solve(tc: Transcoder, s: RefitStats, ridge: float) -> None:
     L, F = tc.cfg.n_layers, tc.cfg.n_features
     n = s.n
-    mean_a, mean_y = s.sum_a / n, s.sum_y / n                              # [L, F], [L, d]
+    mean_a, mean_y = s.sum_a / n, s.sum_y / n  # [L, F], [L, d]
     if s.plt:
-        G = s.G - n * mean_a[:, :, None] * mean_a[:, None, :]              # centred, [L, F, F]
-        C = s.C - n * mean_a[:, :, None] * mean_y[:, None, :]              # [L, F, d]
+        G = s.G - n * mean_a[:, :, None] * mean_a[:, None, :]  # centred, [L, F, F]
+        C = s.C - n * mean_a[:, :, None] * mean_y[:, None, :]  # [L, F, d]
         _add_ridge_(G, ridge)
-        W = torch.cholesky_solve(C, torch.linalg.cholesky(G))               # [L, F, d]
+        W = torch.cholesky_solve(C, torch.linalg.cholesky(G))  # [L, F, d]
         for l in range(L):
             keep = s.fired[l]
             tc.W_dec[l][keep, 0] = W[l][keep].to(tc.W_dec[l].dtype)
         b = mean_y - torch.einsum("lf,lfd->ld", mean_a, W)
         tc.b_dec.copy_(b.to(tc.b_dec.dtype))
         return
-    flat_mean = mean_a.reshape(-1)                                          # [L·F]
-    G = s.G.tril_()                         # in place: [L·F, L·F] float64 is large (2.7 GB at 18k)
-    G += G.tril(-1).T                                                       # mirror the lower half
-    G.addr_(flat_mean, flat_mean, alpha=-n)                                 # centre
-    C = s.C - n * flat_mean[:, None, None] * mean_y[None]                   # [L·F, L, d]
+    flat_mean = mean_a.reshape(-1)  # [L·F]
+    G = s.G.tril_()  # in place: [L·F, L·F] float64 is large (2.7 GB at 18k)
+    G += G.tril(-1).T  # mirror the lower half
+    G.addr_(flat_mean, flat_mean, alpha=-n)  # centre
+    C = s.C - n * flat_mean[:, None, None] * mean_y[None]  # [L·F, L, d]
     _add_ridge_(G, ridge)
     chol = torch.linalg.cholesky(G)
     del G, s.G
     fired = s.fired.reshape(-1)
     for t in range(L):
         k = (t + 1) * F
-        W = torch.cholesky_solve(C[:k, t], chol[:k, :k])                   # [k, d]
+        W = torch.cholesky_solve(C[:k, t], chol[:k, :k])  # [k, d]
         for l in range(t + 1):
-            rows = W[l * F:(l + 1) * F]
-            keep = fired[l * F:(l + 1) * F]
+            rows = W[l * F : (l + 1) * F]
+            keep = fired[l * F : (l + 1) * F]
             tc.W_dec[l][keep, t - l] = rows[keep].to(tc.W_dec[l].dtype)
         tc.b_dec[t] = (mean_y[t] - flat_mean[:k] @ W).to(tc.b_dec.dtype)
 

@@ -53,16 +53,16 @@ FINISHING_FIELDS = frozenset({"refit_tokens", "refit_ridge", "jumprelu_after_top
 
 class StepMetrics(NamedTuple):
     step: int
-    tokens: int        # tokens seen after this step
+    tokens: int  # tokens seen after this step
     loss: float
-    mse: float         # Σ_l ||ŷ-y||² per token, normalised scale
-    nmse: float        # Σ ||ŷ-y||² / Σ ||y - mean(y)||² over all layers
-    l0: float          # active features per token per layer
+    mse: float  # Σ_l ||ŷ-y||² per token, normalised scale
+    nmse: float  # Σ ||ŷ-y||² / Σ ||y - mean(y)||² over all layers
+    l0: float  # active features per token per layer
     sparsity: float
     preact: float
     lr: float
     lambda_s: float
-    aux: float = 0.0   # AuxK term
+    aux: float = 0.0  # AuxK term
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -76,8 +76,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def _adamw(params: list[nn.Parameter], cfg: TrainConfig, fused: bool | None) -> torch.optim.AdamW:
     """AdamW with the config's hyper-parameters (fused=None: torch's default implementation)."""
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=fused
+    )
 
 
 def make_optimizer(tc: Transcoder, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -112,13 +113,13 @@ class Distributed:
     rank = 0
     is_main = True
 
-    def shard(self, tc: Transcoder) -> Transcoder:      # this rank's part of a full transcoder
+    def shard(self, tc: Transcoder) -> Transcoder:  # this rank's part of a full transcoder
         return tc
 
     def local_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return x, y
 
-    def reduce_partial(self, recon: Tensor) -> Tensor:   # sum of feature shards' decodes
+    def reduce_partial(self, recon: Tensor) -> Tensor:  # sum of feature shards' decodes
         return recon
 
     def sync_grads(self, tc: Transcoder) -> None:
@@ -126,9 +127,10 @@ class Distributed:
 
     def grad_norm(self, tc: Transcoder) -> Tensor:
         return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in tc.parameters() if p.grad is not None]))
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in tc.parameters() if p.grad is not None])
+        )
 
-    def sum_features(self, value: Tensor) -> Tensor:     # sum a per-feature-shard scalar
+    def sum_features(self, value: Tensor) -> Tensor:  # sum a per-feature-shard scalar
         return value
 
     def checkpoint_dir(self, run_dir: Path, step: int) -> Path:
@@ -145,17 +147,23 @@ class Distributed:
 class TrainResult:
     transcoder: Transcoder
     history: list[StepMetrics]
-    dead: int                    # features dead at the end
+    dead: int  # features dead at the end
     tokens_per_s: float
-    tokens: int = 0              # training tokens seen
-    seconds: float = 0.0         # wall time of fit() in this process (with a budget: of the whole run)
+    tokens: int = 0  # training tokens seen
+    seconds: float = 0.0  # wall time of fit() in this process (with a budget: of the whole run)
 
 
 class Trainer:
     """Trains `tc` with `cfg`; writes checkpoints and metrics into `run_dir` when given."""
 
-    def __init__(self, tc: Transcoder, cfg: TrainConfig, run_dir: str | Path | None = None,
-                 dist: Distributed | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        tc: Transcoder,
+        cfg: TrainConfig,
+        run_dir: str | Path | None = None,
+        dist: Distributed | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.tc, self.cfg, self.dist = tc, cfg, dist or Distributed()
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.device = next(tc.parameters()).device
@@ -167,10 +175,10 @@ class Trainer:
         L, n_feat = tc.cfg.n_layers, tc.cfg.n_features
         self.last_active = torch.zeros(L, n_feat, dtype=torch.long, device=self.device)
         self.n_dead = 0
-        self.n_steps = cfg.n_steps               # the step budget (re-sized under a wall-time budget)
-        self.elapsed_before = 0.0                # seconds of earlier processes of this run (resume)
-        self.save_seconds = 0.0                  # duration of the last checkpoint save
-        self._t_fit = time.perf_counter()        # when fit() began
+        self.n_steps = cfg.n_steps  # the step budget (re-sized under a wall-time budget)
+        self.elapsed_before = 0.0  # seconds of earlier processes of this run (resume)
+        self.save_seconds = 0.0  # duration of the last checkpoint save
+        self._t_fit = time.perf_counter()  # when fit() began
         self.log = log if self.dist.is_main else (lambda _msg: None)
 
     # ---- one step ----
@@ -182,11 +190,22 @@ class Trainer:
         lr, lam = lr_at(cfg, self.step, self.n_steps), lambda_s_at(cfg, self.step, self.n_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            out = tc.loss(x, y, lambda_s=lam, lambda_p=cfg.lambda_p, c=cfg.sparsity_c,
-                          reduce=self.dist.reduce_partial, dead=self._aux_dead(), auxk=self.aux_k,
-                          auxk_alpha=cfg.auxk_alpha)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.bfloat16,
+            enabled=self.autocast_dtype is not None,
+        ):
+            out = tc.loss(
+                x,
+                y,
+                lambda_s=lam,
+                lambda_p=cfg.lambda_p,
+                c=cfg.sparsity_c,
+                reduce=self.dist.reduce_partial,
+                dead=self._aux_dead(),
+                auxk=self.aux_k,
+                auxk_alpha=cfg.auxk_alpha,
+            )
         out.loss.backward()
         self.dist.sync_grads(tc)
         if cfg.grad_clip is not None:
@@ -194,7 +213,8 @@ class Trainer:
             scale = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
             # torch's stubs do not re-export the foreach kernels (clip_grad_norm_ uses the same one)
             torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
-                [p.grad for p in tc.parameters() if p.grad is not None], scale)
+                [p.grad for p in tc.parameters() if p.grad is not None], scale
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -213,7 +233,7 @@ class Trainer:
 
     @torch.no_grad()
     def _metrics(self, out, n_tokens: int, lr: float, lam: float) -> StepMetrics:
-        fired = out.counts > 0                                          # [L, F]
+        fired = out.counts > 0  # [L, F]
         self.last_active[fired] = self.tokens
         var = (out.target - out.target.mean(dim=1, keepdim=True)).pow(2).sum()
         err = (out.recon - out.target).pow(2).sum()
@@ -221,10 +241,25 @@ class Trainer:
         spars = self.dist.sum_features(out.sparsity.detach().float())
         preact = self.dist.sum_features(out.preact.detach().float())
         aux = out.aux.item()
-        loss = (out.mse.item() + lam * spars.item() + self.cfg.lambda_p * preact.item()
-                + self.cfg.auxk_alpha * aux)
-        return StepMetrics(self.step, self.tokens, loss, out.mse.item(), (err / var).item(),
-                           l0.item(), spars.item(), preact.item(), lr, lam, aux)
+        loss = (
+            out.mse.item()
+            + lam * spars.item()
+            + self.cfg.lambda_p * preact.item()
+            + self.cfg.auxk_alpha * aux
+        )
+        return StepMetrics(
+            self.step,
+            self.tokens,
+            loss,
+            out.mse.item(),
+            (err / var).item(),
+            l0.item(),
+            spars.item(),
+            preact.item(),
+            lr,
+            lam,
+            aux,
+        )
 
     def dead_features(self) -> Tensor:
         """[L, F] bool: silent for the last dead_window_tokens (only once that many were seen)."""
@@ -237,8 +272,10 @@ class Trainer:
         n = int(self.dist.sum_features(dead.sum()).item())
         if n > self.n_dead:
             per_layer = self.dist.sum_features(dead.sum(1))
-            self.log(f"step {self.step}: {n} dead features (never active in the last "
-                     f"{self.cfg.dead_window_tokens:,} tokens); per layer {per_layer.tolist()}")
+            self.log(
+                f"step {self.step}: {n} dead features (never active in the last "
+                f"{self.cfg.dead_window_tokens:,} tokens); per layer {per_layer.tolist()}"
+            )
         self.n_dead = n
 
     # ---- the loop ----
@@ -248,17 +285,22 @@ class Trainer:
         t_start = self._t_fit = time.perf_counter()
         it: Iterator = iter(batches)
         if resume and self._resume():
-            for _ in itertools.islice(it, self.step):   # data position: skip consumed batches
+            for _ in itertools.islice(it, self.step):  # data position: skip consumed batches
                 pass
         if not self.initialised:
             it = self._init_from(it)
         history: list[StepMetrics] = []
-        bar = progress(total=self.n_steps, initial=self.step, desc="train", unit="step",
-                       disable=None if self.dist.is_main else True)
+        bar = progress(
+            total=self.n_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=None if self.dist.is_main else True,
+        )
         t0, tokens0, step0 = time.perf_counter(), self.tokens, self.step
         try:
-            while self.step < self.n_steps:         # fetch no batch beyond the budget: the
-                if not self._time_left(t_start, t0, step0, bar):   # finishing steps read the next ones
+            while self.step < self.n_steps:  # fetch no batch beyond the budget: the
+                if not self._time_left(t_start, t0, step0, bar):  # finishing steps read the next ones
                     break
                 batch = next(it, None)
                 if batch is None:
@@ -267,13 +309,18 @@ class Trainer:
                 history.append(m)
                 rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{m.loss:.3g}", nmse=f"{m.nmse:.3f}", l0=f"{m.l0:.1f}",
-                                tok_s=f"{rate:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{m.loss:.3g}",
+                    nmse=f"{m.nmse:.3f}",
+                    l0=f"{m.l0:.1f}",
+                    tok_s=f"{rate:.0f}",
+                    refresh=False,
+                )
                 if self.step % cfg.log_every == 0 or self.step == self.n_steps:
                     self._log_metrics(m, rate)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-        except KeyboardInterrupt:                    # Ctrl-C: keep the steps since the last checkpoint
+        except KeyboardInterrupt:  # Ctrl-C: keep the steps since the last checkpoint
             self._checkpoint_on_interrupt()
             raise
         finally:
@@ -288,10 +335,12 @@ class Trainer:
         self._save_final()
         seconds = self.elapsed_before + time.perf_counter() - t_start
         if cfg.minutes is not None:
-            self.log(f"wall-time budget {cfg.minutes:g} min: trained {self.step} steps, "
-                     f"{self.tokens:,} tokens "
-                     f"({self.tc.cfg.n_layers} x {self.tc.cfg.n_features} {self.tc.cfg.kind.upper()}) "
-                     f"in {seconds / 60:.1f} min at {rate:,.0f} tokens/s")
+            self.log(
+                f"wall-time budget {cfg.minutes:g} min: trained {self.step} steps, "
+                f"{self.tokens:,} tokens "
+                f"({self.tc.cfg.n_layers} x {self.tc.cfg.n_features} {self.tc.cfg.kind.upper()}) "
+                f"in {seconds / 60:.1f} min at {rate:,.0f} tokens/s"
+            )
         return TrainResult(self.tc, history, self.n_dead, rate, self.tokens, seconds)
 
     def _time_left(self, t_start: float, t0: float, step0: int, bar) -> bool:
@@ -303,8 +352,10 @@ class Trainer:
         budget = self.cfg.minutes * 60 - self.elapsed_before - (now - t_start)
         per_step = (now - t0) / (self.step - step0)
         # the finishing steps read about init_tokens and encode them; the final save ~ a checkpoint
-        reserve = per_step * (1 + self.cfg.init_tokens / self.cfg.batch_size * self.cfg.jumprelu_after_topk) \
+        reserve = (
+            per_step * (1 + self.cfg.init_tokens / self.cfg.batch_size * self.cfg.jumprelu_after_topk)
             + self.save_seconds
+        )
         decaying = self.step >= self.n_steps * (1 - self.cfg.lr_decay_frac)
         if not decaying:
             fit = self.step + int(max(0.0, budget - reserve) // per_step)
@@ -313,8 +364,10 @@ class Trainer:
         if budget - reserve >= per_step:
             return True
         if self.step < self.n_steps:
-            self.log(f"note: the wall-time budget leaves no time for step {self.step + 1}; ending at "
-                     f"{self.step} of {self.n_steps} planned steps")
+            self.log(
+                f"note: the wall-time budget leaves no time for step {self.step + 1}; ending at "
+                f"{self.step} of {self.n_steps} planned steps"
+            )
             self.n_steps = self.step
         return False
 
@@ -333,8 +386,10 @@ class Trainer:
                 return
             x = torch.cat([b.mlp_in for b in sample])[: self.cfg.init_tokens]
             theta = topk_to_jumprelu(self.tc, x)
-            self.log(f"TopK -> JumpReLU on {x.shape[0]:,} tokens: per-layer thresholds "
-                     + ", ".join(f"{t:.3g}" for t in theta))
+            self.log(
+                f"TopK -> JumpReLU on {x.shape[0]:,} tokens: per-layer thresholds "
+                + ", ".join(f"{t:.3g}" for t in theta)
+            )
         first = next(it, None) if self.cfg.refit_tokens else None
         if self.cfg.refit_tokens and first is None:
             self.log("note: no data left for the decoder refit; skipped")
@@ -370,16 +425,22 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         directory = self.dist.checkpoint_dir(self.run_dir, self.step)
-        state = dict(step=self.step, tokens=self.tokens, train_config=self.cfg.to_dict(),
-                     data_position=dict(batches=self.step, tokens=self.tokens), n_dead=self.n_dead,
-                     n_steps=self.n_steps, elapsed_s=self.elapsed_before + time.perf_counter() - self._t_fit)
-        save_checkpoint(directory, self.tc, self.optimizer, state,
-                        extra={"last_active": self.last_active.cpu()})
-        self.dist.barrier()                                   # every shard is complete
+        state = dict(
+            step=self.step,
+            tokens=self.tokens,
+            train_config=self.cfg.to_dict(),
+            data_position=dict(batches=self.step, tokens=self.tokens),
+            n_dead=self.n_dead,
+            n_steps=self.n_steps,
+            elapsed_s=self.elapsed_before + time.perf_counter() - self._t_fit,
+        )
+        save_checkpoint(
+            directory, self.tc, self.optimizer, state, extra={"last_active": self.last_active.cpu()}
+        )
+        self.dist.barrier()  # every shard is complete
         if self.dist.is_main:
             old = _pointer(self.run_dir)
-            atomic_write_json({"step": self.step, "dir": f"ckpt-{self.step:08d}"},
-                              self.run_dir / POINTER)
+            atomic_write_json({"step": self.step, "dir": f"ckpt-{self.step:08d}"}, self.run_dir / POINTER)
             if old is not None and old != self.step:
                 shutil.rmtree(self.run_dir / f"ckpt-{old:08d}", ignore_errors=True)
         self.save_seconds = time.perf_counter() - t
@@ -403,11 +464,16 @@ class Trainer:
         directory = self.dist.checkpoint_dir(run_dir, step)
         state, extra = load_checkpoint(directory, self.tc, self.optimizer)
         saved = TrainConfig.from_dict(state["train_config"])
-        diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
-                if getattr(self.cfg, k) != v and k not in FINISHING_FIELDS}
+        diff = {
+            k: (v, getattr(self.cfg, k))
+            for k, v in saved.to_dict().items()
+            if getattr(self.cfg, k) != v and k not in FINISHING_FIELDS
+        }
         if diff:
-            raise CltraceError(f"{directory}: the checkpoint was trained with other settings {diff}",
-                               hint="resume with the same options, or choose a new --out")
+            raise CltraceError(
+                f"{directory}: the checkpoint was trained with other settings {diff}",
+                hint="resume with the same options, or choose a new --out",
+            )
         self.step, self.tokens, self.n_dead = state["step"], state["tokens"], state["n_dead"]
         self.n_steps = state.get("n_steps", self.cfg.n_steps)
         self.elapsed_before = state.get("elapsed_s", 0.0)
@@ -443,10 +509,18 @@ def _pointer(run_dir: Path) -> int | None:
     return int(read_json(path)["step"])
 
 
-def train(cfg: TrainConfig, batches: Iterable, n_layers: int, d_model: int,
-          run_dir: str | Path | None = None, *, resume: bool = False,
-          device: str | torch.device = "cpu", dist: Distributed | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    batches: Iterable,
+    n_layers: int,
+    d_model: int,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    dist: Distributed | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
     """Build a transcoder for (n_layers, d_model) from `cfg` and train it on `batches`
     (under `dist`, this rank's shard of it; every rank iterates the same global batches)."""
     dist = dist or Distributed()
@@ -457,26 +531,43 @@ def train(cfg: TrainConfig, batches: Iterable, n_layers: int, d_model: int,
     return Trainer(tc, cfg, run_dir, dist=dist, log=log).fit(batches, resume=resume)
 
 
-__all__ = ["Trainer", "TrainResult", "StepMetrics", "Distributed", "train", "lr_at", "lambda_s_at",
-           "synthetic_batches", "SyntheticBatch",
-           "resolve_precision", "make_optimizer"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "StepMetrics",
+    "Distributed",
+    "train",
+    "lr_at",
+    "lambda_s_at",
+    "synthetic_batches",
+    "SyntheticBatch",
+    "resolve_precision",
+    "make_optimizer",
+]
 
 
 class SyntheticBatch(NamedTuple):
-    mlp_in: Tensor   # [B, L, d]
+    mlp_in: Tensor  # [B, L, d]
     mlp_out: Tensor  # [B, L, d]
 
 
-def synthetic_batches(n_layers: int, d_model: int, batch_size: int, n_batches: int | None = None,
-                      n_teacher: int = 64, active: int = 4, seed: int = 0) -> Iterator[SyntheticBatch]:
+def synthetic_batches(
+    n_layers: int,
+    d_model: int,
+    batch_size: int,
+    n_batches: int | None = None,
+    n_teacher: int = 64,
+    active: int = 4,
+    seed: int = 0,
+) -> Iterator[SyntheticBatch]:
     """A sparse linear teacher: x_l = codes_l · D_l + noise, y_t = Σ_{l ≤ t} codes_l · E_{l→t},
     with `active` of `n_teacher` codes on per token and layer. Deterministic in `seed`;
     a CLT with >= n_teacher features per layer can fit it almost exactly."""
     gen = torch.Generator().manual_seed(seed)
     L, d = n_layers, d_model
-    D = torch.randn(L, n_teacher, d, generator=gen) / d ** 0.5 * 4
+    D = torch.randn(L, n_teacher, d, generator=gen) / d**0.5 * 4
     E = torch.randn(L, n_teacher, L, d, generator=gen) / (d * L) ** 0.5 * 4
-    E = E * torch.triu(torch.ones(L, L))[:, None, :, None]          # l -> t only for t >= l
+    E = E * torch.triu(torch.ones(L, L))[:, None, :, None]  # l -> t only for t >= l
     for _ in itertools.count() if n_batches is None else range(n_batches):
         scores = torch.rand(batch_size, L, n_teacher, generator=gen)
         keep = scores >= scores.topk(active, dim=-1).values[..., -1:]

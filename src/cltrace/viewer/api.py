@@ -48,9 +48,15 @@ from cltrace.viewer.validation import (
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".css": "text/css; charset=utf-8", ".json": "application/json",
-                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9]+)+$")
 JSON_TYPE = "application/json"
 
@@ -73,8 +79,9 @@ def error_response(status: int, message: str) -> Response:
 
 def internal_error(err: BaseException) -> Response:
     """A 500 reply for an exception no handler expected (a bug in cltrace)."""
-    return error_response(500, f"internal error: {type(err).__name__}: {err} "
-                               "(a bug in cltrace; the server keeps running)")
+    return error_response(
+        500, f"internal error: {type(err).__name__}: {err} (a bug in cltrace; the server keeps running)"
+    )
 
 
 class ViewerApp:
@@ -101,16 +108,17 @@ class ViewerApp:
             ("GET", re.compile(r"/api/diffs"), self.list_diffs),
             ("GET", re.compile(r"/api/diff/" + name), self.get_diff),
             ("GET", re.compile(r"/api/graph/" + name), self.get_graph),
-            ("GET", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})"),
-             self.feature),
-            ("POST", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})/label"),
-             self.set_label),
+            ("GET", re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})"), self.feature),
+            (
+                "POST",
+                re.compile(r"/api/feature/(?P<layer>\d{1,6})/(?P<index>\d{1,10})/label"),
+                self.set_label,
+            ),
             ("POST", re.compile(r"/api/intervene"), self.intervene),
             ("POST", re.compile(r"/api/swap"), self.swap),
         ]
 
-    def handle(self, method: str, path: str, query: dict[str, list[str]],
-               body: bytes = b"") -> Response:
+    def handle(self, method: str, path: str, query: dict[str, list[str]], body: bytes = b"") -> Response:
         """Dispatch; errors become JSON `{error, status}` responses (a bug: 500, never a
         dropped connection)."""
         allowed = []
@@ -185,16 +193,26 @@ class ViewerApp:
         graph = self.store.load(name)
         circuit = self.store.read_circuit(graph)  # 422 for a malformed circuit file
         if circuit is None:
-            return json_response({"circuit": None, "message": "no circuit file beside this graph "
-                                  "(trace with `cltrace trace ... --circuit`)"})
+            return json_response(
+                {
+                    "circuit": None,
+                    "message": "no circuit file beside this graph (trace with `cltrace trace ... --circuit`)",
+                }
+            )
         return json_response({"circuit": circuit})
 
     def get_labels(self, name: str, **_: Any) -> Response:
         graph = self.store.load(name)
         labels = getattr(self.backend, "labels", None)
         found = labels(graph) if labels is not None else {}
-        return json_response({"labels": found, "message": None if found else
-                              "no label scores: serve with --features DB (a store with scored labels)"})
+        return json_response(
+            {
+                "labels": found,
+                "message": None
+                if found
+                else "no label scores: serve with --features DB (a store with scored labels)",
+            }
+        )
 
     def get_subgraphs(self, name: str, **_: Any) -> Response:
         return json_response({"subgraphs": self.store.read_subgraphs(self.store.load(name))})
@@ -216,8 +234,7 @@ class ViewerApp:
         if len(a) != 1 or len(b) != 1:
             raise BadRequest("give two graphs: /api/compare?a=<name>&b=<name>")
         ga, gb = self.store.load(a[0]), self.store.load(b[0])
-        return json_response(compare_graphs(ga, gb, self.store.read_circuit(ga),
-                                            self.store.read_circuit(gb)))
+        return json_response(compare_graphs(ga, gb, self.store.read_circuit(ga), self.store.read_circuit(gb)))
 
     def list_diffs(self, **_: Any) -> Response:
         return json_response({"diffs": self.store.diff_summaries()})
@@ -238,9 +255,12 @@ class ViewerApp:
         card = self.backend.feature(graph, int(layer), int(index))
         if card is None:
             node = find_feature_node(graph, int(layer), int(index))
-            card = {"layer": int(layer), "index": int(index),
-                    "label": (node or {}).get("clerp") or "",
-                    "message": "no data for this feature"}
+            card = {
+                "layer": int(layer),
+                "index": int(index),
+                "label": (node or {}).get("clerp") or "",
+                "message": "no data for this feature",
+            }
         return json_response(card)
 
     def set_label(self, layer: str, index: str, body: bytes, **_: Any) -> Response:
@@ -260,7 +280,6 @@ class ViewerApp:
         n_pos = len(graph.metadata.get("prompt_tokens") or [])
         request = parse_intervention(data, n_pos or None)
         return json_response(self.backend.intervene(graph, request))
-
 
     def swap(self, body: bytes, **_: Any) -> Response:
         data = parse_json(body)
@@ -283,5 +302,8 @@ class ViewerApp:
 def qparams_supernodes(graph: GraphRef) -> list[dict]:
     """Neuronpedia's `qParams.supernodes` ([[name, id, id, ...]]) as [{name, node_ids}]."""
     groups = (graph.data.get("qParams") or {}).get("supernodes") or []
-    return [{"name": str(g[0]), "node_ids": [str(x) for x in g[1:]]}
-            for g in groups if isinstance(g, list) and len(g) > 1]
+    return [
+        {"name": str(g[0]), "node_ids": [str(x) for x in g[1:]]}
+        for g in groups
+        if isinstance(g, list) and len(g) > 1
+    ]

@@ -28,8 +28,8 @@ from typing import Any, Literal, Protocol
 class GraphRef:
     """A saved graph as the server sees it."""
 
-    name: str             # URL name: path relative to its graph folder, without .json
-    path: Path            # resolved file path
+    name: str  # URL name: path relative to its graph folder, without .json
+    path: Path  # resolved file path
     data: dict[str, Any]  # parsed Neuronpedia-schema JSON
 
     @property
@@ -43,7 +43,7 @@ class Intervention:
 
     layer: int
     feature: int
-    pos: int | None               # None: every position
+    pos: int | None  # None: every position
     mode: Literal["set", "scale"]
     value: float
 
@@ -52,7 +52,7 @@ class Intervention:
 class InterventionRequest:
     graph: str
     interventions: list[Intervention] = field(default_factory=list)
-    generate: int = 0             # tokens of greedy continuation to return (0: none)
+    generate: int = 0  # tokens of greedy continuation to return (0: none)
     freeze_attention: bool = False  # constrained patching: clean MLP outputs up to the last layer
 
 
@@ -80,10 +80,10 @@ class ViewerBackend(Protocol):
 
 
 FEATURE_TYPE = "cross layer transcoder"
-NO_STORE_LABELS = ("labels are saved in a feature store, and this server has none: run "
-                   "`cltrace serve --features DB`")
-NO_MODEL = ("interventions need a loaded model: run "
-            "`cltrace serve --transcoder RUN [--model ...]`")
+NO_STORE_LABELS = (
+    "labels are saved in a feature store, and this server has none: run `cltrace serve --features DB`"
+)
+NO_MODEL = "interventions need a loaded model: run `cltrace serve --transcoder RUN [--model ...]`"
 
 
 def feature_index(node: dict) -> int | None:
@@ -101,8 +101,11 @@ def feature_index(node: dict) -> int | None:
 
 def find_feature_node(graph: GraphRef, layer: int, index: int) -> dict | None:
     for node in graph.data.get("nodes", []):
-        if (node.get("feature_type") == FEATURE_TYPE and str(node.get("layer")) == str(layer)
-                and feature_index(node) == index):
+        if (
+            node.get("feature_type") == FEATURE_TYPE
+            and str(node.get("layer")) == str(layer)
+            and feature_index(node) == index
+        ):
             return node
     return None
 
@@ -121,8 +124,9 @@ class NullBackend:
         embedded = {k: node[k] for k in self.EMBEDDED_KEYS if k in node}
         card.update(embedded)
         if not embedded:
-            card["message"] = ("no feature store: run `cltrace serve --features DB` "
-                               "for top contexts and token effects")
+            card["message"] = (
+                "no feature store: run `cltrace serve --features DB` for top contexts and token effects"
+            )
         return card
 
     def intervene(self, graph: GraphRef, request: InterventionRequest) -> dict:
@@ -154,9 +158,13 @@ def suggest_by_shared_target(data: dict, max_groups: int = 20) -> list[dict]:
         groups[key].append(src)
         strength[key] += weight
     ranked = sorted((k for k in groups if len(groups[k]) > 1), key=lambda k: -strength[k])
-    return [{"name": f"L{layer} → {_short_label(nodes.get(target), target)}",
-             "node_ids": sorted(groups[(layer, target)])}
-            for layer, target in ranked[:max_groups]]
+    return [
+        {
+            "name": f"L{layer} → {_short_label(nodes.get(target), target)}",
+            "node_ids": sorted(groups[(layer, target)]),
+        }
+        for layer, target in ranked[:max_groups]
+    ]
 
 
 def _short_label(node: dict | None, fallback: str) -> str:
@@ -176,8 +184,9 @@ def make_backend(args: Any) -> ViewerBackend:
     if model and not transcoder:
         from cltrace.errors import CltraceError
 
-        raise CltraceError("--model needs --transcoder",
-                           hint="pass the training run (or transcoder folder) to steer with")
+        raise CltraceError(
+            "--model needs --transcoder", hint="pass the training run (or transcoder folder) to steer with"
+        )
     if not (features or transcoder):
         return NullBackend()
     from cltrace.viewer.model_backend import load_model_backend

@@ -27,10 +27,10 @@ from cltrace.supernode_file import (
 )
 from cltrace.viewer.backend import GraphRef
 
-CIRCUIT_SUFFIX = ".circuit.json"      # docs/CIRCUIT_FORMAT.md, written by `cltrace trace --circuit`
+CIRCUIT_SUFFIX = ".circuit.json"  # docs/CIRCUIT_FORMAT.md, written by `cltrace trace --circuit`
 SUBGRAPHS_SUFFIX = ".subgraphs.json"  # pinned subgraphs saved by the viewer
 NOT_GRAPHS = (SIDECAR_SUFFIX, CIRCUIT_SUFFIX, SUBGRAPHS_SUFFIX)
-DIFF_PREFIX = "diff-"                 # `cltrace diff` output (docs/DIFF_FORMAT.md), not a graph
+DIFF_PREFIX = "diff-"  # `cltrace diff` output (docs/DIFF_FORMAT.md), not a graph
 DIFF_KIND = "cltrace-graph-diff"
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ +=,@()-]*$")
 NAME_CHARS = "letters, digits, spaces and . _ - + = , @ ( )"
@@ -129,10 +129,12 @@ class GraphStore:
         except GraphError as err:
             return GraphSummary(name, None, None, None, _size(path), error=err.message)
         except OSError as err:
-            return GraphSummary(name, None, None, None, _size(path),
-                                error=f"cannot read {path.name}: {err.strerror or err}")
-        return GraphSummary(name, data["metadata"].get("prompt"), len(data["nodes"]),
-                            len(data["links"]), size)
+            return GraphSummary(
+                name, None, None, None, _size(path), error=f"cannot read {path.name}: {err.strerror or err}"
+            )
+        return GraphSummary(
+            name, data["metadata"].get("prompt"), len(data["nodes"]), len(data["links"]), size
+        )
 
     def read_supernodes(self, graph: GraphRef) -> list[dict] | None:
         """Saved groups from the sidecar, or None when there is none."""
@@ -157,8 +159,14 @@ class GraphStore:
         for name in sorted(self._files(diffs=True)):
             try:
                 doc = self.load_diff(name)
-                out.append({"name": name, "a": doc["a"].get("prompt"), "b": doc["b"].get("prompt"),
-                            "counts": doc.get("counts")})
+                out.append(
+                    {
+                        "name": name,
+                        "a": doc["a"].get("prompt"),
+                        "b": doc["b"].get("prompt"),
+                        "counts": doc.get("counts"),
+                    }
+                )
             except GraphError as err:
                 out.append({"name": name, "error": err.message})
         return out
@@ -183,8 +191,11 @@ class GraphStore:
         if data is None:
             return None
         if not isinstance(data.get("supernodes"), list) or not isinstance(data.get("edges"), list):
-            raise GraphError(f"{_beside(graph, CIRCUIT_SUFFIX).name}: missing 'supernodes' or 'edges' "
-                             "(docs/CIRCUIT_FORMAT.md)", 422)
+            raise GraphError(
+                f"{_beside(graph, CIRCUIT_SUFFIX).name}: missing 'supernodes' or 'edges' "
+                "(docs/CIRCUIT_FORMAT.md)",
+                422,
+            )
         return data
 
     def read_subgraphs(self, graph: GraphRef) -> list[dict]:
@@ -243,7 +254,6 @@ def parse_graph(path: Path) -> dict:
             raise GraphError(f"{path.name}: missing or malformed '{key}'", 422)
     if not all(isinstance(n, dict) and "node_id" in n for n in data["nodes"]):
         raise GraphError(f"{path.name}: every node needs a node_id", 422)
-    if not all(isinstance(e, dict) and {"source", "target", "weight"} <= e.keys()
-               for e in data["links"]):
+    if not all(isinstance(e, dict) and {"source", "target", "weight"} <= e.keys() for e in data["links"]):
         raise GraphError(f"{path.name}: every link needs source, target and weight", 422)
     return data

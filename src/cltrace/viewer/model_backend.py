@@ -47,9 +47,16 @@ class ModelBackend:
         prompt = graph.metadata.get("prompt")
         if not isinstance(prompt, str):
             raise BackendError("the graph has no prompt to re-run", status=422)
-        ivs = [Intervention(layer=i.layer, feature=i.feature, mode=i.mode, value=i.value,
-                            positions=None if i.pos is None else (i.pos,))
-               for i in request.interventions]
+        ivs = [
+            Intervention(
+                layer=i.layer,
+                feature=i.feature,
+                mode=i.mode,
+                value=i.value,
+                positions=None if i.pos is None else (i.pos,),
+            )
+            for i in request.interventions
+        ]
         # freeze attention: constrained patching through the last layer (interventions.steer)
         frozen = {"constrain_until": self.steerer.tc.cfg.n_layers - 1} if request.freeze_attention else {}
         with self._lock:
@@ -57,7 +64,7 @@ class ModelBackend:
                 result = self.steerer.run(prompt, ivs, top_k=TOP_K, generate=request.generate, **frozen)
             except CltraceError as err:  # an index out of range: the message names the ranges
                 raise BackendError(err.message, status=400) from err
-            except ValueError as err:     # positions outside the prompt
+            except ValueError as err:  # positions outside the prompt
                 raise BackendError(str(err), status=400) from err
         return result.to_dict()
 
@@ -74,17 +81,21 @@ class ModelBackend:
             raise BackendError(err.message, status=404) from err
         except sqlite3.OperationalError as err:
             if "readonly" in str(err) or "read-only" in str(err):
-                raise BackendError(f"the feature store {self.store.path} is read-only, so the label was not "
-                                   "saved: serve a writable copy (or fix the file's permissions)",
-                                   status=403) from err
-            raise BackendError(f"the feature store could not save the label ({err}); try again",
-                               status=503) from err
+                raise BackendError(
+                    f"the feature store {self.store.path} is read-only, so the label was not "
+                    "saved: serve a writable copy (or fix the file's permissions)",
+                    status=403,
+                ) from err
+            raise BackendError(
+                f"the feature store could not save the label ({err}); try again", status=503
+            ) from err
         with self._lock:
             self._label_rows = None  # the label table is read again with the new label
         return self.store.dashboard(layer, index)
 
-    def swap(self, graph: GraphRef, request: SwapRequest, source: GraphRef | None,
-             circuit_b: dict | None) -> dict:
+    def swap(
+        self, graph: GraphRef, request: SwapRequest, source: GraphRef | None, circuit_b: dict | None
+    ) -> dict:
         """A graph-guided swap of the pinned features with prompt B's (viewer/swap.py)."""
         if self.steerer is None:
             return self.null.swap(graph, request, source, circuit_b)
@@ -129,9 +140,12 @@ def check_same_transcoder(store: Any, graph: GraphRef) -> None:
     theirs = (graph.metadata.get("cltrace") or {}).get("transcoder")
     ours = (getattr(store, "meta", None) or {}).get("transcoder")
     if theirs and ours and ours != "in-memory" and transcoder_key(ours) != transcoder_key(theirs):
-        raise BackendError(f"the feature store was built from transcoder {ours!r} but this graph was "
-                           f"traced with {theirs!r}: its dashboards would describe other features; "
-                           f"serve with --features <the store of {theirs}>", status=409)
+        raise BackendError(
+            f"the feature store was built from transcoder {ours!r} but this graph was "
+            f"traced with {theirs!r}: its dashboards would describe other features; "
+            f"serve with --features <the store of {theirs}>",
+            status=409,
+        )
 
 
 def transcoder_key(ident: str) -> str:
@@ -145,8 +159,9 @@ def transcoder_key(ident: str) -> str:
     return path.parent.name if path.name == TRANSCODER_SUBDIR and path.parent.name else path.name
 
 
-def load_model_backend(features: str | None, transcoder: str | None,
-                       model: str | None, device: str = "auto") -> ModelBackend:
+def load_model_backend(
+    features: str | None, transcoder: str | None, model: str | None, device: str = "auto"
+) -> ModelBackend:
     """Open the feature store and/or load model + transcoder (slow: imports torch)."""
     store = steerer = None
     if features:

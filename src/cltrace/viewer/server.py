@@ -33,8 +33,8 @@ class ViewerConfig:
     """How `cltrace serve` runs."""
 
     graph_dirs: list[Path] = field(default_factory=list)  # folders of graph JSON files
-    host: str = "127.0.0.1"   # interface to bind; 0.0.0.0 exposes the viewer to the network
-    port: int = 8765          # 0 picks a free port
+    host: str = "127.0.0.1"  # interface to bind; 0.0.0.0 exposes the viewer to the network
+    port: int = 8765  # 0 picks a free port
     open_browser: bool = False
 
     def __post_init__(self):
@@ -135,8 +135,9 @@ def make_server(config: ViewerConfig, backend: ViewerBackend | None = None) -> V
     return ViewerServer(config, app)
 
 
-def start_in_thread(config: ViewerConfig,
-                    backend: ViewerBackend | None = None) -> tuple[ViewerServer, threading.Thread]:
+def start_in_thread(
+    config: ViewerConfig, backend: ViewerBackend | None = None
+) -> tuple[ViewerServer, threading.Thread]:
     """Serve in a daemon thread (tests, notebooks); stop with `server.shutdown()`."""
     server = make_server(config, backend)
     thread = threading.Thread(target=server.serve_forever, name="cltrace-viewer", daemon=True)

@@ -212,9 +212,7 @@ def run_swap(
         if matched is not None
         else "B's features at its differing tokens"
     )
-    swap["suppressed"] = sorted(
-        {_node_id(i) for i in report.interventions if i.mode == "scale"}
-    )
+    swap["suppressed"] = sorted({_node_id(i) for i in report.interventions if i.mode == "scale"})
     out["swap"] = swap
     out["applied"] = [
         {

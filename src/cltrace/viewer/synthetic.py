@@ -13,15 +13,24 @@ from typing import Any
 
 from cltrace.viewer.backend import FEATURE_TYPE, GraphRef, InterventionRequest, suggest_by_shared_target
 
-PROMPT = ["<bos>", "Fact", ":", " the", " capital", " of", " the", " state", " containing",
-          " Dallas", " is"]
+PROMPT = ["<bos>", "Fact", ":", " the", " capital", " of", " the", " state", " containing", " Dallas", " is"]
 LOGIT_TOKENS = [" Austin", " Texas", " the", " Houston", " a"]
 
 
 def _node(node_id: str, feature: int, layer: str, ctx: int, ftype: str, **extra: Any) -> dict:
-    node = {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": ctx,
-            "feature_type": ftype, "jsNodeId": node_id, "clerp": "", "influence": None,
-            "activation": None, "token_prob": 0.0, "is_target_logit": False}
+    node = {
+        "node_id": node_id,
+        "feature": feature,
+        "layer": layer,
+        "ctx_idx": ctx,
+        "feature_type": ftype,
+        "jsNodeId": node_id,
+        "clerp": "",
+        "influence": None,
+        "activation": None,
+        "token_prob": 0.0,
+        "is_target_logit": False,
+    }
     node.update(extra)
     return node
 
@@ -31,25 +40,44 @@ def _fixed_nodes(n_layers: int) -> list[dict]:
     nodes = [_node(f"E_{100 + p}_{p}", p, "E", p, "embedding") for p in range(len(PROMPT))]
     probs = [0.45, 0.2, 0.1, 0.05, 0.03]
     for k, (tok, prob) in enumerate(zip(LOGIT_TOKENS, probs)):
-        nodes.append(_node(f"{n_layers + 1}_{9000 + k}_{last}", 9000 + k, str(n_layers + 1),
-                           last, "logit", clerp=f'Output "{tok}" (p={prob:.3f})',
-                           token_prob=prob, is_target_logit=k == 0))
+        nodes.append(
+            _node(
+                f"{n_layers + 1}_{9000 + k}_{last}",
+                9000 + k,
+                str(n_layers + 1),
+                last,
+                "logit",
+                clerp=f'Output "{tok}" (p={prob:.3f})',
+                token_prob=prob,
+                is_target_logit=k == 0,
+            )
+        )
     return nodes
 
 
 def _inner_nodes(n: int, n_layers: int, rng: random.Random, n_features: int = 4096) -> list[dict]:
     nodes, seen = [], set()
     for l in range(n_layers):  # one error node per layer at the last position
-        nodes.append(_node(f"E{l}_{len(PROMPT) - 1}", -1, str(l), len(PROMPT) - 1,
-                           "mlp reconstruction error"))
+        nodes.append(
+            _node(f"E{l}_{len(PROMPT) - 1}", -1, str(l), len(PROMPT) - 1, "mlp reconstruction error")
+        )
     while len(nodes) < n:
         layer, pos, feat = rng.randrange(n_layers), rng.randrange(len(PROMPT)), rng.randrange(n_features)
         if (layer, pos, feat) in seen:
             continue
         seen.add((layer, pos, feat))
         label = f"synthetic feature {layer}/{feat}" if rng.random() < 0.5 else ""
-        nodes.append(_node(f"{layer}_{feat}_{pos}", feat, str(layer), pos, FEATURE_TYPE,
-                           clerp=label, activation=round(rng.uniform(0.1, 10), 3)))
+        nodes.append(
+            _node(
+                f"{layer}_{feat}_{pos}",
+                feat,
+                str(layer),
+                pos,
+                FEATURE_TYPE,
+                clerp=label,
+                activation=round(rng.uniform(0.1, 10), 3),
+            )
+        )
     scores = sorted(nodes, key=lambda _: rng.random())  # influence: cumulative share by rank
     for rank, node in enumerate(scores):
         node["influence"] = round((rank + 1) / len(scores), 6)
@@ -78,25 +106,45 @@ def _links(nodes: list[dict], n_links: int, n_layers: int, rng: random.Random) -
             continue
         seen.add((s, t))
         weight = rng.gauss(0, 1) * rng.expovariate(1.0)
-        links.append({"source": nodes[s]["node_id"], "target": nodes[t]["node_id"],
-                      "weight": round(weight, 5)})
+        links.append(
+            {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": round(weight, 5)}
+        )
     return links
 
 
-def synthetic_graph(n_nodes: int = 60, n_links: int = 240, n_layers: int = 6,
-                    seed: int = 0, slug: str = "synthetic", n_features: int = 4096) -> dict:
+def synthetic_graph(
+    n_nodes: int = 60,
+    n_links: int = 240,
+    n_layers: int = 6,
+    seed: int = 0,
+    slug: str = "synthetic",
+    n_features: int = 4096,
+) -> dict:
     """A Neuronpedia-schema graph with about `n_nodes` nodes and `n_links` links; feature
     indices below `n_features` (a real store's width, for dashboards from it)."""
     rng = random.Random(seed)
     fixed = _fixed_nodes(n_layers)
     nodes = fixed + _inner_nodes(max(n_nodes - len(fixed), n_layers), n_layers, rng, n_features)
     return {
-        "metadata": {"slug": slug, "scan": "synthetic", "prompt_tokens": list(PROMPT),
-                     "prompt": "".join(PROMPT[1:]), "node_threshold": 0.8, "schema_version": 1,
-                     "info": {"description": "synthetic graph for viewer tests",
-                              "generator": {"name": "cltrace.viewer.synthetic"}}},
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-                    "sparsityThreshold": 0},
+        "metadata": {
+            "slug": slug,
+            "scan": "synthetic",
+            "prompt_tokens": list(PROMPT),
+            "prompt": "".join(PROMPT[1:]),
+            "node_threshold": 0.8,
+            "schema_version": 1,
+            "info": {
+                "description": "synthetic graph for viewer tests",
+                "generator": {"name": "cltrace.viewer.synthetic"},
+            },
+        },
+        "qParams": {
+            "pinnedIds": [],
+            "supernodes": [],
+            "linkType": "both",
+            "clickedId": "",
+            "sparsityThreshold": 0,
+        },
         "nodes": nodes,
         "links": _links(nodes, n_links, n_layers, rng),
     }
@@ -114,19 +162,38 @@ def synthetic_circuit(graph: dict, n_groups: int = 4, seed: int = 0) -> dict:
     layers = sorted(by_layer, key=int)[:n_groups]
     tokens = graph["metadata"]["prompt_tokens"]
     logit = next(n for n in graph["nodes"] if n["feature_type"] == "logit")
-    sns = [_sn(f"emb:{p}", tok, "embedding", [n["node_id"] for n in graph["nodes"]
-           if n["feature_type"] == "embedding" and n["ctx_idx"] == p], [p]) for p, tok in enumerate(tokens)]
+    sns = [
+        _sn(
+            f"emb:{p}",
+            tok,
+            "embedding",
+            [n["node_id"] for n in graph["nodes"] if n["feature_type"] == "embedding" and n["ctx_idx"] == p],
+            [p],
+        )
+        for p, tok in enumerate(tokens)
+    ]
     for k, layer in enumerate(layers):
         members = by_layer[layer][:3]
-        sn = _sn(f"sn{k}", f"group {k} · L{layer}", "features", [n["node_id"] for n in members],
-                 sorted({n["ctx_idx"] for n in members}), layers=[int(layer), int(layer)],
-                 influence_share=round(0.3 / (k + 1), 3))
+        sn = _sn(
+            f"sn{k}",
+            f"group {k} · L{layer}",
+            "features",
+            [n["node_id"] for n in members],
+            sorted({n["ctx_idx"] for n in members}),
+            layers=[int(layer), int(layer)],
+            influence_share=round(0.3 / (k + 1), 3),
+        )
         if k < 2:
-            sn.update(predicted_effect=-1.5 + k, measured_effect=-1.2 - 2 * k,
-                      measured_prob=round(rng.uniform(0.05, 0.4), 3), failed=k == 1)
+            sn.update(
+                predicted_effect=-1.5 + k,
+                measured_effect=-1.2 - 2 * k,
+                measured_prob=round(rng.uniform(0.05, 0.4), 3),
+                failed=k == 1,
+            )
         sns.append(sn)
-    sns.append(_sn("logit", logit["clerp"], "logit", [logit["node_id"]], [logit["ctx_idx"]],
-                   influence_share=1.0))
+    sns.append(
+        _sn("logit", logit["clerp"], "logit", [logit["node_id"]], [logit["ctx_idx"]], influence_share=1.0)
+    )
     owner = {nid: sn["id"] for sn in sns for nid in sn["node_ids"]}
     sums: dict[tuple[str, str], float] = {}
     for link in graph["links"]:
@@ -134,19 +201,51 @@ def synthetic_circuit(graph: dict, n_groups: int = 4, seed: int = 0) -> dict:
         if s and t and s != t:
             sums[(s, t)] = sums.get((s, t), 0.0) + link["weight"]
     edges = [{"source": s, "target": t, "weight": round(w, 5)} for (s, t), w in sums.items()]
-    return {"version": 1, "prompt": graph["metadata"]["prompt"], "tokens": tokens,
-            "answer": LOGIT_TOKENS[0], "answer_id": 9000, "answer_prob": 0.45, "model": "synthetic",
-            "transcoder": "synthetic", "influence_share": 0.5,
-            "faithfulness": {"spearman_supernodes": 0.5, "spearman_features": None,
-                             "n_supernodes": 2, "n_features": None},
-            "supernodes": sns, "edges": edges, "stats": {}}
+    return {
+        "version": 1,
+        "prompt": graph["metadata"]["prompt"],
+        "tokens": tokens,
+        "answer": LOGIT_TOKENS[0],
+        "answer_id": 9000,
+        "answer_prob": 0.45,
+        "model": "synthetic",
+        "transcoder": "synthetic",
+        "influence_share": 0.5,
+        "faithfulness": {
+            "spearman_supernodes": 0.5,
+            "spearman_features": None,
+            "n_supernodes": 2,
+            "n_features": None,
+        },
+        "supernodes": sns,
+        "edges": edges,
+        "stats": {},
+    }
 
 
-def _sn(sid: str, name: str, kind: str, node_ids: list[str], positions: list[int],
-        layers: list[int] | None = None, influence_share: float = 0.0) -> dict:
-    return {"id": sid, "name": name, "kind": kind, "node_ids": node_ids, "positions": positions,
-            "layers": layers, "evidence": [], "influence_share": influence_share,
-            "predicted_effect": None, "measured_effect": None, "measured_prob": None, "failed": None}
+def _sn(
+    sid: str,
+    name: str,
+    kind: str,
+    node_ids: list[str],
+    positions: list[int],
+    layers: list[int] | None = None,
+    influence_share: float = 0.0,
+) -> dict:
+    return {
+        "id": sid,
+        "name": name,
+        "kind": kind,
+        "node_ids": node_ids,
+        "positions": positions,
+        "layers": layers,
+        "evidence": [],
+        "influence_share": influence_share,
+        "predicted_effect": None,
+        "measured_effect": None,
+        "measured_prob": None,
+        "failed": None,
+    }
 
 
 class SyntheticBackend:
@@ -154,39 +253,68 @@ class SyntheticBackend:
 
     def feature(self, graph: GraphRef, layer: int, index: int) -> dict | None:
         tokens = graph.metadata.get("prompt_tokens") or ["a", "b", "c"]
-        contexts = [{"tokens": tokens, "active_index": (index + k) % len(tokens),
-                     "value": round(5.0 - k, 2)} for k in range(3)]
-        return {"layer": layer, "index": index, "label": f"fake feature {layer}/{index}",
-                "density": 0.0123, "contexts": contexts,
-                "promoted": [{"token": t, "value": 1.0 - 0.1 * k}
-                             for k, t in enumerate(LOGIT_TOKENS[:3])],
-                "suppressed": [{"token": t, "value": -1.0 + 0.1 * k}
-                               for k, t in enumerate(LOGIT_TOKENS[3:])],
-                "quantiles": [{"low": 0.5 * k, "high": 0.5 * (k + 1), "examples": contexts[:1]}
-                              for k in range(2)],
-                "label_source": "auto", "label_reads": ["Dallas"], "label_writes": ["Texas"],
-                "label_broad": False, "label_detection": 0.91, "label_output": 0.5}
+        contexts = [
+            {"tokens": tokens, "active_index": (index + k) % len(tokens), "value": round(5.0 - k, 2)}
+            for k in range(3)
+        ]
+        return {
+            "layer": layer,
+            "index": index,
+            "label": f"fake feature {layer}/{index}",
+            "density": 0.0123,
+            "contexts": contexts,
+            "promoted": [{"token": t, "value": 1.0 - 0.1 * k} for k, t in enumerate(LOGIT_TOKENS[:3])],
+            "suppressed": [{"token": t, "value": -1.0 + 0.1 * k} for k, t in enumerate(LOGIT_TOKENS[3:])],
+            "quantiles": [
+                {"low": 0.5 * k, "high": 0.5 * (k + 1), "examples": contexts[:1]} for k in range(2)
+            ],
+            "label_source": "auto",
+            "label_reads": ["Dallas"],
+            "label_writes": ["Texas"],
+            "label_broad": False,
+            "label_detection": 0.91,
+            "label_output": 0.5,
+        }
 
     def intervene(self, graph: GraphRef, request: InterventionRequest) -> dict:
         logits = [n for n in graph.data["nodes"] if n.get("feature_type") == "logit"]
-        before = [{"token": n["clerp"].split('"')[1] if '"' in n.get("clerp", "") else n["node_id"],
-                   "prob": float(n.get("token_prob", 0.0))} for n in logits]
+        before = [
+            {
+                "token": n["clerp"].split('"')[1] if '"' in n.get("clerp", "") else n["node_id"],
+                "prob": float(n.get("token_prob", 0.0)),
+            }
+            for n in logits
+        ]
         shift = sum(i.value for i in request.interventions) / (10 * len(request.interventions))
-        after = [{"token": b["token"], "prob": round(max(b["prob"] * (1 - shift) if k == 0
-                                                         else b["prob"] + shift / 10, 0.0), 6)}
-                 for k, b in enumerate(before)]
+        after = [
+            {
+                "token": b["token"],
+                "prob": round(max(b["prob"] * (1 - shift) if k == 0 else b["prob"] + shift / 10, 0.0), 6),
+            }
+            for k, b in enumerate(before)
+        ]
         after.sort(key=lambda x: -x["prob"])
         words = ["and", "then", "the", "capital"][: request.generate]
-        return {"before": before, "after": after, "continuation_before": None,
-                "continuation": " ".join(words) or None,
-                "freeze_attention": request.freeze_attention}
+        return {
+            "before": before,
+            "after": after,
+            "continuation_before": None,
+            "continuation": " ".join(words) or None,
+            "freeze_attention": request.freeze_attention,
+        }
 
     def suggest_supernodes(self, graph: GraphRef) -> list[dict]:
         return suggest_by_shared_target(graph.data)
 
     def labels(self, graph: GraphRef) -> dict[str, dict]:
         """Detection score (index % 100) / 100 for every feature; output None; never broad."""
-        return {n["node_id"]: {"label": f"fake feature {n['layer']}/{n['feature']}",
-                               "detection": (int(n["feature"]) % 100) / 100, "output": None,
-                               "broad": False}
-                for n in graph.data["nodes"] if n.get("feature_type") == FEATURE_TYPE}
+        return {
+            n["node_id"]: {
+                "label": f"fake feature {n['layer']}/{n['feature']}",
+                "detection": (int(n["feature"]) % 100) / 100,
+                "output": None,
+                "broad": False,
+            }
+            for n in graph.data["nodes"]
+            if n.get("feature_type") == FEATURE_TYPE
+        }

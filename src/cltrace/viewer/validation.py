@@ -63,8 +63,12 @@ def _intervention(item: Any, i: int, n_pos: int | None) -> Intervention:
     if mode not in ("set", "scale"):
         raise BadRequest(f"{where}.mode must be 'set' or 'scale'")
     value = item.get("value")
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or abs(value) > MAX_VALUE):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or abs(value) > MAX_VALUE
+    ):
         raise BadRequest(f"{where}.value must be a finite number with |value| <= {MAX_VALUE:g}")
     return Intervention(layer, feature, pos, mode, float(value))
 
@@ -82,8 +86,9 @@ def parse_intervention(data: dict, n_pos: int | None = None) -> InterventionRequ
     freeze = data.get("freeze_attention", False)
     if not isinstance(freeze, bool):
         raise BadRequest("freeze_attention must be true or false")
-    return InterventionRequest(graph, [_intervention(x, i, n_pos) for i, x in enumerate(items)],
-                               generate, freeze)
+    return InterventionRequest(
+        graph, [_intervention(x, i, n_pos) for i, x in enumerate(items)], generate, freeze
+    )
 
 
 def parse_supernodes(data: dict, node_ids: set[str]) -> list[dict]:
@@ -126,8 +131,9 @@ def parse_subgraphs(data: dict, node_ids: set[str]) -> list[dict]:
         for k, group in enumerate(groups):
             if not isinstance(group, list) or len(group) < 2 or not isinstance(group[0], str):
                 raise BadRequest(f"{where}.supernodes[{k}] must be [name, node id, ...]")
-            supernodes.append([group[0][:MAX_GROUP_NAME],
-                               *_ids(group[1:], f"{where}.supernodes[{k}]", node_ids)])
+            supernodes.append(
+                [group[0][:MAX_GROUP_NAME], *_ids(group[1:], f"{where}.supernodes[{k}]", node_ids)]
+            )
         clean.append({"name": name.strip(), "pinnedIds": pinned, "supernodes": supernodes})
     return clean
 
@@ -146,8 +152,9 @@ def parse_label(data: dict) -> tuple[str, str]:
     if not isinstance(graph, str) or not graph:
         raise BadRequest("graph must be a non-empty string")
     if not isinstance(label, str) or len(label) > MAX_LABEL or "\n" in label or "\r" in label:
-        raise BadRequest(f"label must be one line of at most {MAX_LABEL} characters (\"\" reverts to the "
-                         "automatic label)")
+        raise BadRequest(
+            f'label must be one line of at most {MAX_LABEL} characters ("" reverts to the automatic label)'
+        )
     return graph, label.strip()
 
 
@@ -165,8 +172,9 @@ def parse_swap(data: dict, node_ids: set[str]) -> SwapRequest:
         raise BadRequest(f"name must be a string of at most {MAX_GROUP_NAME} characters")
     source_graph, source_prompt = data.get("source_graph"), data.get("source_prompt")
     if (source_graph is None) == (source_prompt is None):
-        raise BadRequest("give the second prompt as source_graph (a graph name) or source_prompt (text), "
-                         "not both")
+        raise BadRequest(
+            "give the second prompt as source_graph (a graph name) or source_prompt (text), not both"
+        )
     for value, key in ((source_graph, "source_graph"), (source_prompt, "source_prompt")):
         if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_PROMPT):
             raise BadRequest(f"{key} must be a non-empty string of at most {MAX_PROMPT} characters")
