@@ -18,12 +18,7 @@ from tiny import tiny_model
 CFG = AttributionConfig(max_feature_nodes=None, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py (module scope, as before)
 
 
 @pytest.fixture(scope="module")

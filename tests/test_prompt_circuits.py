@@ -23,12 +23,7 @@ CITIES = ["Tokyo", "Paris", "Dallas", "Austin", "Texas"]
 CFG = AttributionConfig(max_feature_nodes=None, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py (module scope, as before)
 
 
 def test_template_expansion_and_roles():

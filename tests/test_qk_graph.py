@@ -31,13 +31,7 @@ from cltrace.errors import CltraceError
 from test_attribution import PROMPT, make_transcoder
 from tiny import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py (module scope, as before)
 
 
 @pytest.fixture(scope="module", params=["gemma", "qwen2"])
