@@ -18,3 +18,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium, one per test module (tests/browser.py)."""
+    from browser import launch
+
+    with launch() as chromium:
+        yield chromium
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page whose page and console errors collect in `page.errors` (tests/browser.py)."""
+    from browser import open_page
+
+    with open_page(browser) as page:
+        yield page

@@ -14,24 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from browser import CHROMIUM
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from cltrace.viewer.synthetic import SyntheticBackend, synthetic_graph
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
+# the browser and page fixtures: tests/conftest.py (tests/browser.py)
+pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
 
 FakeBackend = SyntheticBackend
 
@@ -50,26 +42,6 @@ def base_url(graph_dir):
     yield server.url.rstrip("/")
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    # bypass_csp: Playwright's polling predicates need eval, which the page's CSP forbids
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, bypass_csp=True)
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda err: page.errors.append(str(err)))
-    page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
-    yield page
-    context.close()
 
 
 def open_graph(page, base_url, name="demo"):

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from browser import CHROMIUM, CHROMIUM_ARGS
 from cltrace.viewer.backend import FEATURE_TYPE
 from cltrace.viewer.model_backend import ModelBackend
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from cltrace.viewer.synthetic import SyntheticBackend, synthetic_graph
 from test_viewer_api import request
-from test_viewer_browser import CHROMIUM, CHROMIUM_ARGS, click_node, features, open_graph
+from test_viewer_browser import click_node, features, open_graph
 
 FEATURES = [(0, 2, 1), (1, 5, 2), (2, 7, 3)]  # (layer, index, position), all < 24 features
 

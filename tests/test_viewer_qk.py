@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from browser import CHROMIUM, open_page
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from cltrace.viewer.synthetic import SyntheticBackend
 from test_attribution import PROMPT
-from test_viewer_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
+pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")  # browser fixture: conftest
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +58,11 @@ def base_url(graph_dir):
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, bypass_csp=True)
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda err: page.errors.append(str(err)))
-    yield page
-    context.close()
+    """As tests/conftest.py's `page`, but only uncaught page errors collect in `page.errors` (as before)."""
+    with open_page(browser, console_errors=False) as page:
+        yield page
 
 
 def open_node(page, base_url, node_id: str) -> None:

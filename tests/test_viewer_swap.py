@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from browser import CHROMIUM, CHROMIUM_ARGS
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from test_viewer_api import request
-from test_viewer_browser import CHROMIUM, CHROMIUM_ARGS, open_graph
+from test_viewer_browser import open_graph
 
 PROMPT_A, PROMPT_B = "the capital of Texas is", "the capital of France Paris is"
 SPAN_A = 4  # "Texas"; B's subject is "France Paris" (positions 4-5)

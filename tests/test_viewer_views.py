@@ -14,17 +14,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from browser import CHROMIUM
 from cltrace.viewer.model_backend import ModelBackend
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from cltrace.viewer.synthetic import SyntheticBackend, synthetic_circuit, synthetic_graph
 from shared_files import shared_file
-from test_viewer_browser import CHROMIUM, CHROMIUM_ARGS, click_node, count, features, open_graph
+from test_viewer_browser import click_node, count, features, open_graph
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
+# the browser and page fixtures: tests/conftest.py (tests/browser.py)
+pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
 
 
 def tiny_graph() -> dict:
@@ -84,25 +86,6 @@ def base_url(graph_dir):
     yield server.url.rstrip("/")
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, bypass_csp=True)
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda err: page.errors.append(str(err)))
-    page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
-    yield page
-    context.close()
 
 
 def state(page) -> dict:
