@@ -2,10 +2,12 @@
 
 Every writer goes through `atomic_replace`: write a temporary file in the target's folder,
 fsync it, rename it over the target; the temporary file is removed on any failure.
+`sha256_file` is the checksum the stores and caches record for the files they write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -56,3 +58,13 @@ def atomic_save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str
     from safetensors.torch import save_file
 
     return atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    # hashlib.file_digest is Python 3.11+; the package supports 3.10, so read in 1 MiB blocks.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import shutil
 import sys
@@ -47,7 +46,7 @@ from cltrace.activations.harvest import (
     require_contexts,
 )
 from cltrace.errors import CltraceError
-from cltrace.io import atomic_save_tensors, atomic_write_bytes
+from cltrace.io import atomic_save_tensors, atomic_write_bytes, sha256_file
 from cltrace.models.loading import LoadedModel
 from cltrace.progress import progress
 
@@ -128,19 +127,10 @@ class Manifest:
         return cls(**data)
 
 
-def _sha256(path: Path) -> str:
-    # hashlib.file_digest is Python 3.11+; the package supports 3.10, so read in 1 MiB blocks.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shard_ok(folder: Path, rec: ShardRecord) -> bool:
     """The shard file exists with the recorded size and checksum."""
     path = folder / rec.file
-    return path.is_file() and path.stat().st_size == rec.bytes and _sha256(path) == rec.sha256
+    return path.is_file() and path.stat().st_size == rec.bytes and sha256_file(path) == rec.sha256
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -358,7 +348,7 @@ def _save_shard(out: Path, index: int, acts: ActivationBatch, ctx_start: int, ct
         file=name,
         n_tokens=acts.n_tokens,
         bytes=path.stat().st_size,
-        sha256=_sha256(path),
+        sha256=sha256_file(path),
         context_start=ctx_start,
         context_stop=ctx_stop,
     )

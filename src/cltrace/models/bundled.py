@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Literal, NamedTuple
 
 from cltrace import paths
 from cltrace.errors import CltraceError
+from cltrace.io import sha256_file
 from cltrace.models import DEFAULT_MODEL
 
 Status = Literal["ready", "not dequantised", "package missing"]
@@ -338,7 +339,7 @@ def _build(spec: BundledModel, work: Path, say: Say) -> None:
         f"{version} into {model_dir(spec.name)}; this happens once and takes about a minute"
     )
     gguf = gguf_path(spec, work)
-    sha = _sha256(gguf)
+    sha = sha256_file(gguf)
     out = work / "model"
     tokenizer, model = _load_gguf(gguf, say)
     say(f"[{spec.name}] saving float32 safetensors")
@@ -416,16 +417,6 @@ def _move_into_place(built: Path, target: Path) -> None:
     except OSError:
         if not (target / MARKER).exists():
             raise
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _transformers_version() -> str | None:
