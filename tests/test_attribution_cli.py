@@ -45,38 +45,21 @@ def test_trace_writes_graph_and_pruned_json(saved, tmp_path, capsys):
 
 
 def test_output_target_must_be_one_token(saved, tmp_path, capsys):
-    rc = main(
-        [
-            "trace",
-            "the capital of Texas is",
-            "--transcoder",
-            str(saved / "run1"),
-            "--model",
-            str(saved / "model"),
-            "--out",
-            str(tmp_path / "x.json"),
-            "--output-target",
-            "Austin Dallas",
-        ]
-    )
+    trace = [
+        "trace",
+        "the capital of Texas is",
+        "--transcoder",
+        str(saved / "run1"),
+        "--model",
+        str(saved / "model"),
+        "--out",
+        str(tmp_path / "x.json"),
+        "--output-target",
+    ]
+    rc = main([*trace, "Austin Dallas"])
     assert rc == 2
     assert "not one" in capsys.readouterr().err
-    rc = main(
-        [
-            "trace",
-            "the capital of Texas is",
-            "--transcoder",
-            str(saved / "run1"),
-            "--model",
-            str(saved / "model"),
-            "--out",
-            str(tmp_path / "x.json"),
-            "--output-target",
-            "Austin",
-            "--max-feature-nodes",
-            "5",
-        ]
-    )
+    rc = main([*trace, "Austin", "--max-feature-nodes", "5"])
     assert rc == 0
 
 

@@ -53,52 +53,27 @@ def test_cli_pipeline(workspace, monkeypatch, capsys):
         == 0
     )
     assert json.loads((store / "manifest.json").read_text())["shards"]
-    assert (
-        main(
-            [
-                "train",
-                "--preset",
-                "demo",
-                "--model",
-                str(model_dir),
-                "--store",
-                str(store),
-                "--features",
-                "64",
-                "--tokens",
-                "2048",
-                "--batch",
-                "256",
-                "--out",
-                str(run),
-            ]
-        )
-        == 0
-    )
+    train = [
+        "train",
+        "--preset",
+        "demo",
+        "--model",
+        str(model_dir),
+        "--store",
+        str(store),
+        "--features",
+        "64",
+        "--tokens",
+        "2048",
+        "--batch",
+        "256",
+        "--out",
+        str(run),
+    ]
+    assert main(train) == 0
     assert (run / "transcoder" / "config.json").exists()
     # resuming a finished run is allowed and refuses to overwrite without --resume
-    assert (
-        main(
-            [
-                "train",
-                "--preset",
-                "demo",
-                "--model",
-                str(model_dir),
-                "--store",
-                str(store),
-                "--features",
-                "64",
-                "--tokens",
-                "2048",
-                "--batch",
-                "256",
-                "--out",
-                str(run),
-            ]
-        )
-        == 2
-    )
+    assert main(train) == 2
     assert (
         main(
             [
