@@ -255,7 +255,7 @@ def test_auxk_loss_by_definition():
 def test_minutes_budget_stops_within_ten_percent():
     import time
 
-    budget_s = 6.0
+    budget_s = 12.0  # long enough that one step is a small share of it on a noisy 2-core machine
     cfg = config(tokens=64 * 1_000_000, minutes=budget_s / 60, log_every=10**6)
     logs = []
     t = time.perf_counter()
