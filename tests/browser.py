@@ -29,8 +29,10 @@ def launch() -> Iterator[Any]:
 
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 @contextmanager
@@ -44,5 +46,7 @@ def open_page(browser: Any, *, console_errors: bool = True) -> Iterator[Any]:
     page.on("pageerror", lambda err: page.errors.append(str(err)))
     if console_errors:
         page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()

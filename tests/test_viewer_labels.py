@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM, CHROMIUM_ARGS
+from browser import CHROMIUM, launch, open_page
 from cltrace.viewer.backend import FEATURE_TYPE
 from cltrace.viewer.model_backend import ModelBackend
 from cltrace.viewer.server import ViewerConfig, start_in_thread
@@ -168,7 +168,7 @@ def test_read_only_store_is_a_403_and_unchanged(built, folder):
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
 def test_edit_label_in_the_panel(built, folder):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
+    pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
     from cltrace.features.store import FeatureStore
 
     auto = label_of(built, 2, 7)[0]
@@ -178,12 +178,8 @@ def test_edit_label_in_the_panel(built, folder):
         serve(folder, None),
         serve(folder, ModelBackend(store=ro)),
     ]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 900}, bypass_csp=True).new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
-        try:
+    try:
+        with launch() as browser, open_page(browser, console_errors=False) as page:
             open_graph(page, servers[0].url.rstrip("/"), "g")
             node = next(n for n in features(page) if n["id"] == "2_7_3")
             click_node(page, node)
@@ -217,14 +213,13 @@ def test_edit_label_in_the_panel(built, folder):
                     f"document.querySelector('#label-status').textContent.includes('{words}')"
                 )
                 assert page.get_attribute("#label-status", "class") == "error"
-            assert errors == []
-        finally:
-            browser.close()
-            for srv in servers:
-                srv.shutdown()
-                srv.server_close()
-            store.close()
-            ro.close()
+            assert page.errors == []
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+        store.close()
+        ro.close()
 
 
 def test_store_recording_the_transcoder_folder_matches_the_run_name():

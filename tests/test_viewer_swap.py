@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM, CHROMIUM_ARGS
+from browser import CHROMIUM, launch, open_page
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from test_viewer_api import request
 from test_viewer_browser import open_graph
@@ -183,52 +183,43 @@ def test_swap_without_a_model_is_a_501(folder):
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
 def test_swap_from_the_page(server, folder, tiny):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
+    pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
     pinned = pinned_at_subject(folder)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 900}, bypass_csp=True).new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
-        try:
-            open_graph(page, server.url.rstrip("/"), "a")
-            page.click("#qparams summary")
-            page.fill(
-                "#qparams-text", json.dumps({"pinnedIds": pinned, "supernodes": [["Subject", *pinned]]})
-            )
-            page.click("#qparams-import")
-            page.check("input[name=intervene-on][value=pinned]")
-            page.wait_for_function("document.querySelector('#swap-name').textContent.includes('Subject')")
-            page.wait_for_function("document.querySelectorAll('#swap-source option').length === 2")
-            page.select_option("#swap-source", "b")
-            with page.expect_response("**/api/swap") as resp:
-                page.click("#swap-run")
-            sent = json.loads(resp.value.request.post_data)
-            assert sent["node_ids"] == pinned and sent["name"] == "Subject" and sent["source_graph"] == "b"
-            reply = resp.value.json()
-            page.wait_for_selector("[data-testid=intervene-history-item].swap")
-            check_reply(reply, pinned, tiny[2])
-            shown = [float(x) for x in page.locator(".after-prob").all_text_contents()]
-            assert shown == pytest.approx([r["prob"] for r in reply["after"]], abs=1e-4)
-            summary = page.text_content("#swap-summary")
-            assert f"{reply['swap']['pairs_touched']} (feature, position) pairs touched" in summary
-            assert "supernode “Subject” of B's circuit" in summary
-            item = page.text_content("[data-testid=intervene-history-item]")
-            assert "swap “Subject”" in item and PROMPT_B in item
-            # a typed prompt: a second run kept in the list
-            page.select_option("#swap-source", "")
-            page.fill("#swap-prompt", "the capital of Ohio is")
+    with launch() as browser, open_page(browser, console_errors=False) as page:
+        open_graph(page, server.url.rstrip("/"), "a")
+        page.click("#qparams summary")
+        page.fill("#qparams-text", json.dumps({"pinnedIds": pinned, "supernodes": [["Subject", *pinned]]}))
+        page.click("#qparams-import")
+        page.check("input[name=intervene-on][value=pinned]")
+        page.wait_for_function("document.querySelector('#swap-name').textContent.includes('Subject')")
+        page.wait_for_function("document.querySelectorAll('#swap-source option').length === 2")
+        page.select_option("#swap-source", "b")
+        with page.expect_response("**/api/swap") as resp:
             page.click("#swap-run")
-            page.wait_for_function(
-                "document.querySelectorAll('[data-testid=intervene-history-item]').length === 2"
-            )
-            assert "Ohio" in page.locator("[data-testid=intervene-history-item]").first.text_content()
-            # pins elsewhere: the server's message is shown, the page keeps working
-            page.check("input[name=intervene-on][value=selection]")
-            page.click("#swap-run")
-            page.wait_for_function(
-                "document.querySelector('#intervene-error').textContent.includes('pin or select')"
-            )
-            assert errors == []
-        finally:
-            browser.close()
+        sent = json.loads(resp.value.request.post_data)
+        assert sent["node_ids"] == pinned and sent["name"] == "Subject" and sent["source_graph"] == "b"
+        reply = resp.value.json()
+        page.wait_for_selector("[data-testid=intervene-history-item].swap")
+        check_reply(reply, pinned, tiny[2])
+        shown = [float(x) for x in page.locator(".after-prob").all_text_contents()]
+        assert shown == pytest.approx([r["prob"] for r in reply["after"]], abs=1e-4)
+        summary = page.text_content("#swap-summary")
+        assert f"{reply['swap']['pairs_touched']} (feature, position) pairs touched" in summary
+        assert "supernode “Subject” of B's circuit" in summary
+        item = page.text_content("[data-testid=intervene-history-item]")
+        assert "swap “Subject”" in item and PROMPT_B in item
+        # a typed prompt: a second run kept in the list
+        page.select_option("#swap-source", "")
+        page.fill("#swap-prompt", "the capital of Ohio is")
+        page.click("#swap-run")
+        page.wait_for_function(
+            "document.querySelectorAll('[data-testid=intervene-history-item]').length === 2"
+        )
+        assert "Ohio" in page.locator("[data-testid=intervene-history-item]").first.text_content()
+        # pins elsewhere: the server's message is shown, the page keeps working
+        page.check("input[name=intervene-on][value=selection]")
+        page.click("#swap-run")
+        page.wait_for_function(
+            "document.querySelector('#intervene-error').textContent.includes('pin or select')"
+        )
+        assert page.errors == []
