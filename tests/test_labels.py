@@ -23,7 +23,7 @@ from cltrace.features.label_score import auc, shuffled_order
 from cltrace.features.labels import DEAD_LABEL, LabelConfig, ReadItem, WriteItem, auto_label, compose
 from cltrace.features.store import FeatureStore, FeatureStoreConfig, build_feature_store, write_auto_labels
 from test_features_standin import StandInTranscoder
-from tiny import WORDS, tiny_config
+from tiny import WORDS, tiny_config, tiny_tokenizer
 
 VOCAB = list(WORDS) + ["Osaka", "Japanese"]
 SETS = [
@@ -38,21 +38,6 @@ N_SETS, BROAD, F = len(SETS), len(SETS), 8
 CFG = FeatureStoreConfig(
     context_len=16, top_k=20, n_bins=3, per_bin=10, n_effects=5, batch_contexts=8, flush_tokens=2000
 )
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    for w in VOCAB:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
-    )
 
 
 def documents(n=400, seed=0):
@@ -126,7 +111,7 @@ def lm():
         for p in model.parameters():
             p.normal_(0, 0.15) if p.dim() >= 2 else p.normal_(0, 0.05)
         model.model.layers[0].self_attn.o_proj.weight.zero_()  # layer-0 MLP input = f(token)
-    return from_pretrained_objects(model, tokenizer(), name="tiny-planted")
+    return from_pretrained_objects(model, tiny_tokenizer(VOCAB), name="tiny-planted")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ WORDS = (
 ).split()
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(words: list[str] = WORDS):
+    """A word-level tokenizer over `words` (after <pad> <bos> <eos> <unk>) that prepends <bos>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    for w in WORDS:
+    for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
