@@ -220,13 +220,19 @@ def test_failure_rule():
         ValidationConfig(rel_tol=1.5)
 
 
-def test_validate_circuit_fills_nodes_and_faithfulness():
+def traced_gemma():
+    """The tiny Gemma-like model, a 16-feature CLT, PROMPT's tokens, its unpruned graph, the graph's
+    feature indices and its selected (layer, position, feature) rows."""
     lm = tiny_model("gemma")
     tc = make_transcoder(lm, "clt", n_features=16)
     tokens = lm.tokenize(PROMPT)
     graph = attribute(lm, tc, tokens[0], CFG)
     ids = list(feature_index(graph))
-    feats = graph.active_features[graph.selected_features]
+    return lm, tc, tokens, graph, ids, graph.active_features[graph.selected_features]
+
+
+def test_validate_circuit_fills_nodes_and_faithfulness():
+    lm, tc, tokens, graph, ids, feats = traced_gemma()
     nodes = []
     for p in sorted(set(feats[:, 1].tolist())):
         members = [ids[i] for i in range(graph.n_features) if feats[i, 1] == p]
@@ -293,12 +299,7 @@ def test_validate_circuit_is_exact_in_the_frozen_model_logit_and_supernode_edges
     edge's measured change of the target's summed pre-activations equal the predictions."""
     from cltrace.circuits.circuit import CircuitEdge
 
-    lm = tiny_model("gemma")
-    tc = make_transcoder(lm, "clt", n_features=16)
-    tokens = lm.tokenize(PROMPT)
-    graph = attribute(lm, tc, tokens[0], CFG)
-    ids = list(feature_index(graph))
-    feats = graph.active_features[graph.selected_features]
+    lm, tc, tokens, graph, ids, feats = traced_gemma()
     nodes = []
     for layer in range(lm.n_layers):
         for half in (0, 1):
