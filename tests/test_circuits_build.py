@@ -261,3 +261,57 @@ def test_error_nodes_per_position_carry_their_influence(traced):
         idx = [graph.error_offset + int(i.split("_")[1]) * graph.n_pos + p for i in n.node_ids]
         assert n.influence_share == pytest.approx(float(infl[idx].sum()) / total)
     assert sum(n.influence_share for n in errs) <= c.stats["error_share"] + 1e-9
+
+
+def test_user_groups_replace_the_automatic_ones(traced):
+    """A supernode file edited by hand (two groups merged and renamed, one split off, an id that
+    is not in this graph) builds the circuit: names kept, members exactly the file's graph
+    features, shares from prune's influence, edges the sums of member edges."""
+    from cltrace.circuits.validate import feature_index
+
+    lm, tc, graph, pruned = traced
+    auto = build_circuit(graph, pruned, lm, tc, validate=False).feature_nodes
+    assert len(auto) >= 3
+    merged = auto[0].node_ids + auto[1].node_ids
+    split, rest = auto[2].node_ids[:1], auto[2].node_ids[1:]
+    groups = [
+        {"name": "Texas (merged)", "node_ids": [*merged, "0_999999_0"]},  # an id not in this graph
+        {"name": "one feature", "node_ids": split},
+        {"name": "the rest", "node_ids": rest},
+        {"name": "gone", "node_ids": ["0_999999_1"]},  # nothing of this graph: dropped
+    ]
+    c = build_circuit(graph, pruned, lm, tc, validate=False, groups=groups)
+    feats = c.feature_nodes
+    assert sorted(n.name for n in feats) == sorted(g["name"] for g in groups[:3] if g["node_ids"])
+    by_name = {n.name: n for n in feats}
+    assert sorted(by_name["Texas (merged)"].node_ids) == sorted(merged)
+    assert by_name["one feature"].node_ids == split
+    index = feature_index(graph)
+    infl = pruned.node_influence.double()
+    total = float(infl[: graph.token_offset].sum())
+    for n in feats:
+        assert n.influence_share == pytest.approx(float(infl[[index[i] for i in n.node_ids]].sum()) / total)
+    members = {n.id: [index[i] for i in n.node_ids] for n in feats}
+    for e in c.edges:
+        if e.source in members and e.target in members:
+            want = float(graph.adjacency[members[e.target]][:, members[e.source]].sum())
+            assert e.weight == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_circuit_files_write_an_editable_supernode_file(traced, tmp_path):
+    """circuit_to_files writes the automatic groups as the graph's supernode file when it has
+    none, and never overwrites one the user has."""
+    from cltrace.circuits.build import circuit_to_files
+    from cltrace.supernode_file import read_supernodes, sidecar_path, write_supernodes
+
+    lm, tc, graph, pruned = traced
+    graph_json = tmp_path / "dallas.json"
+    c, _, _ = circuit_to_files(graph, pruned, graph_json, lm, tc, validate=False)
+    saved = read_supernodes(sidecar_path(graph_json))
+    assert [(g["name"], g["node_ids"]) for g in saved] == [(n.name, n.node_ids) for n in c.feature_nodes]
+    mine = [{"name": "mine", "node_ids": c.feature_nodes[0].node_ids}]
+    write_supernodes(graph_json, mine)
+    circuit_to_files(graph, pruned, graph_json, lm, tc, validate=False)
+    assert read_supernodes(sidecar_path(graph_json)) == mine
+    c2, _, _ = circuit_to_files(graph, pruned, graph_json, lm, tc, validate=False, groups=mine)
+    assert [n.name for n in c2.feature_nodes] == ["mine"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,14 @@ import torch
 from cltrace.attribution.graph import Graph
 from cltrace.attribution.prune import PruneResult
 from cltrace.circuits.circuit import Circuit, CircuitEdge, CircuitNode, circuit_path
-from cltrace.circuits.group import FeatureSet, GroupConfig, Grouping, graph_feature_set, group_features
+from cltrace.circuits.group import (
+    FeatureSet,
+    GroupConfig,
+    Grouping,
+    graph_feature_set,
+    group_features,
+    user_grouping,
+)
 from cltrace.errors import CltraceError
 from cltrace.transcoders.interface import TranscoderLike
 
@@ -84,18 +91,25 @@ def build_circuit(
     cfg: CircuitConfig | None = None,
     validate: bool = True,
     answer_id: int | None = None,
+    groups: Sequence[Mapping[str, Any]] | None = None,
 ) -> Circuit:
     """The circuit of a pruned graph (module docstring). `lm` may be None when not validating
     (the answer's text is then its token id).
 
     `answer_id`: the output token the circuit explains; it must be one of the graph's logit
     nodes (None: the graph's first logit, its top token or first output target).
+    `groups`: supernodes given by hand ([{"name", "node_ids"}], a supernode file's groups) in
+    place of the automatic grouping; they are named, connected and validated the same way.
     """
     cfg = cfg or CircuitConfig()
     start = time.perf_counter()
     k = answer_logit(graph, answer_id)
     fs = graph_feature_set(graph, pruned, transcoder=transcoder, store=store, answer_logit=k)
-    grouping = group_features(fs, cfg.group, graph.token_strings)
+    grouping = (
+        group_features(fs, cfg.group, graph.token_strings)
+        if groups is None
+        else user_grouping(fs, groups, cfg.group, graph.token_strings)
+    )
     index = _graph_indices(fs, pruned)
     parts = (
         _embedding_parts(graph, pruned, cfg)
@@ -326,14 +340,30 @@ def circuit_to_files(
     cfg: CircuitConfig | None = None,
     validate: bool = True,
     answer_id: int | None = None,
+    groups: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[Circuit, Path, Path]:
     """Build the circuit and write `<slug>.circuit.json` and `<slug>.circuit.svg` beside
-    `graph_json` (`<slug>.json`)."""
+    `graph_json` (`<slug>.json`). Automatic groups are also written as the graph's supernode
+    file (`<slug>.supernodes.json`) when it has none, so that a user can rename, merge or split
+    them there (or in the viewer) and rebuild the circuit from it (`groups=`)."""
     from cltrace.circuits.diagram import write_svg
+    from cltrace.supernode_file import sidecar_path, write_supernodes
 
     circuit = build_circuit(
-        graph, pruned, lm, transcoder, store=store, cfg=cfg, validate=validate, answer_id=answer_id
+        graph,
+        pruned,
+        lm,
+        transcoder,
+        store=store,
+        cfg=cfg,
+        validate=validate,
+        answer_id=answer_id,
+        groups=groups,
     )
+    if groups is None and not sidecar_path(graph_json).exists():
+        write_supernodes(
+            graph_json, [{"name": n.name, "node_ids": n.node_ids} for n in circuit.feature_nodes]
+        )
     json_path = circuit.save(circuit_path(graph_json))
     svg_path = write_svg(circuit, json_path.with_suffix(".svg"))
     return circuit, json_path, svg_path

@@ -266,6 +266,31 @@ def group_features(
     return Grouping(groups, m, grouped, max(0.0, total - grouped), len(clusters))
 
 
+def user_grouping(
+    fs: FeatureSet,
+    groups: Sequence[Mapping[str, Any]],
+    cfg: GroupConfig | None = None,
+    token_strings: Sequence[str] | None = None,
+) -> Grouping:
+    """Groups given by hand ([{"name", "node_ids"}], e.g. a supernode file renamed, merged or
+    split by the user) in place of the clustering: each keeps its name; node ids that are not
+    feature nodes of this pruned graph are left out (a group left empty is dropped)."""
+    cfg = cfg or GroupConfig()
+    at = {nid: k for k, nid in enumerate(fs.ids)}
+    denom = max(fs.total_influence, 1e-30)
+    out = []
+    for g in groups:
+        members = [at[str(i)] for i in g["node_ids"] if str(i) in at]
+        if members:
+            group = _make_group(fs, members, float(fs.influence[members].sum()) / denom, cfg, token_strings)
+            group.name = str(g["name"])
+            out.append(group)
+    grouped = sum(g.share for g in out)
+    total = float(fs.influence.sum()) / denom
+    n_clusters = len(out)
+    return Grouping(out, len(fs.feats), grouped, max(0.0, total - grouped), n_clusters)
+
+
 def _make_group(
     fs: FeatureSet, members: list[int], share: float, cfg: GroupConfig, token_strings: Sequence[str] | None
 ) -> FeatureGroup:

@@ -93,6 +93,14 @@ def register(subparsers) -> None:
         help="with --circuit: skip checking the supernodes' predicted effects on the model",
     )
     p.add_argument(
+        "--supernodes",
+        default=None,
+        metavar="FILE",
+        help="with --circuit: build the circuit from these groups instead of the automatic ones "
+        "(a supernode file: the <slug>.supernodes.json that --circuit or the viewer wrote, with "
+        "groups renamed, merged or split by hand)",
+    )
+    p.add_argument(
         "--features",
         default=None,
         metavar="DB",
@@ -115,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
             raise CltraceError(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.max_feature_nodes < 0:
         raise CltraceError("--max-feature-nodes must be >= 0")
+    if args.supernodes:
+        from cltrace.supernode_file import read_supernodes
+
+        if not args.circuit:
+            raise CltraceError("--supernodes builds a circuit from a supernode file", "add --circuit")
+        read_supernodes(Path(args.supernodes).expanduser())  # a bad file fails before the trace
     loaded = open_run(args.transcoder, args.model, args.device)
     lm, transcoder = loaded.model, loaded.transcoder
     targets = None if not args.output_target else tuple(single_token(lm, t) for t in args.output_target)
@@ -184,16 +198,25 @@ def _write_circuit(args, r, lm, transcoder: TranscoderLike, default_store) -> No
 
     from cltrace.circuits.build import circuit_to_files
     from cltrace.features.store import FeatureStore
+    from cltrace.supernode_file import read_supernodes
 
     db = Path(args.features).expanduser() if args.features else Path(default_store)
     if args.features and not db.is_file():
         from cltrace.errors import CltraceError
 
         raise CltraceError(f"no feature store at {db}", "build one with `cltrace features RUN`")
+    groups = read_supernodes(Path(args.supernodes).expanduser()) if args.supernodes else None
     store = FeatureStore(db) if db.is_file() else None
     try:
         c, json_path, svg_path = circuit_to_files(
-            r.graph, r.pruned, r.json_path, lm, transcoder, store=store, validate=not args.no_validate
+            r.graph,
+            r.pruned,
+            r.json_path,
+            lm,
+            transcoder,
+            store=store,
+            validate=not args.no_validate,
+            groups=groups,
         )
     finally:
         if store is not None:
