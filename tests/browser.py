@@ -50,3 +50,17 @@ def open_page(browser: Any, *, console_errors: bool = True) -> Iterator[Any]:
         yield page
     finally:
         context.close()
+
+
+@contextmanager
+def serving(folder: Path, backend: Any) -> Iterator[str]:
+    """The viewer on a free port, serving the graphs in `folder` with `backend`; yields its base URL
+    (no trailing slash) and shuts the server down on exit."""
+    from cltrace.viewer.server import ViewerConfig, start_in_thread
+
+    server, _ = start_in_thread(ViewerConfig(graph_dirs=[folder], port=0), backend)
+    try:
+        yield server.url.rstrip("/")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM
-from cltrace.viewer.server import ViewerConfig, start_in_thread
+from browser import CHROMIUM, serving
 from cltrace.viewer.synthetic import SyntheticBackend, synthetic_graph
 
 pytestmark = [
@@ -38,10 +37,8 @@ def graph_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(graph_dir):
-    server, _ = start_in_thread(ViewerConfig(graph_dirs=[graph_dir], port=0), FakeBackend())
-    yield server.url.rstrip("/")
-    server.shutdown()
-    server.server_close()
+    with serving(graph_dir, FakeBackend()) as url:
+        yield url
 
 
 def open_graph(page, base_url, name="demo"):

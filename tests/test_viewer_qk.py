@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM, open_page
-from cltrace.viewer.server import ViewerConfig, start_in_thread
+from browser import CHROMIUM, open_page, serving
 from cltrace.viewer.synthetic import SyntheticBackend
 from test_attribution import PROMPT
 
@@ -52,10 +51,8 @@ def doc(graph_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def base_url(graph_dir):
-    server, _ = start_in_thread(ViewerConfig(graph_dirs=[graph_dir], port=0), SyntheticBackend())
-    yield server.url.rstrip("/")
-    server.shutdown()
-    server.server_close()
+    with serving(graph_dir, SyntheticBackend()) as url:
+        yield url
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from browser import CHROMIUM
+from browser import CHROMIUM, serving
 from cltrace.viewer.model_backend import ModelBackend
 from cltrace.viewer.server import ViewerConfig, start_in_thread
 from cltrace.viewer.synthetic import SyntheticBackend, synthetic_circuit, synthetic_graph
@@ -82,10 +82,8 @@ def _start(folder, backend):
 
 @pytest.fixture(scope="module")
 def base_url(graph_dir):
-    server = _start(graph_dir, SyntheticBackend())
-    yield server.url.rstrip("/")
-    server.shutdown()
-    server.server_close()
+    with serving(graph_dir, SyntheticBackend()) as url:
+        yield url
 
 
 def state(page) -> dict:
