@@ -97,16 +97,9 @@ def parse_supernodes(data: dict, node_ids: set[str]) -> list[dict]:
     clean = []
     for i, group in enumerate(groups):
         where = f"supernodes[{i}]"
-        if not isinstance(group, dict):
-            raise BadRequest(f"{where} must be an object")
-        name = group.get("name")
-        if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_GROUP_NAME:
-            raise BadRequest(f"{where}.name must be a string of 1 to {MAX_GROUP_NAME} characters")
-        ids = _list(group.get("node_ids"), f"{where}.node_ids", MAX_GROUP_NODES, lo=1)
-        unknown = [x for x in ids if not isinstance(x, str) or x not in node_ids]
-        if unknown:
-            raise BadRequest(f"{where}.node_ids has ids not in the graph: {unknown[:3]}")
-        clean.append({"name": name.strip(), "node_ids": list(dict.fromkeys(ids))})
+        name = _named(group, where)
+        ids = _ids(group.get("node_ids"), f"{where}.node_ids", node_ids, lo=1)
+        clean.append({"name": name, "node_ids": ids})
     return clean
 
 
@@ -120,11 +113,7 @@ def parse_subgraphs(data: dict, node_ids: set[str]) -> list[dict]:
     clean = []
     for i, item in enumerate(items):
         where = f"subgraphs[{i}]"
-        if not isinstance(item, dict):
-            raise BadRequest(f"{where} must be an object")
-        name = item.get("name")
-        if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_GROUP_NAME:
-            raise BadRequest(f"{where}.name must be a string of 1 to {MAX_GROUP_NAME} characters")
+        name = _named(item, where)
         pinned = _ids(item.get("pinnedIds"), f"{where}.pinnedIds", node_ids)
         groups = _list(item.get("supernodes", []), f"{where}.supernodes", MAX_GROUPS)
         supernodes = []
@@ -134,12 +123,23 @@ def parse_subgraphs(data: dict, node_ids: set[str]) -> list[dict]:
             supernodes.append(
                 [group[0][:MAX_GROUP_NAME], *_ids(group[1:], f"{where}.supernodes[{k}]", node_ids)]
             )
-        clean.append({"name": name.strip(), "pinnedIds": pinned, "supernodes": supernodes})
+        clean.append({"name": name, "pinnedIds": pinned, "supernodes": supernodes})
     return clean
 
 
-def _ids(value: Any, field: str, node_ids: set[str]) -> list[str]:
-    ids = _list(value, field, MAX_GROUP_NODES)
+def _named(item: Any, where: str) -> str:
+    """`item` must be an object whose `name` has 1 to MAX_GROUP_NAME characters; returns it stripped."""
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where} must be an object")
+    name = item.get("name")
+    if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_GROUP_NAME:
+        raise BadRequest(f"{where}.name must be a string of 1 to {MAX_GROUP_NAME} characters")
+    return name.strip()
+
+
+def _ids(value: Any, field: str, node_ids: set[str], lo: int = 0) -> list[str]:
+    """At most MAX_GROUP_NODES (and at least `lo`) ids, all in the graph; duplicates dropped in order."""
+    ids = _list(value, field, MAX_GROUP_NODES, lo=lo)
     unknown = [x for x in ids if not isinstance(x, str) or x not in node_ids]
     if unknown:
         raise BadRequest(f"{field} has ids not in the graph: {unknown[:3]}")
