@@ -20,6 +20,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def tmp_home(tmp_path, monkeypatch) -> Path:
+    """CLTRACE_HOME (models, corpus, runs) in the test's own temporary folder: tmp_path / "home".
+
+    Use in a test module: ``pytestmark = pytest.mark.usefixtures("tmp_home")``.
+    """
+    monkeypatch.setenv("CLTRACE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Headless Chromium, one per test module (tests/browser.py)."""

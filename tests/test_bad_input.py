@@ -14,10 +14,7 @@ from cltrace.errors import CltraceError
 from cltrace.models.adapters import ADAPTERS
 from cltrace.models.loading import load_model
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLTRACE_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("tmp_home")  # tests/conftest.py: CLTRACE_HOME under tmp_path
 
 
 @pytest.mark.parametrize("model_type", ["foonet", "bert"])  # unknown to transformers / to cltrace

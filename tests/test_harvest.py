@@ -49,9 +49,7 @@ def row_keys(acts: ActivationBatch) -> list[bytes]:
     return [row.numpy().tobytes() for row in both]
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLTRACE_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("tmp_home")  # tests/conftest.py: CLTRACE_HOME under tmp_path
 
 
 @pytest.fixture(scope="module")

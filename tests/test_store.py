@@ -53,9 +53,7 @@ def shard_list(folder) -> list[dict]:
     return json.loads((folder / "manifest.json").read_text())["shards"]
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLTRACE_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("tmp_home")  # tests/conftest.py: CLTRACE_HOME under tmp_path
 
 
 @pytest.fixture(scope="module")
