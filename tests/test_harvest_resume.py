@@ -14,8 +14,9 @@ from cltrace.activations.store import ActivationStore, is_disk_full
 from cltrace.errors import CltraceError
 from test_store import N_TOKENS, SHARD, cfg, harvest, make_docs, shard_files, shard_list
 
-# test_store's fixtures: CLTRACE_HOME in tmp_path (autouse), the tiny model, an uninterrupted store
-_home, lm, reference = test_store._home, test_store.lm, test_store.reference
+# test_store's fixtures: the tiny model and an uninterrupted store; CLTRACE_HOME in tmp_path (conftest)
+lm, reference = test_store.lm, test_store.reference
+pytestmark = pytest.mark.usefixtures("tmp_home")
 
 
 def fill_disk_after(monkeypatch, n_shards: int) -> None:
