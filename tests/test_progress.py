@@ -107,3 +107,41 @@ def test_which_reporter(monkeypatch, tty, setting, disable, expected):
     bar.close()
     assert kind == expected
     assert LOG_EVERY_S == 30.0
+
+
+def test_no_total_means_no_eta():
+    """Work whose end is not known (a harvest feeding training under a wall-time budget) logs
+    what is done and the rate, never a percentage or an ETA."""
+    clock, out = Clock(), io.StringIO()
+    bar = LogProgress(
+        total=None, desc="harvest", unit="tok", unit_scale=True, every=30, clock=clock, file=out
+    )
+    clock.now += 30
+    bar.update(60_000)
+    line = out.getvalue().strip()
+    assert line.startswith("harvest: 60.0k tok") and "2.00k tok/s" in line, line
+    assert "ETA" not in line and "%" not in line, line
+    bar.close()
+
+
+def test_training_under_a_budget_asks_the_harvest_for_no_eta(monkeypatch):
+    """launch passes show_eta=False to the on-the-fly harvest when a minutes budget is set."""
+    import cltrace.activations.harvest as harvest_mod
+    from cltrace.transcoders import launch
+    from cltrace.transcoders.config import TrainConfig
+
+    seen = {}
+
+    def fake(model, documents, cfg, **kw):
+        seen.update(kw)
+        return iter(())
+
+    class FakeModel:
+        n_layers, d_model = 2, 8
+
+    monkeypatch.setattr(harvest_mod, "iter_activation_batches", fake)
+    monkeypatch.setattr("cltrace.models.loading.load_model", lambda *a, **k: FakeModel())
+    monkeypatch.setattr("cltrace.data.corpus.iter_documents", lambda split: iter(()))
+    for minutes, want in ((None, True), (5.0, False)):
+        launch.training_data(TrainConfig(minutes=minutes), "cpu", "train")
+        assert seen["show_eta"] is want

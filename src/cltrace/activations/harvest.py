@@ -223,6 +223,7 @@ def iter_activation_batches(
     batch_tokens: int = 4096,
     max_tokens: int | None = None,
     drop_last: bool = False,
+    show_eta: bool = True,
 ) -> Iterator[ActivationBatch]:
     """Token-shuffled batches of MLP inputs/outputs, `[batch_tokens, L, d]`, straight from text.
 
@@ -232,6 +233,8 @@ def iter_activation_batches(
         cfg: harvest settings (context length, buffer size, dtypes, seed, layers).
         batch_tokens: tokens per emitted batch (the last one may be smaller unless drop_last).
         max_tokens: stop after this many harvested tokens; None: the whole stream.
+        show_eta: give the progress bar `max_tokens` as its total; False for a consumer that
+            stops early on its own (training under a wall-time budget): no false ETA.
 
     Raises:
         CltraceError: the documents hold no text, or the model's dtype does not match.
@@ -241,7 +244,7 @@ def iter_activation_batches(
     layers = cfg.layer_list(model.n_layers)
     gen = torch.Generator().manual_seed(cfg.seed)
     buffer = ShuffleBuffer(cfg.buffer_tokens, len(layers), model.d_model, cfg.torch_store_dtype, gen)
-    bar = progress(total=max_tokens, desc="harvest", unit="tok", unit_scale=True)
+    bar = progress(total=max_tokens if show_eta else None, desc="harvest", unit="tok", unit_scale=True)
     chunks = _through_buffer(iter_token_rows(model, contexts, cfg, max_tokens), buffer, bar)
     try:
         yield from rebatch(chunks, batch_tokens, drop_last)

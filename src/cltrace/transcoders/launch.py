@@ -64,6 +64,7 @@ def training_data(cfg: TrainConfig, device: str, split: Split = "train") -> Trai
         batch_tokens=cfg.batch_size,
         max_tokens=cfg.tokens_needed,
         drop_last=True,
+        show_eta=cfg.minutes is None,  # a wall-time budget ends it before max_tokens
     )
     return TrainingData(batches, model.n_layers, model.d_model)
 
