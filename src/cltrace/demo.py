@@ -373,8 +373,8 @@ def _label_and_score(store, layer: int, feature: int) -> dict:
     """The feature's label and its detection score (None when the store has no scored labels)."""
     if store is None:
         return {"label": "", "detection": None}
-    card = store.dashboard(layer, feature, n_top=1)
-    return {"label": card.get("label") or "", "detection": card.get("label_detection")}
+    scores = store.label_scores(layer, feature)
+    return {"label": store.label(layer, feature) or "", "detection": scores and scores["detection"]}
 
 
 def _score_text(score: float | None) -> str:

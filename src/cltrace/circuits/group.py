@@ -287,8 +287,7 @@ def user_grouping(
             out.append(group)
     grouped = sum(g.share for g in out)
     total = float(fs.influence.sum()) / denom
-    n_clusters = len(out)
-    return Grouping(out, len(fs.feats), grouped, max(0.0, total - grouped), n_clusters)
+    return Grouping(out, len(fs.feats), grouped, max(0.0, total - grouped), len(out))
 
 
 def _make_group(

@@ -123,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
             raise CltraceError(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.max_feature_nodes < 0:
         raise CltraceError("--max-feature-nodes must be >= 0")
+    groups = None
     if args.supernodes:
         from cltrace.supernode_file import read_supernodes
 
         if not args.circuit:
             raise CltraceError("--supernodes builds a circuit from a supernode file", "add --circuit")
-        read_supernodes(Path(args.supernodes).expanduser())  # a bad file fails before the trace
+        groups = read_supernodes(Path(args.supernodes).expanduser())  # a bad file fails before the trace
     loaded = open_run(args.transcoder, args.model, args.device)
     lm, transcoder = loaded.model, loaded.transcoder
     targets = None if not args.output_target else tuple(single_token(lm, t) for t in args.output_target)
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
         report_qk(lm, transcoder, r, node_ids=args.qk_node, max_edges=args.qk_edges)
     if args.circuit:
-        _write_circuit(args, r, lm, transcoder, loaded.run.feature_store)
+        _write_circuit(args, r, lm, transcoder, loaded.run.feature_store, groups)
     if args.open:
         _open_viewer(out.parent, loaded)
     return 0
@@ -192,20 +193,18 @@ def _report(graph, pruned, scores, strings, seconds, n_json_nodes, n_json_links)
         print(f"{name:>9} scores: replacement {s.replacement:.3f}, completeness {s.completeness:.3f}")
 
 
-def _write_circuit(args, r, lm, transcoder: TranscoderLike, default_store) -> None:
+def _write_circuit(args, r, lm, transcoder: TranscoderLike, default_store, groups: list[dict] | None) -> None:
     """`--circuit`: supernodes, their edges and (unless --no-validate) their validation."""
     from pathlib import Path
 
     from cltrace.circuits.build import circuit_to_files
     from cltrace.features.store import FeatureStore
-    from cltrace.supernode_file import read_supernodes
 
     db = Path(args.features).expanduser() if args.features else Path(default_store)
     if args.features and not db.is_file():
         from cltrace.errors import CltraceError
 
         raise CltraceError(f"no feature store at {db}", "build one with `cltrace features RUN`")
-    groups = read_supernodes(Path(args.supernodes).expanduser()) if args.supernodes else None
     store = FeatureStore(db) if db.is_file() else None
     try:
         c, json_path, svg_path = circuit_to_files(

@@ -207,6 +207,13 @@ class FeatureStore:
         return layer * self.n_features + index
 
     # -- labels ----------------------------------------------------------------------------
+    def label_scores(self, layer: int, index: int) -> dict | None:
+        """The feature's label evidence and scores (`features.label_store.label_info`; None when
+        the store has no scored labels for it), without reading its contexts."""
+        fid = self._fid(layer, index)
+        with self._lock:
+            return label_info(self, fid)
+
     def user_label(self, layer: int, index: int) -> str | None:
         with self._lock:
             row = self.conn.execute(
