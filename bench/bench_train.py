@@ -3,10 +3,10 @@
 Full training steps (loss, backward, gradient clipping, fused AdamW) on synthetic activations
 at gemma-3-270m shapes (18 layers, d = 640), batch 1024, for CLTs and PLTs of 1024, 4096 and
 8192 features per layer, BatchTopK with k = 1% of the width (the session preset's regime).
-Decoding modes:
-    sparse-fp32  the pairs decoder (transcoders/model.py) as it trains: fp32 decoder rows
-    sparse       the same reading bf16 decoder rows (W cast once per step; decode_bf16)
-    dense        every layer decoded by a matmul (sparse_max_density = -1)
+Modes:
+    kernels      the default on CPU: the numba kernels (transcoders/kernels.py, kernel_step.py)
+    torch        torch's sparse pairs decoder (embedding bags; use_kernels = False), as on CUDA
+    dense        every layer decoded by a matmul (use_kernels = False, sparse_max_density = -1)
     old          the code before issue 12 (commit 7a29743, read with `git show`), TopK with the
                  same k; its sparse decoder took over below 5% density
 The machine's matmul rate is measured in the same run at the encoder's shape (a batched
@@ -16,7 +16,11 @@ else), and each row reports its fraction of it. Rows whose memory (parameters, g
 AdamW state: 16 bytes per parameter, plus activations) would not fit in the available memory
 are skipped with a note.
 
-    .venv/bin/python bench/bench_train.py [--steps 1] [--sizes 1024 4096 8192] [--no-old]
+    .venv/bin/python bench/bench_train.py [--steps 2] [--sizes 1024 4096 8192] [--no-old]
+
+Each row runs two warm-up steps (numba compiles, the heap grows to its working size), then
+times --steps steps; the process keeps freed memory (hardware.keep_freed_memory), as
+training does.
 
 Throughput on a shared machine is noisy: compare ratios within one run.
 """
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from cltrace.hardware import keep_freed_memory
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.train import resolve_precision
@@ -103,7 +108,8 @@ def step_time(tc, x, y, steps: int, autocast: torch.dtype | None) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    one()  # warm-up
+    one()  # warm-up: compile, grow the heap
+    one()
     t = time.perf_counter()
     for _ in range(steps):
         one()
@@ -118,7 +124,7 @@ def build(kind: str, F: int, mode: str, old):
     else:
         cfg = TranscoderConfig(n_layers=L, d_model=D, n_features=F, kind=kind, activation="batchtopk", topk=k)
         tc = Transcoder(cfg)
-        tc.decode_bf16 = mode == "sparse"
+        tc.use_kernels = mode == "kernels"
         if mode == "dense":
             tc.sparse_max_density = -1.0
     return tc
@@ -126,17 +132,18 @@ def build(kind: str, F: int, mode: str, old):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per row (after two warm-up steps)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192], help="features per layer")
     p.add_argument("--kinds", nargs="+", default=["clt", "plt"], choices=["clt", "plt"])
     p.add_argument(
         "--modes",
         nargs="+",
-        default=["sparse-fp32", "sparse", "dense", "old"],
-        choices=["sparse", "sparse-fp32", "dense", "old"],
+        default=["kernels", "torch", "dense", "old"],
+        choices=["kernels", "torch", "dense", "old"],
     )
     p.add_argument("--no-old", action="store_true", help="skip the pre-issue-12 code")
     args = p.parse_args()
+    keep_freed_memory()
     autocast = resolve_precision("auto", torch.device("cpu"))
     prec = "bf16" if autocast is not None else "fp32"
     old = None if args.no_old or "old" not in args.modes else old_module()

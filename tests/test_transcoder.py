@@ -102,22 +102,26 @@ def test_jumprelu_ste_gradients():
     ],
 )
 def test_sparse_decode_matches_dense(kind, skip, activation):
-    """fp32: the sparse pairs decoder (and the AuxK term's) gives the dense values and gradients."""
+    """fp32: the sparse pairs decoders (torch's and, for TopK / BatchTopK, the numba kernels'),
+    and the AuxK term's, give the dense values and gradients."""
     grads, values = [], []
     dead = torch.rand(3, 32, generator=torch.Generator().manual_seed(5)) < 0.3
-    for density in (1.0, -1.0):  # always sparse, then always dense
+    modes = [(1.0, False), (-1.0, False)] + ([(1.0, True)] if activation != "jumprelu" else [])
+    for density, kernels in modes:  # always sparse, always dense, then the kernels
         tc, x, y = small(kind, skip, activation, topk=4 if activation != "jumprelu" else None)
         tc.sparse_max_density = density
+        tc.use_kernels = kernels
         out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2, dead=dead, auxk=3, auxk_alpha=0.5)
         assert out.aux.item() > 0
         out.loss.backward()
         values.append(out.loss.detach())
         grads.append({n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None})
-    assert torch.allclose(values[0], values[1], rtol=1e-6)
-    assert grads[0].keys() == grads[1].keys()
+    for other in range(1, len(modes)):
+        assert torch.allclose(values[0], values[other], rtol=1e-6)
+        assert grads[0].keys() == grads[other].keys()
+        for name in grads[0]:
+            assert torch.allclose(grads[0][name], grads[other][name], atol=1e-6, rtol=1e-5), (other, name)
     assert ("log_threshold" in grads[0]) == (activation == "jumprelu")  # TopK has no θ to train
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
@@ -128,6 +132,7 @@ def test_bf16_decoder_rows_within_tolerance(activation):
     results = []
     for bf16_rows in (False, True):
         tc, x, y = small(activation=activation, topk=4 if activation == "topk" else None)
+        tc.use_kernels = False  # the torch decoder's option (the kernels read float32 rows)
         tc.decode_bf16 = bf16_rows
         tc.sparse_max_density = 1.0
         with torch.autocast("cpu", dtype=torch.bfloat16):

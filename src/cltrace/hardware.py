@@ -68,3 +68,23 @@ def resolve_device(device: str | torch.device | None = "auto") -> str:
 
 
 __all__ = ["cpu_has_fast_bf16", "fast_dtype", "forced_fp32", "resolve_device", "PRECISION_ENV"]
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS (no mmap for
+    large blocks, no trimming). A training step frees and reallocates gigabytes of same-sized
+    buffers; returned to the OS, each 4 KiB page faults again on first touch: measured 3.3-4.3 s
+    against 2.4 s per step of an 18 x 4096 CLT (Sapphire Rapids, 2 cores). Process-wide, for
+    long-running training; True when applied (glibc only; elsewhere a no-op)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False

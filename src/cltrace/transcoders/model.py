@@ -50,7 +50,17 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from cltrace.errors import CltraceError
+from cltrace.transcoders import kernels
 from cltrace.transcoders.config import TranscoderConfig
+from cltrace.transcoders.kernel_step import (
+    GradPool,
+    KernelDecode,
+    LayerSelection,
+    SelectedPreacts,
+    select_batch_topk,
+    select_csc,
+    select_topk,
+)
 
 WEIGHTS_FILE = "transcoder.safetensors"
 CONFIG_FILE = "config.json"
@@ -237,6 +247,9 @@ class Transcoder(nn.Module):
     # than the halved row reads saved (bench_train: CLT 18x1024 108-115 tokens/s fp32 rows vs
     # 63-74 bf16 rows, same run, Sapphire Rapids AMX); kept as an option for other machines
     decode_bf16 = False
+    # TopK / BatchTopK training on CPU takes the numba kernels (transcoders/kernel_step.py);
+    # False forces the torch path (SparseDecode / matmuls), as on CUDA
+    use_kernels = True
 
     # buffers (registered in __init__), declared so their type is Tensor rather than nn.Module's
     # `__getattr__` result (Tensor | Module)
@@ -257,6 +270,7 @@ class Transcoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
         self.register_buffer("in_scale", torch.ones(L))
         self.register_buffer("out_scale", torch.ones(L))
+        self._grad_pool = GradPool()  # gradient storage reused by the kernel path's backward
         self.reset_parameters()
 
     @torch.no_grad()
@@ -405,9 +419,12 @@ class Transcoder(nn.Module):
     ) -> LossOutput:
         """The training loss on raw-scale MLP inputs x and outputs y (module docstring), plus
         the AuxK term when `dead` [L, F] marks dead features and auxk_alpha > 0 (see `aux_loss`).
+        TopK / BatchTopK on CPU run through the numba kernels (`_kernel_loss`).
         Penalties cover this module's features only (a shard's, under feature sharding)."""
         n_tokens = x.shape[0]
         xn, yn = self._normalise(x, self.in_scale), self._normalise(y, self.out_scale)
+        if self._kernel_path(xn):
+            return self._kernel_loss(xn, yn, reduce=reduce, dead=dead, auxk=auxk, auxk_alpha=auxk_alpha)
         theta = self.log_threshold.exp()[:, None, :]  # [L, 1, F]
         pre = self._encode(xn)  # [L, N, F]
         pairs, acts = self._pairs(pre, theta)
@@ -435,7 +452,63 @@ class Transcoder(nn.Module):
         ).detach()
         return LossOutput(loss, mse, sparsity, preact, aux.detach(), counts, recon.detach(), yn)
 
-    def aux_loss(self, pre: Tensor, dead: Tensor, k_aux: int, residual: Tensor, target_var: Tensor) -> Tensor:
+    def _kernel_path(self, xn: Tensor) -> bool:
+        """TopK / BatchTopK on CPU with the numba kernels available (transcoders/kernel_step.py)."""
+        return (
+            self.use_kernels
+            and self.cfg.activation != "jumprelu"
+            and xn.device.type == "cpu"
+            and kernels.available()
+        )
+
+    def _select(self, pre: Tensor) -> list[LayerSelection]:
+        if self.cfg.activation == "topk":
+            return select_topk(pre, self._k())
+        return select_batch_topk(pre, self._k())
+
+    def _decode_selected(self, sel: list[LayerSelection], xn: Tensor, pooled: bool) -> Tensor:
+        """The selected pairs' ReLU'd pre-activations decoded (kernels; gradients for the
+        encoder and the decoders, in pooled storage if `pooled`): [L, N, d] float32, no biases."""
+        pool = self._grad_pool if pooled else None
+        values = SelectedPreacts.apply(self.W_enc, self.b_enc, xn, sel, pool)
+        parts = values.split([s.raw.numel() for s in sel])
+        return KernelDecode.apply(sel, xn.shape[1], pool, *parts, *self.W_dec)
+
+    def _kernel_loss(
+        self,
+        xn: Tensor,
+        yn: Tensor,
+        *,
+        reduce: Callable[[Tensor], Tensor] | None,
+        dead: Tensor | None,
+        auxk: int,
+        auxk_alpha: float,
+    ) -> LossOutput:
+        """`loss` for TopK / BatchTopK through the kernels: the encoder's product runs without
+        autograd, only the selected pairs are differentiated."""
+        n_tokens, n_feat = xn.shape[1], self.cfg.n_features
+        with torch.no_grad():
+            pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc)  # [L, N, F], autocast dtype
+        sel = self._select(pre)
+        recon = self._finish_decode(self._decode_selected(sel, xn, pooled=True), xn, reduce)
+        mse = (recon - yn.float()).pow(2).sum() / n_tokens
+        aux = zero = mse.new_zeros(())
+        if auxk_alpha and auxk and dead is not None and bool(dead.any()):
+            target_var = (yn - yn.mean(dim=1, keepdim=True)).pow(2).sum() / n_tokens
+            aux = self.aux_loss(pre, dead, auxk, (yn - recon).detach(), target_var, xn=xn)
+        counts = torch.stack([torch.bincount(s.feat[s.raw > 0], minlength=n_feat) for s in sel])
+        loss = mse + auxk_alpha * aux
+        return LossOutput(loss, mse, zero, zero, aux.detach(), counts, recon.detach(), yn)
+
+    def aux_loss(
+        self,
+        pre: Tensor,
+        dead: Tensor,
+        k_aux: int,
+        residual: Tensor,
+        target_var: Tensor,
+        xn: Tensor | None = None,
+    ) -> Tensor:
         """AuxK (Gao et al. 2024): the dead features' k_aux largest pre-activations per token and
         layer (ReLU'd) decode, without biases, the main reconstruction's residual e [L, N, d]:
             aux = s · Σ||ê - e||² / Σ||e - ē||² · Σ||ỹ - mean ỹ||² / N,   s = mean_l min(1, dead_l / k_aux)
@@ -446,10 +519,16 @@ class Transcoder(nn.Module):
         k = int(min(k_aux, int(n_dead.max())))
         masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
         values, index = masked.topk(k, dim=-1)  # [L, N, k]
-        values = values.relu().nan_to_num(0.0)
         tok = torch.arange(N, device=pre.device).repeat_interleave(k)
-        pairs = [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
-        e_hat = self._decode_pairs(pairs, N)
+        if xn is not None:  # the kernel path: pre has no autograd graph
+            n_feat = pre.shape[-1]
+            raw = values.float().nan_to_num(0.0, neginf=0.0)
+            sel = [select_csc(tok, index[l].reshape(-1), raw[l].reshape(-1), N, n_feat) for l in range(L)]
+            e_hat = self._decode_selected(sel, xn, pooled=False)
+        else:
+            values = values.relu().nan_to_num(0.0)
+            pairs = [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
+            e_hat = self._decode_pairs(pairs, N)
         centred = residual - residual.mean(dim=1, keepdim=True)
         scale = (n_dead.float() / k_aux).clamp(max=1.0).mean()
         return scale * (e_hat - residual).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12) * target_var

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from cltrace.errors import CltraceError
+from cltrace import hardware
 from cltrace.hardware import cpu_has_fast_bf16, forced_fp32
 from cltrace.progress import progress
 from cltrace.transcoders.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
@@ -210,11 +211,12 @@ class Trainer:
         self.dist.sync_grads(tc)
         if cfg.grad_clip is not None:
             norm = self.dist.grad_norm(tc)
-            scale = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            # torch's stubs do not re-export the foreach kernels (clip_grad_norm_ uses the same one)
-            torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
-                [p.grad for p in tc.parameters() if p.grad is not None], scale
-            )
+            if bool(norm > cfg.grad_clip):  # scaling by 1 would be a pass over every gradient
+                scale = cfg.grad_clip / (norm + 1e-6)
+                # torch's stubs do not re-export the foreach kernels (clip_grad_norm_ uses the same one)
+                torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
+                    [p.grad for p in tc.parameters() if p.grad is not None], scale
+                )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -283,6 +285,8 @@ class Trainer:
     def fit(self, batches: Iterable, *, resume: bool = False) -> TrainResult:
         cfg = self.cfg
         t_start = self._t_fit = time.perf_counter()
+        if self.device.type == "cpu":
+            hardware.keep_freed_memory()  # steps reuse their freed buffers (no page faults)
         it: Iterator = iter(batches)
         if resume and self._resume():
             for _ in itertools.islice(it, self.step):  # data position: skip consumed batches

@@ -1,0 +1,132 @@
+"""The numba kernels of the TopK / BatchTopK training step (transcoders/kernels.py,
+kernel_step.py) against dense torch products: values, gradients, the exact BatchTopK
+selection, bf16 autocast within a stated tolerance, and the pooled gradient buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cltrace import hardware
+from cltrace.transcoders import kernels
+from cltrace.transcoders.config import TranscoderConfig
+from cltrace.transcoders.kernel_step import select_batch_topk, select_csc
+from cltrace.transcoders.model import Transcoder
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba kernels unavailable")
+
+
+def random_pairs(N: int, F: int, P: int, seed: int):
+    """P distinct (token, feature) pairs, CSC-sorted, with features that own none."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(N * (F - 3), generator=g)[:P]  # the last 3 features never fire
+    tok, feat = flat // (F - 3), flat % (F - 3)
+    values = torch.rand(P, generator=g) + 0.1
+    return select_csc(tok, feat, values, N, F)
+
+
+@pytest.mark.parametrize("N,F,M,col0,C", [(37, 50, 40, 0, 40), (64, 20, 700, 96, 1000), (200, 300, 640, 640, 1280)])
+def test_decode_and_rows_grad_match_dense(N, F, M, col0, C):
+    """out[:, col0:col0+M] += A @ W; gW = Aᵀ G; dots_p = (G Wᵀ)[t_p, f_p]; columns not a
+    multiple of the block, a column offset into a wider buffer, features without pairs."""
+    s = random_pairs(N, F, P=min(N * F // 4, 3000), seed=N)
+    g = torch.Generator().manual_seed(1)
+    W, G = torch.randn(F, M, generator=g), torch.randn(N, C, generator=g)
+    A = torch.zeros(N, F)
+    A[s.tok, s.feat] = s.raw
+    out = torch.randn(N, C, generator=g)
+    expected = out.clone()
+    expected[:, col0 : col0 + M] += A @ W
+    kernels.decode_into(out.numpy(), col0, W.numpy(), s.fstart.numpy(), s.tok.numpy(), s.raw.numpy())
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+
+    gW = torch.full((F, M), float("nan"))  # every row must be written
+    dots = kernels.rows_grad(gW.numpy(), G.numpy(), col0, s.fstart.numpy(), s.tok.numpy(), s.raw.numpy(), W.numpy())
+    torch.testing.assert_close(gW, A.T @ G[:, col0 : col0 + M], atol=1e-4, rtol=1e-5)
+    assert torch.all(gW[-3:] == 0)
+    assert dots is not None
+    torch.testing.assert_close(torch.from_numpy(dots), (G[:, col0 : col0 + M] @ W.T)[s.tok, s.feat], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N", [16, 256])
+def test_batch_topk_selection_is_exact(N):
+    """The candidate-threshold BatchTopK picks exactly torch.topk's pairs (fp32, no ties), on
+    batches that take the sampled threshold (256 tokens) and the fallback (16)."""
+    pre = torch.randn(4, N, 96, generator=torch.Generator().manual_seed(N))
+    sel = select_batch_topk(pre, 5)
+    top = pre.reshape(4, -1).topk(5 * N, dim=-1)
+    for l, s in enumerate(sel):
+        assert set((s.tok * 96 + s.feat).tolist()) == set(top.indices[l].tolist())
+        assert torch.all(s.feat[1:] >= s.feat[:-1])  # feature-major
+        torch.testing.assert_close(s.raw, pre[l, s.tok, s.feat])
+
+
+def make(activation: str, kind: str = "clt", F: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = TranscoderConfig(n_layers=4, d_model=16, n_features=F, kind=kind, activation=activation, topk=6)
+    tc = Transcoder(cfg)
+    x, y = torch.randn(128, 4, 16) * 2, torch.randn(128, 4, 16)
+    tc.init_from_sample(x, y)
+    return tc, x, y
+
+
+def loss_and_grads(tc: Transcoder, x, y, use_kernels: bool, autocast: bool = False):
+    tc.use_kernels = use_kernels
+    tc.zero_grad(set_to_none=True)
+    dead = torch.zeros(4, tc.cfg.n_features, dtype=torch.bool)
+    dead[:, ::3] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0, dead=dead, auxk=8, auxk_alpha=0.25)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("activation,kind", [("batchtopk", "clt"), ("topk", "clt"), ("batchtopk", "plt")])
+def test_bf16_kernel_step_within_tolerance(activation, kind):
+    """Under bf16 autocast both paths select on the same bf16 pre-activations (ties at the
+    k·N-th value broken differently); the kernel path differentiates the pairs in float32
+    where autograd runs the encoder's backward in bf16. Against the float32 gradients, the
+    kernel path's bf16 error is at most 1.5x autograd's + 0.02 for every parameter (both are
+    5-8% relative L2 on this small model, from the selection); TopK (no batch-wide ties)
+    agrees with autograd's bf16 within 1% and the loss within 1e-2 relative."""
+    tc, x, y = make(activation, kind)
+    ref, g_ref = loss_and_grads(tc, x, y, use_kernels=False, autocast=True)
+    out, g = loss_and_grads(tc, x, y, use_kernels=True, autocast=True)
+    _, g32 = loss_and_grads(tc, x, y, use_kernels=False, autocast=False)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
+    assert (out.counts - ref.counts).abs().sum() <= 0.02 * ref.counts.sum()
+    for name in g_ref:
+        err_kernel = (g[name] - g32[name]).norm() / g32[name].norm()
+        err_autograd = (g_ref[name] - g32[name]).norm() / g32[name].norm()
+        assert err_kernel <= 1.5 * err_autograd + 0.02, name
+        if activation == "topk":
+            assert (g[name] - g_ref[name]).norm() <= 1e-2 * g_ref[name].norm(), name
+
+
+def test_pooled_gradients_reused_and_accumulated():
+    """The pooled buffers give each step its own gradient (same as the torch path), and a
+    second backward without zero_grad adds to it like autograd does."""
+    tc, x, y = make("batchtopk")
+    _, ref = loss_and_grads(tc, x, y, use_kernels=False)
+    for _ in range(2):  # the second step reuses the first step's storage
+        _, g = loss_and_grads(tc, x, y, use_kernels=True)
+        for name in ref:
+            torch.testing.assert_close(g[name], ref[name], atol=1e-5, rtol=1e-5)
+    tc.zero_grad(set_to_none=True)
+    for _ in range(2):  # accumulate twice
+        out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0)
+        out.loss.backward()
+    tc.use_kernels = False
+    doubled = {n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None}
+    _, single = loss_and_grads(tc, x, y, use_kernels=False, autocast=False)
+    # (loss_and_grads adds AuxK; compare the reconstruction-only part by hand)
+    tc.zero_grad(set_to_none=True)
+    tc.loss(x, y, lambda_s=0.0, lambda_p=0.0).loss.backward()
+    for name, p in tc.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(doubled[name], 2 * p.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_freed_memory_is_harmless():
+    assert isinstance(hardware.keep_freed_memory(), bool)
+    assert torch.ones(1000, 1000).sum().item() == 1e6
