@@ -130,3 +130,21 @@ def test_pooled_gradients_reused_and_accumulated():
 def test_keep_freed_memory_is_harmless():
     assert isinstance(hardware.keep_freed_memory(), bool)
     assert torch.ones(1000, 1000).sum().item() == 1e6
+
+
+def test_topk_init_centres_each_feature_on_the_sample():
+    """init_from_sample gives TopK / BatchTopK features pre-activations of mean 0 on the sample
+    (inputs with a large shared mean direction would otherwise leave half the features below
+    every other at the start)."""
+    torch.manual_seed(0)
+    cfg = TranscoderConfig(n_layers=2, d_model=16, n_features=32, activation="batchtopk", topk=4)
+    tc = Transcoder(cfg)
+    x = torch.randn(512, 2, 16) + 5.0  # a shared offset
+    tc.init_from_sample(x, torch.randn(512, 2, 16))
+    pre = tc.encode(x)  # [N, L, F]
+    assert pre.mean(0).abs().max() < 1e-3 * pre.std(0).mean()
+    fired = (tc.activate(pre) > 0).any(0)  # BatchTopK over the sample: [L, F]
+    assert fired.float().mean() > 0.9
+    with torch.no_grad():
+        tc.b_enc.zero_()  # without the centring, the shared offset decides who fires
+    assert (tc.activate(tc.encode(x)) > 0).any(0).float().mean() < 0.8

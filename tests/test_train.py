@@ -226,11 +226,13 @@ def planted_dead_run(auxk_alpha: float, n_planted: int = 16):
 def test_auxk_revives_planted_dead_features():
     fires, before, tc = planted_dead_run(auxk_alpha=0.0)
     assert fires.sum() == 0  # dead without AuxK ...
-    assert torch.equal(tc.W_enc[:, :, :16], before)  # ... and never trained
-    fires, _, _ = planted_dead_run(auxk_alpha=1 / 32)
+    moved_without = (tc.W_enc[:, :, :16] - before).abs().max()  # ... and hardly trained
+    fires, _, tc = planted_dead_run(auxk_alpha=1 / 32)
     alive = (fires > 0).float().mean().item()
-    # alive with it: 46% measured after 150 steps (the 16-code teacher needs few of the 64 features)
-    assert alive >= 0.3, f"only {alive:.0%} of the planted dead features revived"
+    assert moved_without < 0.2 * (tc.W_enc[:, :, :16] - before).abs().max()
+    # alive with it: 27% measured after 150 steps with centred initial pre-activations (46%
+    # before they were centred); the 16-code teacher needs few of the 64 features
+    assert alive >= 0.2, f"only {alive:.0%} of the planted dead features revived"
 
 
 def test_auxk_loss_by_definition():

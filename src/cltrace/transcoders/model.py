@@ -27,6 +27,9 @@ embedding-bag (sum of weighted decoder rows; optionally bf16 rows). TopK and
 BatchTopK hand their selected pairs straight to the decoder (no dense [L, N, F] activations,
 masks or nonzero scans). Decoder gradients exist only for rows with pairs. Layers whose active
 set is dense fall back to a matmul. Both paths give the same values and parameter gradients.
+TopK / BatchTopK training on CPU goes further (`_kernel_loss`, transcoders/kernel_step.py):
+the encoder's product runs outside autograd, and numba kernels differentiate only the
+selected pairs, decoders and encoder alike (the torch path stays for CUDA and JumpReLU).
 
 AuxK (dead features, `aux_loss`): the k_aux largest pre-activations among dead features
 reconstruct the main residual; weighted by α (1/32 in the TopK SAE literature).
@@ -292,16 +295,20 @@ class Transcoder(nn.Module):
     def init_from_sample(
         self, x: Float[Tensor, "N L d"], y: Float[Tensor, "N L d"], fire_frac: float | None = None
     ) -> None:
-        """Set the norm scalars from a raw sample, and b_enc so each JumpReLU feature fires
-        on `fire_frac` of the sample (default min(10⁴/F, 0.05)) at the initial θ."""
+        """Set the norm scalars from a raw sample, and b_enc: so each JumpReLU feature fires
+        on `fire_frac` of the sample (default min(10⁴/F, 0.05)) at the initial θ; so each
+        TopK / BatchTopK feature's pre-activation has mean 0 over the sample."""
         d = self.cfg.d_model
         x, y = x.float(), y.float()
         self.in_scale.copy_(math.sqrt(d) / x.norm(dim=-1).mean(0).clamp_min(1e-12))
         self.out_scale.copy_(math.sqrt(d) / y.norm(dim=-1).mean(0).clamp_min(1e-12))
+        xn = self._normalise(x.to(self.W_enc.device), self.in_scale)
         if self.cfg.activation != "jumprelu":
+            # centre each feature's pre-activation on the sample, so that no feature starts out
+            # of the selection for the mean direction MLP inputs share
+            self.b_enc.copy_(-torch.einsum("lnd,ldf->lf", xn, self.W_enc) / xn.shape[1])
             return
         p = fire_frac if fire_frac is not None else min(1e4 / self.cfg.n_features, 0.05)
-        xn = self._normalise(x.to(self.W_enc.device), self.in_scale)
         n = xn.shape[1]
         k = min(n - 1, max(1, math.ceil((1 - p) * n))) if n > 1 else 1
         theta = self.log_threshold.exp()
