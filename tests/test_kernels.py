@@ -25,7 +25,9 @@ def random_pairs(N: int, F: int, P: int, seed: int):
     return select_csc(tok, feat, values, N, F)
 
 
-@pytest.mark.parametrize("N,F,M,col0,C", [(37, 50, 40, 0, 40), (64, 20, 700, 96, 1000), (200, 300, 640, 640, 1280)])
+@pytest.mark.parametrize(
+    "N,F,M,col0,C", [(37, 50, 40, 0, 40), (64, 20, 700, 96, 1000), (200, 300, 640, 640, 1280)]
+)
 def test_decode_and_rows_grad_match_dense(N, F, M, col0, C):
     """out[:, col0:col0+M] += A @ W; gW = Aᵀ G; dots_p = (G Wᵀ)[t_p, f_p]; columns not a
     multiple of the block, a column offset into a wider buffer, features without pairs."""
@@ -41,11 +43,15 @@ def test_decode_and_rows_grad_match_dense(N, F, M, col0, C):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
 
     gW = torch.full((F, M), float("nan"))  # every row must be written
-    dots = kernels.rows_grad(gW.numpy(), G.numpy(), col0, s.fstart.numpy(), s.tok.numpy(), s.raw.numpy(), W.numpy())
+    dots = kernels.rows_grad(
+        gW.numpy(), G.numpy(), col0, s.fstart.numpy(), s.tok.numpy(), s.raw.numpy(), W.numpy()
+    )
     torch.testing.assert_close(gW, A.T @ G[:, col0 : col0 + M], atol=1e-4, rtol=1e-5)
     assert torch.all(gW[-3:] == 0)
     assert dots is not None
-    torch.testing.assert_close(torch.from_numpy(dots), (G[:, col0 : col0 + M] @ W.T)[s.tok, s.feat], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(dots), (G[:, col0 : col0 + M] @ W.T)[s.tok, s.feat], atol=1e-4, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("N", [16, 256])

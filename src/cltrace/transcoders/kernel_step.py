@@ -138,7 +138,9 @@ class SelectedPreacts(torch.autograd.Function):
             if gb is not None:
                 gb[l].index_add_(0, s.feat, g)
             if gW is not None:
-                kernels.rows_grad(_np(gT), _np(ctx.xn[l].float().contiguous()), 0, _np(s.fstart), _np(s.tok), _np(g))
+                kernels.rows_grad(
+                    _np(gT), _np(ctx.xn[l].float().contiguous()), 0, _np(s.fstart), _np(s.tok), _np(g)
+                )
                 gW[l].copy_(gT.T)
         return gW, gb, None, None, None
 
@@ -159,7 +161,9 @@ class KernelDecode(torch.autograd.Function):
         for l, (s, v, W) in enumerate(zip(sel, values, Ws)):
             if s.tok.numel():
                 W2 = W.detach().reshape(W.shape[0], -1)
-                kernels.decode_into(_np(out), l * d, _np(W2), _np(s.fstart), _np(s.tok), _np(v.float().contiguous()))
+                kernels.decode_into(
+                    _np(out), l * d, _np(W2), _np(s.fstart), _np(s.tok), _np(v.float().contiguous())
+                )
         ctx.sel, ctx.pool, ctx.Ws = sel, pool, Ws
         ctx.save_for_backward(*values, *Ws)
         # layer-major and contiguous: elementwise ops on the strided view ran 5x slower
@@ -180,7 +184,12 @@ class KernelDecode(torch.autograd.Function):
             W2 = W.detach().reshape(W.shape[0], -1)
             gW = _fresh(("dec", l), ctx.Ws[l], tuple(W2.shape), ctx.pool)
             dots = kernels.rows_grad(
-                _np(gW), _np(G), l * d, _np(s.fstart), _np(s.tok), _np(v.detach().float().contiguous()),
+                _np(gW),
+                _np(G),
+                l * d,
+                _np(s.fstart),
+                _np(s.tok),
+                _np(v.detach().float().contiguous()),
                 _np(W2) if want_v else None,
             )
             g_values.append(torch.from_numpy(dots).to(v.dtype) if want_v and dots is not None else None)

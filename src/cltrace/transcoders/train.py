@@ -38,8 +38,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from cltrace.errors import CltraceError
 from cltrace import hardware
+from cltrace.errors import CltraceError
 from cltrace.hardware import cpu_has_fast_bf16, forced_fp32
 from cltrace.progress import progress
 from cltrace.transcoders.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
