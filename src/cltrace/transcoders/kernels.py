@@ -45,11 +45,12 @@ def block_size(n_cols: int) -> int:
 
 
 if numba is not None:
+    prange = numba.prange
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
     def _decode_into(out, col0, W, fstart, tok, coef, block):  # pragma: no cover - compiled
         n_feat, n_cols = W.shape
-        for b in numba.prange((n_cols + block - 1) // block):
+        for b in prange((n_cols + block - 1) // block):
             j0 = b * block
             j1 = min(j0 + block, n_cols)
             c0, c1 = col0 + j0, col0 + j1
@@ -72,7 +73,7 @@ if numba is not None:
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
     def _rows_grad(gW, G, col0, W, fstart, tok, coef, dots, block, want_dots):  # pragma: no cover
         n_feat, n_cols = gW.shape
-        for b in numba.prange((n_cols + block - 1) // block):
+        for b in prange((n_cols + block - 1) // block):
             j0 = b * block
             j1 = min(j0 + block, n_cols)
             c0, c1 = col0 + j0, col0 + j1
