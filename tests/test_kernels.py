@@ -154,3 +154,58 @@ def test_topk_init_centres_each_feature_on_the_sample():
     with torch.no_grad():
         tc.b_enc.zero_()  # without the centring, the shared offset decides who fires
     assert (tc.activate(tc.encode(x)) > 0).any(0).float().mean() < 0.8
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
+def test_normalize_decoder_keeps_outputs_and_sets_unit_norms(activation):
+    torch.manual_seed(0)
+    cfg = TranscoderConfig(
+        n_layers=3,
+        d_model=8,
+        n_features=16,
+        activation=activation,
+        topk=3 if activation != "jumprelu" else None,
+    )
+    tc = Transcoder(cfg)
+    x = torch.randn(64, 3, 8)
+    tc.init_from_sample(x, torch.randn(64, 3, 8))
+    with torch.no_grad():
+        for W in tc.W_dec:
+            W.mul_(torch.rand(W.shape[0], 1, 1) * 3 + 0.1)  # uneven decoder norms
+    norms = tc.decoder_norms()  # [L, F]
+    before = tc(x)
+    tc.normalize_decoder_()
+    after = tc(x)
+    torch.testing.assert_close(tc.decoder_norms(), torch.ones(3, 16))
+    torch.testing.assert_close(after.pre, before.pre * norms, atol=1e-5, rtol=1e-4)
+    if activation == "jumprelu":  # thresholds scale with the pre-activations: same outputs
+        torch.testing.assert_close(after.recon, before.recon, atol=1e-5, rtol=1e-4)
+        assert torch.equal(after.acts > 0, before.acts > 0)
+    else:  # the selection is now by contribution: the same as selecting a·||W_dec|| before
+        scored = tc.activate(before.pre * norms)
+        assert torch.equal(after.acts > 0, scored > 0)
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "topk"])
+def test_selection_bias_same_on_both_paths_and_folded_by_conversion(activation):
+    """A selection bias (load balancing) chooses by pre + β but keeps pre as the values: the
+    kernel and torch paths agree (fp32), and topk_to_jumprelu turns it into per-feature
+    thresholds τ_l - β_f that fire on the same pairs as the biased selection."""
+    from cltrace.transcoders.refit import topk_to_jumprelu
+
+    tc, x, y = make(activation)
+    with torch.no_grad():
+        tc.select_bias.copy_(torch.randn(4, 64) * 0.5)
+    out_k, g_k = loss_and_grads(tc, x, y, use_kernels=True)
+    out_t, g_t = loss_and_grads(tc, x, y, use_kernels=False)
+    torch.testing.assert_close(out_k.loss, out_t.loss, rtol=1e-6, atol=1e-5)
+    assert torch.equal(out_k.counts, out_t.counts)
+    for name in g_t:
+        torch.testing.assert_close(g_k[name], g_t[name], atol=1e-5, rtol=1e-5)
+    selected = tc.activate(tc.encode(x)) > 0  # the biased selection [N, L, F]
+    if activation == "batchtopk":
+        topk_to_jumprelu(tc, x)
+        assert not tc.select_bias.any()
+        fired = tc.activate(tc.encode(x)) > 0
+        assert (fired != selected).float().mean() < 1e-3
+        assert tc.log_threshold.std() > 0

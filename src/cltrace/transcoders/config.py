@@ -132,6 +132,14 @@ class TrainConfig:
     auxk_alpha: float = 0.0  # AuxK dead-feature loss weight α (1/32 in the presets)
     auxk: int | None = None  # k_aux: dead features decoding the residual per token
     # and layer (None: 2·topk, or d_model/2 for JumpReLU)
+    normalize_decoder: bool = False  # after every step, each feature's decoder to norm 1
+    # (its encoder takes the scale; Transcoder.normalize_decoder_)
+    balance_rate: float = 0.0  # TopK / BatchTopK load balancing: per step, the selection
+    # bias (Transcoder.select_bias, normalised pre-activation units) of features silent for
+    # balance_window_tokens rises by this, of features active on more than
+    # balance_max_density of the batch falls by it (0 = off)
+    balance_window_tokens: int = 4096
+    balance_max_density: float = 0.05
 
     def __post_init__(self):
         positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
@@ -213,8 +221,8 @@ class TrainConfig:
 #   demo     18 x 1024 TopK CLT (k = 64) + AuxK, 10 minutes of training harvested on the fly
 #            (data loading included), then TopK -> JumpReLU; sized so that the whole
 #            `cltrace demo` fits 30 minutes on an AVX2-only 2-core CPU.
-#   session  18 x 2048 BatchTopK CLT (k = 20: L0 = 1% of the width) + AuxK, 45 minutes, then
-#            BatchTopK -> JumpReLU.
+#   session  18 x 2048 BatchTopK CLT (k = 20: L0 = 1% of the width) + AuxK + load balancing of
+#            the selection (balance_rate), 45 minutes, then BatchTopK -> JumpReLU.
 # No preset refits the decoder: on an earlier session CLT a 50k-token refit (18,432 regressors
 # for the last layer) overfit, held-out NMSE 0.187 -> 0.222; it helps a PLT (1,024 per layer).
 #   small    18 x 4096 JumpReLU, 2M tokens: hours on this CPU; minutes on one GPU.
@@ -247,6 +255,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dead_window_tokens=20_000,
         jumprelu_after_topk=True,
         auxk_alpha=1 / 32,
+        balance_rate=0.03,  # dead after 68 steps: 57% without, 33% at 0.01, 4% at 0.03
     ),
     "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(

@@ -51,16 +51,22 @@ def select_csc(tok: Tensor, feat: Tensor, raw: Tensor, n_tokens: int, n_features
     return LayerSelection(tok[order].contiguous(), feat.contiguous(), fstart, raw[order].float().contiguous())
 
 
-def select_topk(pre: Tensor, k: int) -> list[LayerSelection]:
-    """TopK: each token's k largest pre-activations per layer. pre [L, N, F], no grad."""
+def select_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[LayerSelection]:
+    """TopK: each token's k largest pre-activations per layer (of pre + bias [L, 1, F] when a
+    selection bias is given; the values stay pre's). pre [L, N, F], no grad."""
     L, N, n_feat = pre.shape
-    values, index = pre.topk(k, dim=-1)  # [L, N, k]
+    if bias is None:
+        values, index = pre.topk(k, dim=-1)  # [L, N, k]
+    else:
+        index = (pre + bias).topk(k, dim=-1).indices
+        values = pre.gather(-1, index)
     tok = torch.arange(N, device=pre.device).repeat_interleave(k)
     return [select_csc(tok, index[l].reshape(-1), values[l].reshape(-1), N, n_feat) for l in range(L)]
 
 
-def select_batch_topk(pre: Tensor, k: int) -> list[LayerSelection]:
-    """BatchTopK: per layer the k·N largest of the batch's N·F pre-activations.
+def select_batch_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[LayerSelection]:
+    """BatchTopK: per layer the k·N largest of the batch's N·F pre-activations (of pre + bias
+    [L, 1, F] when a selection bias is given; the values stay pre's).
 
     Exact, without a top-(k·N) over all N·F values: a threshold a little below the k·N-th
     value is estimated on every 8th token, the values above it are the candidates, and the
@@ -68,9 +74,11 @@ def select_batch_topk(pre: Tensor, k: int) -> list[LayerSelection]:
     full top-(k·N) (torch.topk over [L, N·F] was 15% of an 18 x 4096 CLT's step)."""
     L, N, n_feat = pre.shape
     keep = min(k * N, N * n_feat)
-    flat = pre.reshape(L, N * n_feat)
+    values_of = pre.reshape(L, N * n_feat)
+    scores = pre if bias is None else pre + bias
+    flat = scores.reshape(L, N * n_feat)
     stride = 8
-    sample = pre[:, ::stride].reshape(L, -1)
+    sample = scores[:, ::stride].reshape(L, -1)
     rank = min(sample.shape[1], int(1.5 * keep * sample.shape[1] / (N * n_feat)) + 16)
     out = []
     if N >= 4 * stride and rank < sample.shape[1]:
@@ -80,12 +88,11 @@ def select_batch_topk(pre: Tensor, k: int) -> list[LayerSelection]:
             cand = above[l].nonzero().squeeze(1)
             if cand.numel() < keep:
                 break
-            values, pick = flat[l, cand].topk(keep)
-            idx = cand[pick]
-            out.append(select_csc(idx // n_feat, idx % n_feat, values, N, n_feat))
+            idx = cand[flat[l, cand].topk(keep).indices]
+            out.append(select_csc(idx // n_feat, idx % n_feat, values_of[l, idx], N, n_feat))
     for l in range(len(out), L):
-        values, idx = flat[l].topk(keep)
-        out.append(select_csc(idx // n_feat, idx % n_feat, values, N, n_feat))
+        idx = flat[l].topk(keep).indices
+        out.append(select_csc(idx // n_feat, idx % n_feat, values_of[l, idx], N, n_feat))
     return out
 
 

@@ -133,29 +133,40 @@ def pairs_from_mask(a: Tensor, mask: Tensor) -> Pairs:
     return Pairs(tok, feat, a[tok, feat])
 
 
-def pairs_topk(pre: Tensor, k: int) -> list[Pairs]:
-    """TopK per token: pre [L, N, F] -> per layer the k largest of each token, ReLU'd."""
+def pairs_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[Pairs]:
+    """TopK per token: pre [L, N, F] -> per layer the k largest of each token, ReLU'd (chosen
+    by pre + bias [L, 1, F] when a selection bias is given; the values stay pre's)."""
     L, N, _ = pre.shape
-    values, index = pre.topk(k, dim=-1)  # [L, N, k]
+    if bias is None:
+        values, index = pre.topk(k, dim=-1)  # [L, N, k]
+    else:
+        index = (pre + bias).topk(k, dim=-1).indices
+        values = pre.gather(-1, index)
     values = values.relu()
     tok = torch.arange(N, device=pre.device).repeat_interleave(k)
     return [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
 
 
-def pairs_batch_topk(pre: Tensor, k: int) -> list[Pairs]:
+def pairs_batch_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[Pairs]:
     """BatchTopK: per layer the k·N largest of all N·F pre-activations, ReLU'd (a token may
-    get more or fewer than k)."""
+    get more or fewer than k; chosen by pre + bias [L, 1, F] when a selection bias is given)."""
     L, N, n_feat = pre.shape
-    values, flat = pre.reshape(L, N * n_feat).topk(min(k * N, N * n_feat), dim=-1)  # [L, k·N]
+    keep = min(k * N, N * n_feat)
+    if bias is None:
+        values, flat = pre.reshape(L, N * n_feat).topk(keep, dim=-1)  # [L, k·N]
+    else:
+        flat = (pre + bias).reshape(L, N * n_feat).topk(keep, dim=-1).indices
+        values = pre.reshape(L, N * n_feat).gather(-1, flat)
     order = torch.stack([_sort_order(f, N * n_feat) for f in flat])  # token-major
     flat, values = flat.gather(-1, order), values.gather(-1, order).relu()
     return [Pairs(flat[l] // n_feat, flat[l] % n_feat, values[l]) for l in range(L)]
 
 
-def _batch_topk(flat: Tensor, k: int, n_tokens: int) -> Tensor:
-    """Rows of flat [G, N·F]: keep the k·N largest of each row, ReLU'd, zero elsewhere."""
-    values, index = flat.topk(min(k * n_tokens, flat.shape[-1]), dim=-1)
-    return torch.zeros_like(flat).scatter(-1, index, values.relu())
+def _batch_topk(flat: Tensor, k: int, n_tokens: int, scores: Tensor | None = None) -> Tensor:
+    """Rows of flat [G, N·F]: keep the k·N largest of each row (of `scores` when given),
+    ReLU'd, zero elsewhere."""
+    index = (flat if scores is None else scores).topk(min(k * n_tokens, flat.shape[-1]), dim=-1).indices
+    return torch.zeros_like(flat).scatter(-1, index, flat.gather(-1, index).relu())
 
 
 def pairs_to_dense(p: Pairs, n_tokens: int, n_features: int) -> Tensor:
@@ -273,6 +284,9 @@ class Transcoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
         self.register_buffer("in_scale", torch.ones(L))
         self.register_buffer("out_scale", torch.ones(L))
+        # TopK / BatchTopK training: added to the pre-activations for the selection only (the
+        # trainer's load balancing, `balance_rate`); folded into JumpReLU thresholds at the end
+        self.register_buffer("select_bias", torch.zeros(L, n_feat), persistent=False)
         self._grad_pool = GradPool()  # gradient storage reused by the kernel path's backward
         self.reset_parameters()
 
@@ -318,6 +332,21 @@ class Transcoder(nn.Module):
             hi = z.kthvalue(k + 1, dim=0).values if n > 1 else lo + 1e-3
             self.b_enc[l] = theta[l] - (lo + hi) / 2  # θ midway between two sample values
 
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every feature so that its decoder vectors (all its targets together) have
+        norm 1, folding the norm into its encoder column, bias and threshold. A JumpReLU
+        transcoder's outputs are unchanged; TopK / BatchTopK then select by each feature's
+        contribution a·||W_dec|| rather than by an activation whose scale the encoder and
+        decoder can trade (a feature winning the selection with a grown encoder and a shrunk
+        decoder)."""
+        for l in range(self.cfg.n_layers):
+            n = torch.linalg.vector_norm(self.W_dec[l], dim=(1, 2)).clamp_min(1e-12)  # [F]
+            self.W_dec[l].div_(n[:, None, None])
+            self.W_enc[l].mul_(n)
+            self.b_enc[l].mul_(n)
+            self.log_threshold[l].add_(n.log())
+
     # ---- internal, normalised, layer-major [L, N, ...] ----
 
     @staticmethod
@@ -335,30 +364,37 @@ class Transcoder(nn.Module):
             raise CltraceError(f"activation={self.cfg.activation!r} needs topk, got None")
         return self.cfg.topk
 
-    def _activate(self, pre: Tensor, theta: Tensor | None) -> Tensor:
+    def _activate(self, pre: Tensor, theta: Tensor | None, bias: Tensor | None = None) -> Tensor:
         """Dense activations of layer-major pre [L, N, F] (or one layer's [N, F]); θ is used
-        (and needed) by JumpReLU only."""
+        (and needed) by JumpReLU only; TopK / BatchTopK select by pre + bias (broadcast to
+        pre) when a selection bias is given."""
         act = self.cfg.activation
         if act == "jumprelu":
             if theta is None:
                 raise CltraceError("a JumpReLU transcoder needs its threshold θ to activate")
             return JumpReLU.apply(pre, theta, self.cfg.bandwidth)
+        scores = None if bias is None else pre + bias
         if act == "batchtopk":
+            rows = pre.shape[-2] * pre.shape[-1]
             return _batch_topk(
-                pre.reshape(-1, pre.shape[-2] * pre.shape[-1]), self._k(), pre.shape[-2]
+                pre.reshape(-1, rows),
+                self._k(),
+                pre.shape[-2],
+                None if scores is None else scores.reshape(-1, rows),
             ).view_as(pre)
-        values, index = pre.topk(self._k(), dim=-1)
-        return torch.zeros_like(pre).scatter(-1, index, values.relu())
+        index = (pre if scores is None else scores).topk(self._k(), dim=-1).indices
+        return torch.zeros_like(pre).scatter(-1, index, pre.gather(-1, index).relu())
 
     def _pairs(self, pre: Tensor, theta: Tensor) -> tuple[list[Pairs], Tensor | None]:
         """(per-layer pairs to decode, dense activations or None) for pre [L, N, F].
         JumpReLU under autograd: the active pairs and those inside the STE window (θ needs
         their gradient); TopK / BatchTopK: the selected pairs, without a dense [L, N, F]."""
         act = self.cfg.activation
+        bias = self._selection_bias()
         if act == "topk":
-            return pairs_topk(pre, self._k()), None
+            return pairs_topk(pre, self._k(), bias), None
         if act == "batchtopk":
-            return pairs_batch_topk(pre, self._k()), None
+            return pairs_batch_topk(pre, self._k(), bias), None
         acts = self._activate(pre, theta)
         mask = pre > theta - self.cfg.bandwidth / 2 if torch.is_grad_enabled() else acts != 0
         return [pairs_from_mask(acts[l], mask[l]) for l in range(pre.shape[0])], acts
@@ -468,10 +504,15 @@ class Transcoder(nn.Module):
             and kernels.available()
         )
 
+    def _selection_bias(self) -> Tensor | None:
+        """select_bias as [L, 1, F], or None while it is all zero."""
+        return self.select_bias[:, None, :] if bool(self.select_bias.any()) else None
+
     def _select(self, pre: Tensor) -> list[LayerSelection]:
+        bias = self._selection_bias()
         if self.cfg.activation == "topk":
-            return select_topk(pre, self._k())
-        return select_batch_topk(pre, self._k())
+            return select_topk(pre, self._k(), bias)
+        return select_batch_topk(pre, self._k(), bias)
 
     def _decode_selected(self, sel: list[LayerSelection], xn: Tensor, pooled: bool) -> Tensor:
         """The selected pairs' ReLU'd pre-activations decoded (kernels; gradients for the
@@ -551,14 +592,18 @@ class Transcoder(nn.Module):
         """BatchTopK selects over all the tokens given (it is converted to JumpReLU after training)."""
         if self.cfg.activation == "batchtopk":
             flat = pre.reshape(-1, *pre.shape[-2:]).transpose(0, 1)  # [L, N, F]
-            return self._activate(flat, None).transpose(0, 1).reshape(pre.shape)
-        return self._activate(pre, self.log_threshold.exp())
+            return self._activate(flat, None, self._selection_bias()).transpose(0, 1).reshape(pre.shape)
+        bias = self.select_bias if self.cfg.activation == "topk" and bool(self.select_bias.any()) else None
+        return self._activate(pre, self.log_threshold.exp(), bias)
 
     def activate_layer(self, pre: Float[Tensor, "... F"], layer: int) -> Float[Tensor, "... F"]:
         """The activation function of one layer's features."""
+        bias = self.select_bias[layer] if bool(self.select_bias[layer].any()) else None
         if self.cfg.activation == "batchtopk":
-            return self._activate(pre.reshape(-1, pre.shape[-1]), None).view_as(pre)
-        return self._activate(pre, self.log_threshold[layer].exp())
+            return self._activate(pre.reshape(-1, pre.shape[-1]), None, bias).view_as(pre)
+        return self._activate(
+            pre, self.log_threshold[layer].exp(), bias if self.cfg.activation == "topk" else None
+        )
 
     def decode(
         self, acts: Float[Tensor, "... L F"], x: Float[Tensor, "... L d"] | None = None

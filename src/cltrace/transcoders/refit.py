@@ -42,8 +42,9 @@ from cltrace.transcoders.model import Transcoder
 @torch.no_grad()
 def topk_to_jumprelu(tc: Transcoder, x: Tensor) -> list[float]:
     """Make a TopK or BatchTopK transcoder a JumpReLU one in place, calibrated on raw MLP inputs x [N, L, d]
-    (N·F values per layer; a few thousand tokens are plenty). Returns the thresholds θ_l
-    (floored at 1e-4: θ must be positive)."""
+    (N·F values per layer; a few thousand tokens are plenty). Returns the layers' thresholds
+    τ_l (floored at 1e-4: θ must be positive); with a selection bias β, feature f's threshold
+    is τ_l - β_f."""
     cfg = tc.cfg
     if cfg.activation == "jumprelu":
         raise CltraceError("topk_to_jumprelu needs a TopK or BatchTopK transcoder, this one is jumprelu")
@@ -52,13 +53,20 @@ def topk_to_jumprelu(tc: Transcoder, x: Tensor) -> list[float]:
     # L0 is the number of *positive* selected values (ReLU after the selection): per token's k
     # largest (TopK) or the layer's k·N largest (BatchTopK); θ_l is chosen so that as many of
     # the layer's N·F pre-activations lie above it
-    n_active = (tc._activate(pre, None) > 0).sum(dim=(1, 2))  # [L]
-    theta = torch.stack(
-        [pre[l].flatten().kthvalue(max(1, N * F - int(n_active[l]))).values for l in range(L)]
-    ).clamp_min(1e-4)
-    tc.log_threshold.copy_(theta.log()[:, None].expand(L, F))
+    # A selection bias β [L, F] (the trainer's load balancing) chose by pre + β: the layer's
+    # threshold τ_l is found on pre + β, and feature f fires where pre > τ_l - β_f
+    bias = tc.select_bias[:, None, :]  # [L, 1, F]
+    n_active = (tc._activate(pre, None, bias) > 0).sum(dim=(1, 2))  # [L]
+    # the n_active largest scores among positive pre-activations are exactly the active pairs
+    scores = (pre + bias).masked_fill(pre <= 0, float("-inf"))
+    tau = torch.stack(
+        [scores[l].flatten().kthvalue(max(1, N * F - int(n_active[l]))).values for l in range(L)]
+    )
+    theta = (tau[:, None] - tc.select_bias).clamp_min(1e-4)  # [L, F]
+    tc.log_threshold.copy_(theta.log())
+    tc.select_bias.zero_()
     tc.cfg = dataclasses.replace(cfg, activation="jumprelu", topk=None)
-    return theta.tolist()
+    return tau.clamp_min(1e-4).tolist()
 
 
 class RefitStats:

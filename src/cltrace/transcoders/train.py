@@ -219,9 +219,23 @@ class Trainer:
                 )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.normalize_decoder:
+            tc.normalize_decoder_()
         self.step += 1
         self.tokens += x.shape[0]
-        return self._metrics(out, x.shape[0], lr, lam)
+        metrics = self._metrics(out, x.shape[0], lr, lam)  # (updates last_active)
+        if cfg.balance_rate and tc.cfg.activation != "jumprelu":
+            self._balance(out.counts, x.shape[0])
+        return metrics
+
+    @torch.no_grad()
+    def _balance(self, counts: Tensor, n_tokens: int) -> None:
+        """Load balancing of the selection, without a loss (as in auxiliary-loss-free MoE
+        routing): starved features' selection bias rises, too dense features' falls."""
+        cfg = self.cfg
+        starved = (self.tokens - self.last_active) >= cfg.balance_window_tokens
+        dense = counts > cfg.balance_max_density * n_tokens
+        self.tc.select_bias.add_(cfg.balance_rate * (starved.float() - dense.float()))
 
     @property
     def aux_k(self) -> int:
@@ -439,7 +453,11 @@ class Trainer:
             elapsed_s=self.elapsed_before + time.perf_counter() - self._t_fit,
         )
         save_checkpoint(
-            directory, self.tc, self.optimizer, state, extra={"last_active": self.last_active.cpu()}
+            directory,
+            self.tc,
+            self.optimizer,
+            state,
+            extra={"last_active": self.last_active.cpu(), "select_bias": self.tc.select_bias.cpu()},
         )
         self.dist.barrier()  # every shard is complete
         if self.dist.is_main:
@@ -482,6 +500,8 @@ class Trainer:
         self.n_steps = state.get("n_steps", self.cfg.n_steps)
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.last_active = extra["last_active"].to(self.device)
+        if "select_bias" in extra:
+            self.tc.select_bias.copy_(extra["select_bias"])
         self.initialised = True
         self.log(f"resumed from step {self.step} ({self.tokens:,} tokens)")
         return True
