@@ -269,6 +269,7 @@ class Transcoder(nn.Module):
     # `__getattr__` result (Tensor | Module)
     in_scale: Tensor
     out_scale: Tensor
+    select_bias: Tensor
 
     def __init__(self, cfg: TranscoderConfig):
         super().__init__()
