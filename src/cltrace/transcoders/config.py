@@ -140,6 +140,7 @@ class TrainConfig:
     # balance_max_density of the batch falls by it (0 = off)
     balance_window_tokens: int = 4096
     balance_max_density: float = 0.05
+    balance_max_bias: float = 1.0  # |selection bias| bound (normalised pre-activation units)
 
     def __post_init__(self):
         positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")

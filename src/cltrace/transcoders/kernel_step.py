@@ -51,22 +51,30 @@ def select_csc(tok: Tensor, feat: Tensor, raw: Tensor, n_tokens: int, n_features
     return LayerSelection(tok[order].contiguous(), feat.contiguous(), fstart, raw[order].float().contiguous())
 
 
+def selection_scores(pre: Tensor, bias: Tensor) -> Tensor:
+    """What TopK / BatchTopK rank under a selection bias: pre + bias where pre > 0, pre
+    elsewhere. Only a pair with a positive pre-activation can be active (ReLU after the
+    selection), so the bias never spends a selection slot on one that cannot: a raised
+    feature wins where it has something to give."""
+    return torch.where(pre > 0, pre + bias, pre)
+
+
 def select_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[LayerSelection]:
-    """TopK: each token's k largest pre-activations per layer (of pre + bias [L, 1, F] when a
-    selection bias is given; the values stay pre's). pre [L, N, F], no grad."""
+    """TopK: each token's k largest pre-activations per layer (of selection_scores(pre, bias),
+    bias [L, 1, F], when a selection bias is given; the values stay pre's). pre [L, N, F], no grad."""
     L, N, n_feat = pre.shape
     if bias is None:
         values, index = pre.topk(k, dim=-1)  # [L, N, k]
     else:
-        index = (pre + bias).topk(k, dim=-1).indices
+        index = selection_scores(pre, bias).topk(k, dim=-1).indices
         values = pre.gather(-1, index)
     tok = torch.arange(N, device=pre.device).repeat_interleave(k)
     return [select_csc(tok, index[l].reshape(-1), values[l].reshape(-1), N, n_feat) for l in range(L)]
 
 
 def select_batch_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[LayerSelection]:
-    """BatchTopK: per layer the k·N largest of the batch's N·F pre-activations (of pre + bias
-    [L, 1, F] when a selection bias is given; the values stay pre's).
+    """BatchTopK: per layer the k·N largest of the batch's N·F pre-activations (of
+    selection_scores(pre, bias) when a selection bias is given; the values stay pre's).
 
     Exact, without a top-(k·N) over all N·F values: a threshold a little below the k·N-th
     value is estimated on every 8th token, the values above it are the candidates, and the
@@ -75,7 +83,7 @@ def select_batch_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[L
     L, N, n_feat = pre.shape
     keep = min(k * N, N * n_feat)
     values_of = pre.reshape(L, N * n_feat)
-    scores = pre if bias is None else pre + bias
+    scores = pre if bias is None else selection_scores(pre, bias)
     flat = scores.reshape(L, N * n_feat)
     stride = 8
     sample = scores[:, ::stride].reshape(L, -1)

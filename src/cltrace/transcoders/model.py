@@ -63,6 +63,7 @@ from cltrace.transcoders.kernel_step import (
     select_batch_topk,
     select_csc,
     select_topk,
+    selection_scores,
 )
 
 WEIGHTS_FILE = "transcoder.safetensors"
@@ -135,12 +136,13 @@ def pairs_from_mask(a: Tensor, mask: Tensor) -> Pairs:
 
 def pairs_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[Pairs]:
     """TopK per token: pre [L, N, F] -> per layer the k largest of each token, ReLU'd (chosen
-    by pre + bias [L, 1, F] when a selection bias is given; the values stay pre's)."""
+    by selection_scores(pre, bias), bias [L, 1, F], when a selection bias is given; the values
+    stay pre's)."""
     L, N, _ = pre.shape
     if bias is None:
         values, index = pre.topk(k, dim=-1)  # [L, N, k]
     else:
-        index = (pre + bias).topk(k, dim=-1).indices
+        index = selection_scores(pre, bias).topk(k, dim=-1).indices
         values = pre.gather(-1, index)
     values = values.relu()
     tok = torch.arange(N, device=pre.device).repeat_interleave(k)
@@ -149,13 +151,14 @@ def pairs_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[Pairs]:
 
 def pairs_batch_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[Pairs]:
     """BatchTopK: per layer the k·N largest of all N·F pre-activations, ReLU'd (a token may
-    get more or fewer than k; chosen by pre + bias [L, 1, F] when a selection bias is given)."""
+    get more or fewer than k; chosen by selection_scores(pre, bias) when a selection bias is
+    given)."""
     L, N, n_feat = pre.shape
     keep = min(k * N, N * n_feat)
     if bias is None:
         values, flat = pre.reshape(L, N * n_feat).topk(keep, dim=-1)  # [L, k·N]
     else:
-        flat = (pre + bias).reshape(L, N * n_feat).topk(keep, dim=-1).indices
+        flat = selection_scores(pre, bias).reshape(L, N * n_feat).topk(keep, dim=-1).indices
         values = pre.reshape(L, N * n_feat).gather(-1, flat)
     order = torch.stack([_sort_order(f, N * n_feat) for f in flat])  # token-major
     flat, values = flat.gather(-1, order), values.gather(-1, order).relu()
@@ -367,14 +370,14 @@ class Transcoder(nn.Module):
 
     def _activate(self, pre: Tensor, theta: Tensor | None, bias: Tensor | None = None) -> Tensor:
         """Dense activations of layer-major pre [L, N, F] (or one layer's [N, F]); θ is used
-        (and needed) by JumpReLU only; TopK / BatchTopK select by pre + bias (broadcast to
-        pre) when a selection bias is given."""
+        (and needed) by JumpReLU only; TopK / BatchTopK select by selection_scores(pre, bias)
+        (bias broadcast to pre) when a selection bias is given."""
         act = self.cfg.activation
         if act == "jumprelu":
             if theta is None:
                 raise CltraceError("a JumpReLU transcoder needs its threshold θ to activate")
             return JumpReLU.apply(pre, theta, self.cfg.bandwidth)
-        scores = None if bias is None else pre + bias
+        scores = None if bias is None else selection_scores(pre, bias)
         if act == "batchtopk":
             rows = pre.shape[-2] * pre.shape[-1]
             return _batch_topk(

@@ -236,6 +236,9 @@ class Trainer:
         starved = (self.tokens - self.last_active) >= cfg.balance_window_tokens
         dense = counts > cfg.balance_max_density * n_tokens
         self.tc.select_bias.add_(cfg.balance_rate * (starved.float() - dense.float()))
+        # bounded: a feature that is never positive gains nothing from more, and would end
+        # with a threshold of ~0 after the JumpReLU conversion
+        self.tc.select_bias.clamp_(-cfg.balance_max_bias, cfg.balance_max_bias)
 
     @property
     def aux_k(self) -> int:
