@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import os
 
+import numba
 import numpy as np
-
-try:  # numba is a declared dependency; without it the torch kernels (model.SparseDecode) run
-    import numba
-except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None
 
 
 def available() -> bool:
-    """Whether the numba kernels can run (CLTRACE_KERNELS=torch turns them off)."""
-    return numba is not None and os.environ.get("CLTRACE_KERNELS", "numba") != "torch"
+    """Whether the numba kernels run (CLTRACE_KERNELS=torch turns them off: the torch
+    kernels, model.SparseDecode, as on CUDA)."""
+    return os.environ.get("CLTRACE_KERNELS", "numba") != "torch"
 
 
 def block_size(n_cols: int) -> int:
@@ -44,79 +41,82 @@ def block_size(n_cols: int) -> int:
     return 32
 
 
-if numba is not None:
-    prange = numba.prange
+prange = numba.prange
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
-    def _decode_into(out, col0, W, fstart, tok, coef, block):  # pragma: no cover - compiled
-        n_feat, n_cols = W.shape
-        for b in prange((n_cols + block - 1) // block):
-            j0 = b * block
-            j1 = min(j0 + block, n_cols)
-            c0, c1 = col0 + j0, col0 + j1
-            for f in range(n_feat):
-                w = W[f, j0:j1]
-                p, end = fstart[f], fstart[f + 1]
-                while p + 1 < end:  # two pairs per pass share the loads of w
-                    o1, o2 = out[tok[p], c0:c1], out[tok[p + 1], c0:c1]
-                    v1, v2 = coef[p], coef[p + 1]
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+def _decode_into(out, col0, W, fstart, tok, coef, block):  # pragma: no cover - compiled
+    n_feat, n_cols = W.shape
+    for b in prange((n_cols + block - 1) // block):
+        j0 = b * block
+        j1 = min(j0 + block, n_cols)
+        c0, c1 = col0 + j0, col0 + j1
+        for f in range(n_feat):
+            w = W[f, j0:j1]
+            p, end = fstart[f], fstart[f + 1]
+            while p + 1 < end:  # two pairs per pass share the loads of w
+                o1, o2 = out[tok[p], c0:c1], out[tok[p + 1], c0:c1]
+                v1, v2 = coef[p], coef[p + 1]
+                for j in range(j1 - j0):
+                    o1[j] += v1 * w[j]
+                    o2[j] += v2 * w[j]
+                p += 2
+            if p < end:
+                o = out[tok[p], c0:c1]
+                v = coef[p]
+                for j in range(j1 - j0):
+                    o[j] += v * w[j]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+def _rows_grad(gW, G, col0, W, fstart, tok, coef, dots, block, want_dots):  # pragma: no cover
+    n_feat, n_cols = gW.shape
+    for b in prange((n_cols + block - 1) // block):
+        j0 = b * block
+        j1 = min(j0 + block, n_cols)
+        c0, c1 = col0 + j0, col0 + j1
+        for f in range(n_feat):
+            gw = gW[f, j0:j1]
+            gw[:] = 0.0
+            w = W[f, j0:j1]
+            p, end = fstart[f], fstart[f + 1]
+            while p + 1 < end:  # two pairs per pass share the loads and stores of gw
+                g1, g2 = G[tok[p], c0:c1], G[tok[p + 1], c0:c1]
+                v1, v2 = coef[p], coef[p + 1]
+                if want_dots:
+                    s1 = s2 = np.float32(0.0)
                     for j in range(j1 - j0):
-                        o1[j] += v1 * w[j]
-                        o2[j] += v2 * w[j]
-                    p += 2
-                if p < end:
-                    o = out[tok[p], c0:c1]
-                    v = coef[p]
+                        s1 += g1[j] * w[j]
+                        s2 += g2[j] * w[j]
+                        gw[j] += v1 * g1[j] + v2 * g2[j]
+                    dots[b, p], dots[b, p + 1] = s1, s2
+                else:
                     for j in range(j1 - j0):
-                        o[j] += v * w[j]
-
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
-    def _rows_grad(gW, G, col0, W, fstart, tok, coef, dots, block, want_dots):  # pragma: no cover
-        n_feat, n_cols = gW.shape
-        for b in prange((n_cols + block - 1) // block):
-            j0 = b * block
-            j1 = min(j0 + block, n_cols)
-            c0, c1 = col0 + j0, col0 + j1
-            for f in range(n_feat):
-                gw = gW[f, j0:j1]
-                gw[:] = 0.0
-                w = W[f, j0:j1]
-                p, end = fstart[f], fstart[f + 1]
-                while p + 1 < end:  # two pairs per pass share the loads and stores of gw
-                    g1, g2 = G[tok[p], c0:c1], G[tok[p + 1], c0:c1]
-                    v1, v2 = coef[p], coef[p + 1]
-                    if want_dots:
-                        s1 = s2 = np.float32(0.0)
-                        for j in range(j1 - j0):
-                            s1 += g1[j] * w[j]
-                            s2 += g2[j] * w[j]
-                            gw[j] += v1 * g1[j] + v2 * g2[j]
-                        dots[b, p], dots[b, p + 1] = s1, s2
-                    else:
-                        for j in range(j1 - j0):
-                            gw[j] += v1 * g1[j] + v2 * g2[j]
-                    p += 2
-                if p < end:
-                    g = G[tok[p], c0:c1]
-                    v = coef[p]
-                    s = np.float32(0.0)
-                    for j in range(j1 - j0):
-                        s += g[j] * w[j]
-                        gw[j] += v * g[j]
-                    if want_dots:
-                        dots[b, p] = s
+                        gw[j] += v1 * g1[j] + v2 * g2[j]
+                p += 2
+            if p < end:
+                g = G[tok[p], c0:c1]
+                v = coef[p]
+                s = np.float32(0.0)
+                for j in range(j1 - j0):
+                    s += g[j] * w[j]
+                    gw[j] += v * g[j]
+                if want_dots:
+                    dots[b, p] = s
 
 
-def set_threads(n: int) -> None:
-    """Use n threads (capped at numba's pool) in the kernels; torch's count is the usual n."""
-    if numba is not None:
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+def _match_torch_threads() -> None:
+    """The kernels use as many threads as torch does (capped at numba's pool)."""
+    import torch
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 def decode_into(
     out: np.ndarray, col0: int, W: np.ndarray, fstart: np.ndarray, tok: np.ndarray, coef: np.ndarray
 ) -> None:
     """out[t_p, col0 + j] += coef_p · W[f_p, j] for every pair p and j < W.shape[1], in place."""
+    _match_torch_threads()
     _decode_into(out, col0, W, fstart, tok, coef, block_size(W.shape[1]))
 
 
@@ -131,6 +131,7 @@ def rows_grad(
 ) -> np.ndarray | None:
     """Fill gW [F, M] with Σ_{p of f} coef_p · G[t_p, col0:col0 + M]; given W [F, M], also
     return the pairs' dot products <G[t_p, col0:col0 + M], W[f_p]> as float32 [P]."""
+    _match_torch_threads()
     block = block_size(gW.shape[1])
     n_blocks = (gW.shape[1] + block - 1) // block
     want = W is not None
