@@ -59,15 +59,21 @@ def selection_scores(pre: Tensor, bias: Tensor) -> Tensor:
     return torch.where(pre > 0, pre + bias, pre)
 
 
-def select_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[LayerSelection]:
-    """TopK: each token's k largest pre-activations per layer (of selection_scores(pre, bias),
-    bias [L, 1, F], when a selection bias is given; the values stay pre's). pre [L, N, F], no grad."""
-    L, N, n_feat = pre.shape
+def topk_selected(pre: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(values, index) of each row's k largest of pre [..., F], ranked by
+    selection_scores(pre, bias) when a selection bias is given; the values stay pre's."""
     if bias is None:
-        values, index = pre.topk(k, dim=-1)  # [L, N, k]
-    else:
-        index = selection_scores(pre, bias).topk(k, dim=-1).indices
-        values = pre.gather(-1, index)
+        values, index = pre.topk(k, dim=-1)
+        return values, index
+    index = selection_scores(pre, bias).topk(k, dim=-1).indices
+    return pre.gather(-1, index), index
+
+
+def select_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[LayerSelection]:
+    """TopK: each token's k largest pre-activations per layer (`topk_selected`; bias
+    [L, 1, F]). pre [L, N, F], no grad."""
+    L, N, n_feat = pre.shape
+    values, index = topk_selected(pre, k, bias)  # [L, N, k]
     tok = torch.arange(N, device=pre.device).repeat_interleave(k)
     return [select_csc(tok, index[l].reshape(-1), values[l].reshape(-1), N, n_feat) for l in range(L)]
 

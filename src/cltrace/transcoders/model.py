@@ -64,6 +64,7 @@ from cltrace.transcoders.kernel_step import (
     select_csc,
     select_topk,
     selection_scores,
+    topk_selected,
 )
 
 WEIGHTS_FILE = "transcoder.safetensors"
@@ -139,11 +140,7 @@ def pairs_topk(pre: Tensor, k: int, bias: Tensor | None = None) -> list[Pairs]:
     by selection_scores(pre, bias), bias [L, 1, F], when a selection bias is given; the values
     stay pre's)."""
     L, N, _ = pre.shape
-    if bias is None:
-        values, index = pre.topk(k, dim=-1)  # [L, N, k]
-    else:
-        index = selection_scores(pre, bias).topk(k, dim=-1).indices
-        values = pre.gather(-1, index)
+    values, index = topk_selected(pre, k, bias)  # [L, N, k]
     values = values.relu()
     tok = torch.arange(N, device=pre.device).repeat_interleave(k)
     return [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
@@ -377,8 +374,8 @@ class Transcoder(nn.Module):
             if theta is None:
                 raise CltraceError("a JumpReLU transcoder needs its threshold θ to activate")
             return JumpReLU.apply(pre, theta, self.cfg.bandwidth)
-        scores = None if bias is None else selection_scores(pre, bias)
         if act == "batchtopk":
+            scores = None if bias is None else selection_scores(pre, bias)
             rows = pre.shape[-2] * pre.shape[-1]
             return _batch_topk(
                 pre.reshape(-1, rows),
@@ -386,8 +383,8 @@ class Transcoder(nn.Module):
                 pre.shape[-2],
                 None if scores is None else scores.reshape(-1, rows),
             ).view_as(pre)
-        index = (pre if scores is None else scores).topk(self._k(), dim=-1).indices
-        return torch.zeros_like(pre).scatter(-1, index, pre.gather(-1, index).relu())
+        values, index = topk_selected(pre, self._k(), bias)
+        return torch.zeros_like(pre).scatter(-1, index, values.relu())
 
     def _pairs(self, pre: Tensor, theta: Tensor) -> tuple[list[Pairs], Tensor | None]:
         """(per-layer pairs to decode, dense activations or None) for pre [L, N, F].
