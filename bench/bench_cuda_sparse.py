@@ -59,9 +59,15 @@ def check_exact(device: torch.device) -> bool:
     dead = torch.rand(4, 256, device=device, generator=torch.Generator(device).manual_seed(1)) < 0.2
     for activation in ("topk", "batchtopk", "jumprelu"):
         runs = []
-        for density in (1.0, -1.0):  # always sparse, then always dense
+        for density in (1.0, -1.0):  # always sparse, then always dense (torch's kernels)
             tc, x, y = small(activation, device)
             tc.sparse_max_density = density
+            tc.use_kernels = False  # the numba kernels are CPU-only; tests/test_kernels.py checks them
+            if activation != "jumprelu":  # with the load-balancing selection bias in play
+                with torch.no_grad():
+                    tc.select_bias.copy_(
+                        torch.randn(tc.select_bias.shape, generator=torch.Generator().manual_seed(2)) * 0.3
+                    )
             out = tc.loss(x, y, lambda_s=1e-2, lambda_p=1e-2, dead=dead, auxk=4, auxk_alpha=1 / 32)
             out.loss.backward()
             grads = {n: p.grad for n, p in tc.named_parameters() if p.grad is not None}
@@ -83,6 +89,7 @@ def throughput(F: int, batch: int, mode: str, device: torch.device, steps: int) 
     L, d = 18, 640
     cfg = TranscoderConfig(n_layers=L, d_model=d, n_features=F, activation="batchtopk", topk=max(1, F // 100))
     tc = Transcoder(cfg).to(device)
+    tc.use_kernels = False  # the torch path, as on CUDA (the CPU kernels: bench_train.py)
     if mode == "dense":
         tc.sparse_max_density = -1.0
     x, y = torch.randn(batch, L, d, device=device), torch.randn(batch, L, d, device=device)
