@@ -180,6 +180,20 @@ def test_presets_and_checks():
         config(tokens=10)  # less than one batch
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(balance_rate=-0.1),
+        dict(balance_max_bias=0.0),
+        dict(balance_max_density=1.5),
+        dict(balance_window_tokens=0),
+    ],
+)
+def test_balance_settings_are_checked(bad):
+    with pytest.raises(CltraceError, match="balance"):
+        config(**bad)
+
+
 def test_empty_stream_is_a_clear_error():
     with pytest.raises(CltraceError, match="empty"):
         train(config(), iter([]), L, D)

@@ -176,6 +176,13 @@ class TrainConfig:
             raise CltraceError(f"minutes must be > 0, got {self.minutes}")
         if self.auxk_alpha < 0 or (self.auxk is not None and self.auxk < 1):
             raise CltraceError("auxk_alpha must be >= 0 and auxk >= 1")
+        if self.balance_rate < 0 or self.balance_max_bias <= 0 or not 0 < self.balance_max_density <= 1:
+            raise CltraceError(
+                "balance_rate must be >= 0, balance_max_bias > 0 and 0 < balance_max_density <= 1, got "
+                f"{self.balance_rate}, {self.balance_max_bias}, {self.balance_max_density}"
+            )
+        if self.balance_window_tokens < 1:
+            raise CltraceError(f"balance_window_tokens must be >= 1, got {self.balance_window_tokens}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise CltraceError("grad_clip must be > 0 or None")
 
