@@ -213,9 +213,12 @@ def test_dead_features_reported():
     assert "5 dead features" in logs[-1] and "[0, 5, 0]" in logs[-1]
 
 
-def planted_run(n_planted: int, encoder_scale: float, bias_scale: float, **settings):
+def planted_run(
+    n_planted: int, encoder_scale: float, bias_scale: float, bias_value: float | None = None, **settings
+):
     """Train a TopK CLT (k = 4 of 64) whose first `n_planted` features per layer start with
-    encoder columns scaled by `encoder_scale` and biases by `bias_scale`. Returns the
+    encoder columns scaled by `encoder_scale` and biases by `bias_scale` (or set to
+    `bias_value`). Returns the
     transcoder, the planted encoder columns before training, and each (layer, feature)'s
     firing count on unseen tokens [L, F]."""
     cfg = config(tokens=64 * 150, activation="topk", topk=4, log_every=50, **settings)
@@ -226,6 +229,8 @@ def planted_run(n_planted: int, encoder_scale: float, bias_scale: float, **setti
     with torch.no_grad():
         tc.W_enc[:, :, :n_planted] *= encoder_scale
         tc.b_enc[:, :n_planted] *= bias_scale
+        if bias_value is not None:
+            tc.b_enc[:, :n_planted] = bias_value
     before = tc.W_enc[:, :, :n_planted].clone()
     trainer.fit(it)
     x = torch.cat([b.mlp_in for b in list(data(200))[180:]])  # unseen tokens

@@ -141,6 +141,9 @@ class TrainConfig:
     balance_window_tokens: int = 4096
     balance_max_density: float = 0.05
     balance_max_bias: float = 1.0  # |selection bias| bound (normalised pre-activation units)
+    resample_every_tokens: int = 0  # TopK / BatchTopK: every this many tokens, until the
+    # learning-rate decay, features silent for dead_window_tokens get a new encoder and
+    # decoder aimed at badly reconstructed tokens (resample.py; 0 = off)
 
     def __post_init__(self):
         positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
@@ -180,6 +183,13 @@ class TrainConfig:
             raise CltraceError(
                 "balance_rate must be >= 0, balance_max_bias > 0 and 0 < balance_max_density <= 1, got "
                 f"{self.balance_rate}, {self.balance_max_bias}, {self.balance_max_density}"
+            )
+        if self.resample_every_tokens < 0:
+            raise CltraceError(f"resample_every_tokens must be >= 0, got {self.resample_every_tokens}")
+        if self.resample_every_tokens and self.activation == "jumprelu":
+            raise CltraceError(
+                "resample_every_tokens needs activation='topk' or 'batchtopk'",
+                hint="set resample_every_tokens=0 for JumpReLU",
             )
         if self.balance_window_tokens < 1:
             raise CltraceError(f"balance_window_tokens must be >= 1, got {self.balance_window_tokens}")
@@ -230,7 +240,8 @@ class TrainConfig:
 #            (data loading included), then TopK -> JumpReLU; sized so that the whole
 #            `cltrace demo` fits 30 minutes on an AVX2-only 2-core CPU.
 #   session  18 x 2048 BatchTopK CLT (k = 20: L0 = 1% of the width) + AuxK + load balancing of
-#            the selection (balance_rate), 45 minutes, then BatchTopK -> JumpReLU.
+#            the selection (balance_rate) + resampling of dead features, 45 minutes, then
+#            BatchTopK -> JumpReLU.
 # No preset refits the decoder: on an earlier session CLT a 50k-token refit (18,432 regressors
 # for the last layer) overfit, held-out NMSE 0.187 -> 0.222; it helps a PLT (1,024 per layer).
 #   small    18 x 4096 JumpReLU, 2M tokens: hours on this CPU; minutes on one GPU.
@@ -264,6 +275,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         jumprelu_after_topk=True,
         auxk_alpha=1 / 32,
         balance_rate=0.03,  # dead after 68 steps: 57% without, 10% at 0.03 (L0 kept at k)
+        resample_every_tokens=20_000,  # dead after 110 steps: 16.2% without, 7.3% with
     ),
     "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(
@@ -287,7 +299,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-TOPK_ONLY = ("topk", "jumprelu_after_topk")  # settings that only mean something for (Batch)TopK
+# settings that only mean something for (Batch)TopK
+TOPK_ONLY = ("topk", "jumprelu_after_topk", "resample_every_tokens")
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:

@@ -7,7 +7,9 @@
     clip global grad norm; AdamW (fused where available); LR warm-up, constant, linear decay
 
 λ_S ramps linearly from 0 over `lambda_s_warmup_frac` of the steps. With `auxk_alpha` > 0, the
-features dead for `dead_window_tokens` get the AuxK loss (Transcoder.aux_loss).
+features dead for `dead_window_tokens` get the AuxK loss (Transcoder.aux_loss); with
+`resample_every_tokens` > 0 they are re-initialised towards badly reconstructed tokens
+(resample.py), and with `balance_rate` > 0 the selection is load-balanced (`_balance`).
 
 Wall-time budgets (`minutes`): the loop times its steps (data loading included) and, until the
 learning-rate decay begins, re-sizes the step budget so that the steps, the finishing steps
@@ -45,6 +47,7 @@ from cltrace.progress import progress
 from cltrace.transcoders.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from cltrace.transcoders.config import TrainConfig
 from cltrace.transcoders.model import Transcoder
+from cltrace.transcoders.resample import resample_dead
 
 POINTER = "checkpoint.json"
 # settings of the closed-form steps after training: they may change on --resume (the
@@ -176,6 +179,7 @@ class Trainer:
         L, n_feat = tc.cfg.n_layers, tc.cfg.n_features
         self.last_active = torch.zeros(L, n_feat, dtype=torch.long, device=self.device)
         self.n_dead = 0
+        self.n_resampled = 0  # features resampled so far (resample.py)
         self.n_steps = cfg.n_steps  # the step budget (re-sized under a wall-time budget)
         self.elapsed_before = 0.0  # seconds of earlier processes of this run (resume)
         self.save_seconds = 0.0  # duration of the last checkpoint save
@@ -226,7 +230,33 @@ class Trainer:
         metrics = self._metrics(out, x.shape[0], lr, lam)  # (updates last_active)
         if cfg.balance_rate and tc.cfg.activation != "jumprelu":
             self._balance(out.counts, x.shape[0])
+        if self._resample_due(x.shape[0]):
+            self._resample(x, out)
         return metrics
+
+    def _resample_due(self, n_tokens: int) -> bool:
+        """A resampling round when this step crossed a multiple of resample_every_tokens,
+        before the learning-rate decay (the last features settle without new ones)."""
+        every = self.cfg.resample_every_tokens
+        if not every or self.tc.cfg.activation == "jumprelu":
+            return False
+        crossed = self.tokens // every > (self.tokens - n_tokens) // every
+        return crossed and self.step < self.n_steps * (1 - self.cfg.lr_decay_frac)
+
+    @torch.no_grad()
+    def _resample(self, x: Tensor, out) -> None:
+        """Resample the dead features (resample.py) on this step's batch; they restart their
+        dead-feature clock and selection bias."""
+        dead = self.dead_features()
+        if not bool(dead.any()):
+            return
+        gen = torch.Generator(device=x.device).manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        xn = self.tc._normalise(x, self.tc.in_scale)
+        result = resample_dead(self.tc, self.optimizer, dead, xn, out.target - out.recon, gen)
+        self.last_active[result.resampled] = self.tokens
+        self.tc.select_bias[result.resampled] = 0.0
+        self.n_resampled += result.total
+        self.log(f"step {self.step}: resampled {result.total} dead features; per layer {result.per_layer}")
 
     @torch.no_grad()
     def _balance(self, counts: Tensor, n_tokens: int) -> None:
@@ -302,6 +332,8 @@ class Trainer:
     def fit(self, batches: Iterable, *, resume: bool = False) -> TrainResult:
         cfg = self.cfg
         t_start = self._t_fit = time.perf_counter()
+        if self.run_dir is not None and self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # metrics may come before a checkpoint
         if self.device.type == "cpu":
             hardware.keep_freed_memory()  # steps reuse their freed buffers (no page faults)
         it: Iterator = iter(batches)
@@ -452,6 +484,7 @@ class Trainer:
             train_config=self.cfg.to_dict(),
             data_position=dict(batches=self.step, tokens=self.tokens),
             n_dead=self.n_dead,
+            n_resampled=self.n_resampled,
             n_steps=self.n_steps,
             elapsed_s=self.elapsed_before + time.perf_counter() - self._t_fit,
         )
@@ -501,6 +534,7 @@ class Trainer:
             )
         self.step, self.tokens, self.n_dead = state["step"], state["tokens"], state["n_dead"]
         self.n_steps = state.get("n_steps", self.cfg.n_steps)
+        self.n_resampled = state.get("n_resampled", 0)
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.last_active = extra["last_active"].to(self.device)
         if "select_bias" in extra:
