@@ -67,11 +67,17 @@ def test_cli_pipeline(workspace, monkeypatch, capsys):
         "2048",
         "--batch",
         "256",
+        "--resample-every",
+        "512",
+        "--balance-rate",
+        "0.02",
         "--out",
         str(run),
     ]
     assert main(train) == 0
     assert (run / "transcoder" / "config.json").exists()
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["resample_every_tokens"] == 512 and saved["balance_rate"] == 0.02
     # resuming a finished run is allowed and refuses to overwrite without --resume
     assert main(train) == 2
     assert (

@@ -49,6 +49,20 @@ def register(subparsers) -> None:
         default=None,
         help="weight of the AuxK dead-feature loss (default: the preset's; 0 = off)",
     )
+    p.add_argument(
+        "--resample-every",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="TopK/BatchTopK: resample dead features every this many tokens until the learning-rate "
+        "decay (default: the preset's; 0 = off)",
+    )
+    p.add_argument(
+        "--balance-rate",
+        type=float,
+        default=None,
+        help="TopK/BatchTopK: load-balancing step of the selection bias (default: the preset's; 0 = off)",
+    )
     p.add_argument("--features", type=int, default=None, help="features per layer (default: the preset's)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="tokens per optimizer step")
@@ -99,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         topk=args.topk,
         minutes=args.minutes,
         auxk_alpha=args.auxk_alpha,
+        resample_every_tokens=args.resample_every,
+        balance_rate=args.balance_rate,
     )
     train_run(cfg, args.out, resume=args.resume, device=args.device, split=args.split)
     return 0
