@@ -63,6 +63,7 @@ class FeatureSharded(Distributed):
         if world % self.fs:
             raise CltraceError(f"{world} processes cannot form rows of {self.fs} feature shards")
         self.dp = world // self.fs
+        self.data_parallel = self.dp
         self.dp_rank, self.fs_rank = divmod(self.rank, self.fs)
         self.is_main = self.rank == 0
         rows = [dist.new_group([r * self.fs + i for i in range(self.fs)]) for r in range(self.dp)]
@@ -93,6 +94,13 @@ class FeatureSharded(Distributed):
                 f"batch of {x.shape[0]} tokens does not split over {self.dp} data-parallel ranks"
             )
         return x.chunk(self.dp)[self.dp_rank], y.chunk(self.dp)[self.dp_rank]
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:
+        if self.dp == 1:
+            return counts
+        counts = counts.clone()
+        dist.all_reduce(counts, group=self.dp_group)
+        return counts
 
     def reduce_partial(self, recon: Tensor) -> Tensor:
         return recon if self.fs == 1 else _AllReduceSum.apply(recon, self.fs_group)

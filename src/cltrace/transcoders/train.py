@@ -116,6 +116,10 @@ class Distributed:
 
     rank = 0
     is_main = True
+    data_parallel = 1  # ranks that split each batch between them
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:  # per-feature counts over the global batch
+        return counts
 
     def shard(self, tc: Transcoder) -> Transcoder:  # this rank's part of a full transcoder
         return tc
@@ -180,6 +184,7 @@ class Trainer:
         self.last_active = torch.zeros(L, n_feat, dtype=torch.long, device=self.device)
         self.n_dead = 0
         self.n_resampled = 0  # features resampled so far (resample.py)
+        self._noted_no_resample = False
         self.n_steps = cfg.n_steps  # the step budget (re-sized under a wall-time budget)
         self.elapsed_before = 0.0  # seconds of earlier processes of this run (resume)
         self.save_seconds = 0.0  # duration of the last checkpoint save
@@ -227,9 +232,12 @@ class Trainer:
             tc.normalize_decoder_()
         self.step += 1
         self.tokens += x.shape[0]
-        metrics = self._metrics(out, x.shape[0], lr, lam)  # (updates last_active)
+        # data-parallel ranks agree on which features fired, so their dead-feature clocks and
+        # selection biases stay identical
+        counts = self.dist.sum_over_batch(out.counts)
+        metrics = self._metrics(out, x.shape[0], lr, lam, counts)  # (updates last_active)
         if cfg.balance_rate and tc.cfg.activation != "jumprelu":
-            self._balance(out.counts, x.shape[0])
+            self._balance(counts, x.shape[0] * self.dist.data_parallel)
         if self._resample_due(x.shape[0]):
             self._resample(x, out)
         return metrics
@@ -239,6 +247,11 @@ class Trainer:
         before the learning-rate decay (the last features settle without new ones)."""
         every = self.cfg.resample_every_tokens
         if not every or self.tc.cfg.activation == "jumprelu":
+            return False
+        if self.dist.data_parallel > 1:  # ranks hold different tokens: they would diverge
+            if not self._noted_no_resample:
+                self.log("note: resampling of dead features runs without data parallelism only; skipped")
+                self._noted_no_resample = True
             return False
         crossed = self.tokens // every > (self.tokens - n_tokens) // every
         return crossed and self.step < self.n_steps * (1 - self.cfg.lr_decay_frac)
@@ -281,8 +294,8 @@ class Trainer:
         return self.dead_features() if self.cfg.auxk_alpha else None
 
     @torch.no_grad()
-    def _metrics(self, out, n_tokens: int, lr: float, lam: float) -> StepMetrics:
-        fired = out.counts > 0  # [L, F]
+    def _metrics(self, out, n_tokens: int, lr: float, lam: float, counts: Tensor) -> StepMetrics:
+        fired = counts > 0  # [L, F], over the global batch
         self.last_active[fired] = self.tokens
         var = (out.target - out.target.mean(dim=1, keepdim=True)).pow(2).sum()
         err = (out.recon - out.target).pow(2).sum()
