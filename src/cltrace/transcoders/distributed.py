@@ -52,6 +52,15 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def _summed(value: Tensor, group, size: int) -> Tensor:
+    """value summed over a process group of `size` ranks (a new tensor unless size is 1)."""
+    if size == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, group=group)
+    return value
+
+
 class FeatureSharded(Distributed):
     """A dp × fs grid over an initialised process group."""
 
@@ -96,11 +105,7 @@ class FeatureSharded(Distributed):
         return x.chunk(self.dp)[self.dp_rank], y.chunk(self.dp)[self.dp_rank]
 
     def sum_over_batch(self, counts: Tensor) -> Tensor:
-        if self.dp == 1:
-            return counts
-        counts = counts.clone()
-        dist.all_reduce(counts, group=self.dp_group)
-        return counts
+        return _summed(counts, self.dp_group, self.dp)
 
     def reduce_partial(self, recon: Tensor) -> Tensor:
         return recon if self.fs == 1 else _AllReduceSum.apply(recon, self.fs_group)
@@ -127,11 +132,7 @@ class FeatureSharded(Distributed):
         return (self.sum_features(sharded) + replicated).sqrt()
 
     def sum_features(self, value: Tensor) -> Tensor:
-        if self.fs == 1:
-            return value
-        value = value.clone()
-        dist.all_reduce(value, group=self.fs_group)
-        return value
+        return _summed(value, self.fs_group, self.fs)
 
     def checkpoint_dir(self, run_dir: Path, step: int) -> Path:
         return run_dir / f"ckpt-{step:08d}" / f"rank{self.rank}"

@@ -58,10 +58,6 @@ def selection_threshold(pre: Float[Tensor, "N F"], k: int, per_token: bool) -> f
     return max(float(tau), 1e-3)
 
 
-def _targets(tc: Transcoder, layer: int) -> slice:
-    return slice(layer, tc.cfg.n_layers) if tc.cfg.kind == "clt" else slice(layer, layer + 1)
-
-
 @torch.no_grad()
 def resample_dead(
     tc: Transcoder,
@@ -81,7 +77,7 @@ def resample_dead(
         if feats.numel() == 0:
             taus.append(0.0)
             continue
-        r = residual[_targets(tc, l)].transpose(0, 1)  # [N, T, d]
+        r = residual[l : l + tc.cfg.n_targets(l)].transpose(0, 1)  # [N, T, d]
         err = r.pow(2).sum(dim=(1, 2))  # [N]
         tokens = torch.multinomial(err.pow(2) + 1e-12, feats.numel(), replacement=False, generator=generator)
         tau = _layer_threshold(tc, l, xn[l])

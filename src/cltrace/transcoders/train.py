@@ -184,7 +184,6 @@ class Trainer:
         self.last_active = torch.zeros(L, n_feat, dtype=torch.long, device=self.device)
         self.n_dead = 0
         self.n_resampled = 0  # features resampled so far (resample.py)
-        self._noted_no_resample = False
         self.n_steps = cfg.n_steps  # the step budget (re-sized under a wall-time budget)
         self.elapsed_before = 0.0  # seconds of earlier processes of this run (resume)
         self.save_seconds = 0.0  # duration of the last checkpoint save
@@ -249,9 +248,6 @@ class Trainer:
         if not every or self.tc.cfg.activation == "jumprelu":
             return False
         if self.dist.data_parallel > 1:  # ranks hold different tokens: they would diverge
-            if not self._noted_no_resample:
-                self.log("note: resampling of dead features runs without data parallelism only; skipped")
-                self._noted_no_resample = True
             return False
         crossed = self.tokens // every > (self.tokens - n_tokens) // every
         return crossed and self.step < self.n_steps * (1 - self.cfg.lr_decay_frac)
@@ -347,6 +343,8 @@ class Trainer:
         t_start = self._t_fit = time.perf_counter()
         if self.run_dir is not None and self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)  # metrics may come before a checkpoint
+        if cfg.resample_every_tokens and self.dist.data_parallel > 1:
+            self.log("note: resampling of dead features runs without data parallelism only; skipped")
         if self.device.type == "cpu":
             hardware.keep_freed_memory()  # steps reuse their freed buffers (no page faults)
         it: Iterator = iter(batches)
