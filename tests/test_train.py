@@ -325,3 +325,25 @@ def test_precision_env_forces_fp32(monkeypatch):
     monkeypatch.setenv("CLTRACE_PRECISION", "fp32")
     assert resolve_precision("auto", cpu) is None and fast_dtype(cpu) == torch.float32
     assert resolve_precision("bf16", cpu) == torch.bfloat16  # an explicit choice wins
+
+
+def test_checkpoint_minutes_paces_checkpoints_by_wall_time(tmp_path, monkeypatch):
+    """checkpoint_minutes: a checkpoint once that much wall time passed since the last one
+    (here every step, the clock being pushed a minute per read), none before the final one
+    when the interval is long; the final step is saved exactly once either way."""
+    clock = iter(range(0, 10**6, 60))
+    monkeypatch.setattr("cltrace.transcoders.train.time.perf_counter", lambda: float(next(clock)))
+    steps: list[int] = []
+    cfg = config(checkpoint_minutes=1.0)
+    trainer = Trainer(Transcoder(cfg.transcoder_config(L, D)), cfg, tmp_path / "fast")
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda orig=trainer.save_checkpoint: (steps.append(trainer.step), orig()))
+    trainer.fit(data())
+    assert steps == list(range(1, cfg.n_steps + 1))
+    steps.clear()
+    slow = config(checkpoint_minutes=10**9)
+    trainer = Trainer(Transcoder(slow.transcoder_config(L, D)), slow, tmp_path / "slow")
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda orig=trainer.save_checkpoint: (steps.append(trainer.step), orig()))
+    trainer.fit(data())
+    assert steps == [slow.n_steps]
+    with pytest.raises(CltraceError, match="checkpoint_minutes"):
+        config(checkpoint_minutes=-1.0)

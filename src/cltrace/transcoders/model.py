@@ -62,8 +62,10 @@ from cltrace.transcoders.kernel_step import (
     SelectedPreacts,
     select_batch_topk,
     select_csc,
+    select_dead_topk,
     select_topk,
     selection_scores,
+    stack_selections,
     topk_selected,
 )
 
@@ -515,13 +517,16 @@ class Transcoder(nn.Module):
             return select_topk(pre, self._k(), bias)
         return select_batch_topk(pre, self._k(), bias)
 
-    def _decode_selected(self, sel: list[LayerSelection], xn: Tensor, pooled: bool) -> Tensor:
+    def _decode_selected(
+        self, sel: list[LayerSelection], xn: Tensor, pooled: bool, n_rows: int | None = None
+    ) -> Tensor:
         """The selected pairs' ReLU'd pre-activations decoded (kernels; gradients for the
-        encoder and the decoders, in pooled storage if `pooled`): [L, N, d] float32, no biases."""
+        encoder and the decoders, in pooled storage if `pooled`): [L, n_rows, d] float32, no
+        biases; n_rows is N, or 2·N for stacked selections (`stack_selections`)."""
         pool = self._grad_pool if pooled else None
         values = SelectedPreacts.apply(self.W_enc, self.b_enc, xn, sel, pool)
         parts = values.split([s.raw.numel() for s in sel])
-        return KernelDecode.apply(sel, xn.shape[1], pool, *parts, *self.W_dec)
+        return KernelDecode.apply(sel, n_rows or xn.shape[1], pool, *parts, *self.W_dec)
 
     def _kernel_loss(
         self,
@@ -539,47 +544,47 @@ class Transcoder(nn.Module):
         with torch.no_grad():
             pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc)  # [L, N, F], autocast dtype
         sel = self._select(pre)
-        recon = self._finish_decode(self._decode_selected(sel, xn, pooled=True), xn, reduce)
-        mse = (recon - yn.float()).pow(2).sum() / n_tokens
-        aux = zero = mse.new_zeros(())
-        if auxk_alpha and auxk and dead is not None and bool(dead.any()):
-            target_var = (yn - yn.mean(dim=1, keepdim=True)).pow(2).sum() / n_tokens
-            aux = self.aux_loss(pre, dead, auxk, (yn - recon).detach(), target_var, xn=xn)
         counts = torch.stack([torch.bincount(s.feat[s.raw > 0], minlength=n_feat) for s in sel])
+        with_aux = bool(auxk_alpha and auxk and dead is not None and bool(dead.any()))
+        if not with_aux:
+            recon = self._finish_decode(self._decode_selected(sel, xn, pooled=True), xn, reduce)
+            mse = (recon - yn.float()).pow(2).sum() / n_tokens
+            zero = mse.new_zeros(())
+            return LossOutput(mse, mse, zero, zero, zero, counts, recon.detach(), yn)
+        # AuxK's pairs decode in the same pass as the main ones (rows N..2N-1): each decoder is
+        # read once in the forward and its gradient written once in the backward
+        assert dead is not None
+        aux_sel = select_dead_topk(pre, dead, auxk)
+        both = self._decode_selected(stack_selections(sel, aux_sel, n_tokens), xn, True, 2 * n_tokens)
+        recon = self._finish_decode(both[:, :n_tokens], xn, reduce)
+        mse = (recon - yn.float()).pow(2).sum() / n_tokens
+        target_var = (yn - yn.mean(dim=1, keepdim=True)).pow(2).sum() / n_tokens
+        aux = self._aux_value(both[:, n_tokens:], (yn - recon).detach(), target_var, dead, auxk)
+        zero = mse.new_zeros(())
         loss = mse + auxk_alpha * aux
         return LossOutput(loss, mse, zero, zero, aux.detach(), counts, recon.detach(), yn)
 
-    def aux_loss(
-        self,
-        pre: Tensor,
-        dead: Tensor,
-        k_aux: int,
-        residual: Tensor,
-        target_var: Tensor,
-        xn: Tensor | None = None,
-    ) -> Tensor:
+    def aux_loss(self, pre: Tensor, dead: Tensor, k_aux: int, residual: Tensor, target_var: Tensor) -> Tensor:
         """AuxK (Gao et al. 2024): the dead features' k_aux largest pre-activations per token and
         layer (ReLU'd) decode, without biases, the main reconstruction's residual e [L, N, d]:
             aux = s · Σ||ê - e||² / Σ||e - ē||² · Σ||ỹ - mean ỹ||² / N,   s = mean_l min(1, dead_l / k_aux)
         i.e. the residual's normalised error, in the units of the main mse term (per token, summed
-        over layers), so that α = 1/32 weighs it as in the TopK SAE literature."""
+        over layers), so that α = 1/32 weighs it as in the TopK SAE literature. (The kernel path,
+        `_kernel_loss`, decodes the same pairs together with the main ones.)"""
         L, N, _ = pre.shape
-        n_dead = dead.sum(-1)  # [L]
-        k = int(min(k_aux, int(n_dead.max())))
+        k = int(min(k_aux, int(dead.sum(-1).max())))
         masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
         values, index = masked.topk(k, dim=-1)  # [L, N, k]
         tok = torch.arange(N, device=pre.device).repeat_interleave(k)
-        if xn is not None:  # the kernel path: pre has no autograd graph
-            n_feat = pre.shape[-1]
-            raw = values.float().nan_to_num(0.0, neginf=0.0)
-            sel = [select_csc(tok, index[l].reshape(-1), raw[l].reshape(-1), N, n_feat) for l in range(L)]
-            e_hat = self._decode_selected(sel, xn, pooled=False)
-        else:
-            values = values.relu().nan_to_num(0.0)
-            pairs = [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
-            e_hat = self._decode_pairs(pairs, N)
+        values = values.relu().nan_to_num(0.0)
+        pairs = [Pairs(tok, index[l].reshape(-1), values[l].reshape(-1)) for l in range(L)]
+        return self._aux_value(self._decode_pairs(pairs, N), residual, target_var, dead, k_aux)
+
+    @staticmethod
+    def _aux_value(e_hat: Tensor, residual: Tensor, target_var: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """The AuxK term (`aux_loss`) from the dead features' decode ê [L, N, d]."""
         centred = residual - residual.mean(dim=1, keepdim=True)
-        scale = (n_dead.float() / k_aux).clamp(max=1.0).mean()
+        scale = (dead.sum(-1).float() / k_aux).clamp(max=1.0).mean()
         return scale * (e_hat - residual).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12) * target_var
 
     # ---- public API, raw scale, token-major [..., L, ...] ----

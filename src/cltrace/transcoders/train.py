@@ -187,6 +187,8 @@ class Trainer:
         self.n_steps = cfg.n_steps  # the step budget (re-sized under a wall-time budget)
         self.elapsed_before = 0.0  # seconds of earlier processes of this run (resume)
         self.save_seconds = 0.0  # duration of the last checkpoint save
+        self.saved_step = -1  # step of the last checkpoint (this process)
+        self.t_saved = time.perf_counter()  # when it was written (or the trainer made)
         self._t_fit = time.perf_counter()  # when fit() began
         self.log = log if self.dist.is_main else (lambda _msg: None)
 
@@ -340,7 +342,7 @@ class Trainer:
 
     def fit(self, batches: Iterable, *, resume: bool = False) -> TrainResult:
         cfg = self.cfg
-        t_start = self._t_fit = time.perf_counter()
+        t_start = self._t_fit = self.t_saved = time.perf_counter()
         if self.run_dir is not None and self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)  # metrics may come before a checkpoint
         if cfg.resample_every_tokens and self.dist.data_parallel > 1:
@@ -382,7 +384,7 @@ class Trainer:
                 )
                 if self.step % cfg.log_every == 0 or self.step == self.n_steps:
                     self._log_metrics(m, rate)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                if self._checkpoint_due():
                     self.save_checkpoint()
         except KeyboardInterrupt:  # Ctrl-C: keep the steps since the last checkpoint
             self._checkpoint_on_interrupt()
@@ -391,7 +393,7 @@ class Trainer:
             bar.close()
         if self.step < self.n_steps:
             self.log(f"note: the data ran out after {self.step} of {self.n_steps} steps")
-        if self.step and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
+        if self.step and self.saved_step != self.step:
             self.save_checkpoint()
         rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
         if self.step >= self.n_steps and (cfg.refit_tokens or cfg.jumprelu_after_topk):
@@ -483,7 +485,15 @@ class Trainer:
 
     # ---- checkpoints ----
 
+    def _checkpoint_due(self) -> bool:
+        """Every checkpoint_every steps, and checkpoint_minutes after the last checkpoint."""
+        every, minutes = self.cfg.checkpoint_every, self.cfg.checkpoint_minutes
+        if every and self.step % every == 0:
+            return True
+        return bool(minutes) and time.perf_counter() - self.t_saved >= 60 * minutes
+
     def save_checkpoint(self) -> None:
+        self.saved_step, self.t_saved = self.step, time.perf_counter()
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
