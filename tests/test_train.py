@@ -327,6 +327,13 @@ def test_precision_env_forces_fp32(monkeypatch):
     assert resolve_precision("bf16", cpu) == torch.bfloat16  # an explicit choice wins
 
 
+def counting_saves(trainer: Trainer, steps: list[int], monkeypatch) -> Trainer:
+    """The trainer, recording the step of every checkpoint it writes into `steps`."""
+    save = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: (steps.append(trainer.step), save()))
+    return trainer
+
+
 def test_checkpoint_minutes_paces_checkpoints_by_wall_time(tmp_path, monkeypatch):
     """checkpoint_minutes: a checkpoint once that much wall time passed since the last one
     (here every step, the clock being pushed a minute per read), none before the final one
@@ -335,15 +342,13 @@ def test_checkpoint_minutes_paces_checkpoints_by_wall_time(tmp_path, monkeypatch
     monkeypatch.setattr("cltrace.transcoders.train.time.perf_counter", lambda: float(next(clock)))
     steps: list[int] = []
     cfg = config(checkpoint_minutes=1.0)
-    trainer = Trainer(Transcoder(cfg.transcoder_config(L, D)), cfg, tmp_path / "fast")
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda orig=trainer.save_checkpoint: (steps.append(trainer.step), orig()))
-    trainer.fit(data())
+    trainer = Trainer(Transcoder(cfg.transcoder_config(L, D)), cfg, tmp_path / "a")
+    counting_saves(trainer, steps, monkeypatch).fit(data())
     assert steps == list(range(1, cfg.n_steps + 1))
     steps.clear()
     slow = config(checkpoint_minutes=10**9)
-    trainer = Trainer(Transcoder(slow.transcoder_config(L, D)), slow, tmp_path / "slow")
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda orig=trainer.save_checkpoint: (steps.append(trainer.step), orig()))
-    trainer.fit(data())
+    trainer = Trainer(Transcoder(slow.transcoder_config(L, D)), slow, tmp_path / "b")
+    counting_saves(trainer, steps, monkeypatch).fit(data())
     assert steps == [slow.n_steps]
     with pytest.raises(CltraceError, match="checkpoint_minutes"):
         config(checkpoint_minutes=-1.0)

@@ -140,8 +140,8 @@ def stack_selections(
     n_feat = main[0].fstart.numel() - 1
     out = []
     for m, e in zip(main, extra):
-        tok = torch.cat([m.tok, e.tok + n_tokens])
-        out.append(select_csc(tok, torch.cat([m.feat, e.feat]), torch.cat([m.raw, e.raw]), 2 * n_tokens, n_feat))
+        tok, feat = torch.cat([m.tok, e.tok + n_tokens]), torch.cat([m.feat, e.feat])
+        out.append(select_csc(tok, feat, torch.cat([m.raw, e.raw]), 2 * n_tokens, n_feat))
     return out
 
 

@@ -61,7 +61,6 @@ from cltrace.transcoders.kernel_step import (
     LayerSelection,
     SelectedPreacts,
     select_batch_topk,
-    select_csc,
     select_dead_topk,
     select_topk,
     selection_scores,
