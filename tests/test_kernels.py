@@ -10,7 +10,7 @@ import torch
 from cltrace import hardware
 from cltrace.transcoders import kernels
 from cltrace.transcoders.config import TranscoderConfig
-from cltrace.transcoders.kernel_step import select_batch_topk, select_csc
+from cltrace.transcoders.kernel_step import select_batch_topk, select_csc, select_dead_topk, stack_selections
 from cltrace.transcoders.model import Transcoder
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba kernels unavailable")
@@ -209,3 +209,32 @@ def test_selection_bias_same_on_both_paths_and_folded_by_conversion(activation):
         fired = tc.activate(tc.encode(x)) > 0
         assert (fired != selected).float().mean() < 1e-3
         assert tc.log_threshold.std() > 0
+
+
+def test_dead_topk_pairs_and_stacked_selection():
+    """AuxK's pairs are each token's k largest dead pre-activations per layer, positive ones
+    only (a layer without dead features gives none); stacking puts them on rows N..2N-1 of one
+    feature-major selection, beside the main pairs, all of both kept."""
+    N, F, k = 32, 40, 3
+    pre = torch.randn(3, N, F, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(3, F, dtype=torch.bool)
+    dead[0, ::4] = True
+    dead[2, :2] = True  # fewer dead features than k
+    sel = select_dead_topk(pre, dead, k)
+    for l in range(3):
+        want = set()
+        if dead[l].any():
+            masked = pre[l].masked_fill(~dead[l], float("-inf"))
+            top = masked.topk(min(k, int(dead[l].sum())), dim=-1)
+            want = {(t, int(f)) for t in range(N) for v, f in zip(top.values[t], top.indices[t]) if v > 0}
+        got = set(zip(sel[l].tok.tolist(), sel[l].feat.tolist()))
+        assert got == want
+        torch.testing.assert_close(sel[l].raw, pre[l, sel[l].tok, sel[l].feat])
+    main = select_batch_topk(pre, 2)
+    both = stack_selections(main, sel, N)
+    for m, a, s in zip(main, sel, both):
+        assert s.tok.numel() == m.tok.numel() + a.tok.numel()
+        assert torch.all(s.feat[1:] >= s.feat[:-1])
+        assert set(zip(s.tok.tolist(), s.feat.tolist())) == set(zip(m.tok.tolist(), m.feat.tolist())) | {
+            (t + N, f) for t, f in zip(a.tok.tolist(), a.feat.tolist())
+        }

@@ -1,0 +1,134 @@
+"""What the AuxK dead-feature loss costs per training step, in one run: the kernel path with
+AuxK's pairs decoded in the main pass (`Transcoder._kernel_loss`, now), the same step without
+AuxK, and the code before that change (commit 70c20d9: AuxK decoded in a second kernel pass
+with every (token, dead feature) pair of the top k_aux, zeros included), read with `git show`.
+
+Synthetic activations at gemma-3-270m shapes (18 layers, d = 640), batch 1,024, BatchTopK CLT
+with k = 1% of F, bf16 autocast where the CPU has it, full steps (loss, backward, clipping,
+fused AdamW). A share of each layer's features (--dead, default 2%: the session run's
+in-training range is 0.2-6%) is marked dead; k_aux = 2k as in the trainer. Two warm-up steps,
+then the mean of --steps.
+
+    .venv/bin/python bench/bench_auxk.py [--sizes 2048 4096] [--dead 0.02] [--steps 3]
+
+Throughput on a shared machine is noisy: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from cltrace.hardware import keep_freed_memory
+from cltrace.transcoders.config import TranscoderConfig
+from cltrace.transcoders.model import Transcoder
+from cltrace.transcoders.train import resolve_precision
+
+warnings.filterwarnings("ignore")
+L, D, BATCH = 18, 640, 1024
+BEFORE = "70c20d9"
+
+
+def module_at(commit: str):
+    """transcoders/model.py as of `commit`, imported under another name (None outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(
+            ["git", "-C", str(root), "show", f"{commit}:src/cltrace/transcoders/model.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "model_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("model_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_time(tc, x, y, dead, k_aux: int, steps: int, autocast: torch.dtype | None) -> tuple[float, float]:
+    """(seconds per step, last aux value): loss with AuxK on `dead` (None: no AuxK), backward,
+    clipping at 1.0, fused AdamW, zero_grad."""
+    params = [p for p in tc.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    aux = 0.0
+
+    def one() -> float:
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0, dead=dead, auxk=k_aux, auxk_alpha=1 / 32)
+        out.loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pyright: ignore[reportPrivateImportUsage]
+        if norm > 1.0:
+            torch._foreach_mul_(grads, 1.0 / norm)  # pyright: ignore[reportPrivateImportUsage]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.aux)
+
+    one()
+    one()
+    t = time.perf_counter()
+    for _ in range(steps):
+        aux = one()
+    return (time.perf_counter() - t) / steps, aux
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="features per layer")
+    p.add_argument("--dead", type=float, default=0.02, help="share of each layer's features marked dead")
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args()
+    keep_freed_memory()
+    autocast = resolve_precision("auto", torch.device("cpu"))
+    before = module_at(BEFORE)
+    precision = autocast or "fp32"
+    print(f"CLT, batch {BATCH}, k = 1% of F, {args.dead:.1%} of features dead, k_aux = 2k, {precision}")
+    print("| F per layer | no AuxK | AuxK, merged (now) | AuxK, before | before / now |")
+    print("|---|---|---|---|---|")
+    for F in args.sizes:
+        k = max(1, F // 100)
+        cfg = TranscoderConfig(
+            n_layers=L, d_model=D, n_features=F, kind="clt", activation="batchtopk", topk=k
+        )
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(BATCH, L, D, generator=g), torch.randn(BATCH, L, D, generator=g)
+        dead = torch.rand(L, F, generator=g) < args.dead
+        rows = []
+        for cls, dead_arg in [  # no AuxK, now, before
+            (Transcoder, None),
+            (Transcoder, dead),
+            (None if before is None else before.Transcoder, dead),
+        ]:
+            if cls is None:
+                rows.append(None)
+                continue
+            torch.manual_seed(0)
+            tc = cls(cfg)
+            tc.init_from_sample(x, y)
+            rows.append(step_time(tc, x, y, dead_arg, 2 * k, args.steps, autocast))
+            del tc
+        none, now, old = rows
+        assert none is not None and now is not None
+        cells = [f"{BATCH / none[0]:,.0f} tok/s", f"{BATCH / now[0]:,.0f} tok/s"]
+        if old is not None:
+            cells += [f"{BATCH / old[0]:,.0f} tok/s", f"{old[0] / now[0]:.2f}×"]
+            assert abs(old[1] - now[1]) <= 1e-2 * max(abs(old[1]), 1e-9), (old[1], now[1])  # same AuxK term
+        else:
+            cells += ["–", "–"]
+        print(f"| {F} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
