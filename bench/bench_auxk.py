@@ -17,14 +17,11 @@ Throughput on a shared machine is noisy: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from git_module import model_at
 
 from cltrace.hardware import keep_freed_memory
 from cltrace.transcoders.config import TranscoderConfig
@@ -34,27 +31,6 @@ from cltrace.transcoders.train import resolve_precision
 warnings.filterwarnings("ignore")
 L, D, BATCH = 18, 640, 1024
 BEFORE = "70c20d9"
-
-
-def module_at(commit: str):
-    """transcoders/model.py as of `commit`, imported under another name (None outside git)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        src = subprocess.run(
-            ["git", "-C", str(root), "show", f"{commit}:src/cltrace/transcoders/model.py"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(tempfile.mkdtemp()) / "model_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("model_before", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def step_time(tc, x, y, dead, k_aux: int, steps: int, autocast: torch.dtype | None) -> tuple[float, float]:
@@ -92,7 +68,7 @@ def main() -> None:
     args = p.parse_args()
     keep_freed_memory()
     autocast = resolve_precision("auto", torch.device("cpu"))
-    before = module_at(BEFORE)
+    before = model_at(BEFORE)
     precision = autocast or "fp32"
     print(f"CLT, batch {BATCH}, k = 1% of F, {args.dead:.1%} of features dead, k_aux = 2k, {precision}")
     print("| F per layer | no AuxK | AuxK, merged (now) | AuxK, before | before / now |")

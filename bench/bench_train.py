@@ -28,15 +28,13 @@ Throughput on a shared machine is noisy: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from git_module import model_at
 
 from cltrace.hardware import keep_freed_memory
 from cltrace.transcoders.config import TranscoderConfig
@@ -60,20 +58,7 @@ def matmul_rate(F: int, dtype: torch.dtype, reps: int = 3) -> float:
 
 def old_module():
     """The transcoder module as of OLD_COMMIT, or None outside a git checkout."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        spec = f"{OLD_COMMIT}:src/cltrace/transcoders/model.py"
-        src = subprocess.run(
-            ["git", "-C", str(root), "show", spec], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(tempfile.mkdtemp()) / "old_model.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("old_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return model_at(OLD_COMMIT)
 
 
 def n_params(kind: str, F: int) -> int:
