@@ -244,7 +244,7 @@ class TrainConfig:
 #   demo     18 x 1024 TopK CLT (k = 64) + AuxK, 10 minutes of training harvested on the fly
 #            (data loading included), then TopK -> JumpReLU; sized so that the whole
 #            `cltrace demo` fits 30 minutes on an AVX2-only 2-core CPU.
-#   session  18 x 2048 BatchTopK CLT (k = 20: L0 = 1% of the width) + AuxK + load balancing of
+#   session  18 x 4096 BatchTopK CLT (k = 40: L0 = 1% of the width) + AuxK + load balancing of
 #            the selection (balance_rate) + resampling of dead features, 45 minutes, then
 #            BatchTopK -> JumpReLU.
 # No preset refits the decoder: on an earlier session CLT a 50k-token refit (18,432 regressors
@@ -268,14 +268,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "session": dict(
         model=DEFAULT_MODEL,
-        n_features=2048,
-        activation="batchtopk",
-        topk=20,
+        n_features=4096,  # 45 min, held-out: 18 x 2048 k = 20 at lr 1e-3 NMSE 0.158, KL 1.79;
+        activation="batchtopk",  # 18 x 4096 k = 40 at lr 7e-4 NMSE 0.149, KL 1.69, dead 0.5%
+        topk=40,
         minutes=45.0,
         tokens=5_000_000,
         batch_size=1024,
-        lr=1e-3,  # 45 min, held-out dead: 17.8% at 2e-3 (features die at up to 7% per 20k
-        # tokens, a CLT effect: the PLT kept 0.9%), 0.7% at 1e-3; NMSE 0.165 -> 0.158
+        lr=7e-4,  # held-out dead at 18 x 2048: 17.8% at 2e-3, 0.7% at 1e-3; at 18 x 4096: 4.0%
+        # at 1e-3 (NMSE 0.143, KL 1.62), 0.5% at 7e-4 (1e-3 x sqrt(2048 / 4096))
         checkpoint_every=0,  # by time instead: a 3 GB checkpoint every 50 steps was 5-9% of the run
         checkpoint_minutes=10.0,
         dead_window_tokens=20_000,
