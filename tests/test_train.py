@@ -151,6 +151,8 @@ def test_resume_refuses_other_settings(tmp_path):
     logs = []
     train(refinished, data(), L, D, tmp_path / "run", resume=True, log=logs.append)
     assert any("refit" in line for line in logs)
+    paced = config(checkpoint_every=0, checkpoint_minutes=5.0, tokens=64 * 4, refit_tokens=128, log_every=1)
+    train(paced, data(), L, D, tmp_path / "run", resume=True, log=lambda _m: None)  # pacing may change
 
 
 def test_schedules():

@@ -53,6 +53,8 @@ POINTER = "checkpoint.json"
 # settings of the closed-form steps after training: they may change on --resume (the
 # trajectory does not depend on them), e.g. to redo the finishing of a finished run
 FINISHING_FIELDS = frozenset({"refit_tokens", "refit_ridge", "jumprelu_after_topk"})
+# how often a run checkpoints and logs: may change on --resume too (no effect on the trajectory)
+PACING_FIELDS = frozenset({"checkpoint_every", "checkpoint_minutes", "log_every"})
 
 
 class StepMetrics(NamedTuple):
@@ -546,7 +548,7 @@ class Trainer:
         diff = {
             k: (v, getattr(self.cfg, k))
             for k, v in saved.to_dict().items()
-            if getattr(self.cfg, k) != v and k not in FINISHING_FIELDS
+            if getattr(self.cfg, k) != v and k not in FINISHING_FIELDS | PACING_FIELDS
         }
         if diff:
             raise CltraceError(
@@ -554,6 +556,7 @@ class Trainer:
                 hint="resume with the same options, or choose a new --out",
             )
         self.step, self.tokens, self.n_dead = state["step"], state["tokens"], state["n_dead"]
+        self.saved_step = self.step  # the checkpoint just loaded: not rewritten in place
         self.n_steps = state.get("n_steps", self.cfg.n_steps)
         self.n_resampled = state.get("n_resampled", 0)
         self.elapsed_before = state.get("elapsed_s", 0.0)
