@@ -19,11 +19,11 @@ Throughput on a shared machine is noisy: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import torch
 from git_module import model_at
+from train_step import time_steps
 
 from cltrace.hardware import keep_freed_memory
 from cltrace.transcoders.config import TranscoderConfig
@@ -42,33 +42,6 @@ def silence(tc, x, dead, positive: float) -> None:
     pre = tc._encode(tc._normalise(x, tc.in_scale))  # [L, N, F]
     cut = torch.quantile(pre.transpose(1, 2).float(), 1 - positive, dim=-1)  # [L, F]
     tc.b_enc.sub_(torch.where(dead, cut, torch.zeros_like(cut)))
-
-
-def step_time(tc, x, y, dead, k_aux: int, steps: int, autocast: torch.dtype | None) -> tuple[float, float]:
-    """(seconds per step, last aux value): loss with AuxK on `dead` (None: no AuxK), backward,
-    clipping at 1.0, fused AdamW, zero_grad."""
-    params = [p for p in tc.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
-    aux = 0.0
-
-    def one() -> float:
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0, dead=dead, auxk=k_aux, auxk_alpha=1 / 32)
-        out.loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pyright: ignore[reportPrivateImportUsage]
-        if norm > 1.0:
-            torch._foreach_mul_(grads, 1.0 / norm)  # pyright: ignore[reportPrivateImportUsage]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.aux)
-
-    one()
-    one()
-    t = time.perf_counter()
-    for _ in range(steps):
-        aux = one()
-    return (time.perf_counter() - t) / steps, aux
 
 
 def main() -> None:
@@ -109,7 +82,10 @@ def main() -> None:
             tc = cls(cfg)
             tc.init_from_sample(x, y)
             silence(tc, x, dead, args.positive)
-            rows.append(step_time(tc, x, y, dead_arg, 2 * k, args.steps, autocast))
+            seconds, out = time_steps(
+                tc, x, y, args.steps, autocast, lr=1e-6, dead=dead_arg, auxk=2 * k, auxk_alpha=1 / 32
+            )
+            rows.append((seconds, float(out.aux)))
             del tc
         none, now, old = rows
         assert none is not None and now is not None

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from git_module import model_at
+from train_step import time_steps
 
 from cltrace.hardware import keep_freed_memory
 from cltrace.transcoders.config import TranscoderConfig
@@ -78,30 +79,6 @@ def fits(kind: str, F: int) -> bool:
     except (OSError, StopIteration):
         return True
     return need < avail
-
-
-def step_time(tc, x, y, steps: int, autocast: torch.dtype | None) -> float:
-    """Seconds per training step: loss, backward, clipping at 1.0, fused AdamW, zero_grad."""
-    params = [p for p in tc.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-
-    def one():
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0)
-        out.loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pyright: ignore[reportPrivateImportUsage]
-        if norm > 1.0:  # as the trainer clips: no scaling pass under the limit
-            torch._foreach_mul_(grads, 1.0 / norm)  # pyright: ignore[reportPrivateImportUsage]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    one()  # warm-up: compile, grow the heap
-    one()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    return (time.perf_counter() - t) / steps
 
 
 def build(kind: str, F: int, mode: str, old):
@@ -161,7 +138,7 @@ def main() -> None:
                     continue
                 tc = build(kind, F, mode, old)
                 tc.init_from_sample(x, y)
-                dt = step_time(tc, x, y, args.steps, autocast)
+                dt, _ = time_steps(tc, x, y, args.steps, autocast, lr=1e-4)
                 print(
                     f"{kind:>4} {F:>5} {max(1, F // 100):>3} {mode:>11} {BATCH / dt:>7.0f} {dt:>7.2f} "
                     f"{rate / 1e9:>11.0f} {roof:>14.0f} {BATCH / dt / roof:>11.1%}",
