@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cltrace.cli import main
 from tiny import WORDS, tiny_model
@@ -103,6 +104,15 @@ def test_cli_pipeline(workspace, monkeypatch, capsys):
     )
     metrics = json.loads((root / "eval.json").read_text())
     assert metrics  # per-layer and replacement metrics were written
+    tuned = root / "tuned"
+    finetune = ["finetune", str(run), "--model", str(model_dir), "--text", str(text), "--out", str(tuned)]
+    assert main([*finetune, "--minutes", "0.05", "--lr", "1e-3"]) == 0
+    record = json.loads((tuned / "finetune.json").read_text())
+    assert record["steps"] >= 1 and record["history"][0]["kl"] >= 0
+    before = load_file(run / "transcoder" / "transcoder.safetensors")
+    after = load_file(tuned / "transcoder" / "transcoder.safetensors")
+    assert torch.equal(before["log_threshold"], after["log_threshold"])  # thresholds stay
+    assert not torch.equal(before["b_dec"], after["b_dec"])
     graph_json = root / "graph.json"
     assert (
         main(

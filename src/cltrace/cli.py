@@ -24,6 +24,7 @@ COMMANDS = [
     "corpus",
     "harvest",
     "train",
+    "finetune",
     "eval",
     "trace",
     "diff",

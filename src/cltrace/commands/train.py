@@ -81,6 +81,13 @@ def register(subparsers) -> None:
         help="after training, refit the decoder by least squares on this many tokens (0 = off)",
     )
     p.add_argument(
+        "--finetune-minutes",
+        type=float,
+        default=None,
+        help="after training, fine-tune end to end on the replacement model's KL for this many "
+        "minutes (0 = off; default: the preset's; see `cltrace finetune`)",
+    )
+    p.add_argument(
         "--store",
         default=None,
         help="activation store from `cltrace harvest` (default: harvest on the fly from the corpus)",
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         store=args.store,
         skip=args.skip or None,
         refit_tokens=args.refit_tokens,
+        finetune_minutes=args.finetune_minutes,
         activation=args.activation,
         topk=args.topk,
         minutes=args.minutes,

@@ -128,6 +128,9 @@ class TrainConfig:
     refit_tokens: int = 0  # after training, refit the decoder by least squares
     # on this many further tokens (0 = off; refit.py)
     refit_ridge: float = 1e-3  # ridge, relative to the mean Gram diagonal
+    finetune_minutes: float = 0.0  # after training (and the JumpReLU conversion): end-to-end
+    # fine-tuning on the replacement model's KL for this many minutes (0 = off; finetune.py)
+    finetune_lr: float = 1e-4  # its peak learning rate
     jumprelu_after_topk: bool = False  # TopK / BatchTopK: end as a JumpReLU transcoder with
     # per-layer thresholds keeping L0 (refit.py), so it
     # can be intervened on; before the refit
@@ -180,6 +183,16 @@ class TrainConfig:
             )
         if self.jumprelu_after_topk and self.activation == "jumprelu":
             raise CltraceError("jumprelu_after_topk needs activation='topk' or 'batchtopk'")
+        if not self.finetune_minutes >= 0 or not self.finetune_lr > 0:
+            raise CltraceError(
+                f"finetune_minutes must be >= 0 and finetune_lr > 0, got {self.finetune_minutes}, "
+                f"{self.finetune_lr}"
+            )
+        if self.finetune_minutes and self.activation != "jumprelu" and not self.jumprelu_after_topk:
+            raise CltraceError(
+                "end-to-end fine-tuning needs a JumpReLU transcoder",
+                hint="set jumprelu_after_topk for a TopK / BatchTopK run",
+            )
         if self.minutes is not None and not self.minutes > 0:
             raise CltraceError(f"minutes must be > 0, got {self.minutes}")
         if self.auxk_alpha < 0 or (self.auxk is not None and self.auxk < 1):

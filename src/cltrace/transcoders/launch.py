@@ -3,6 +3,7 @@ a live harvest of the corpus) and the one call `cltrace train` and `cltrace demo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -10,10 +11,14 @@ from typing import TYPE_CHECKING, NamedTuple
 from cltrace import paths
 from cltrace.errors import CltraceError
 from cltrace.transcoders.config import TrainConfig
-from cltrace.transcoders.train import TrainResult
+from cltrace.transcoders.train import Distributed, TrainResult
 
 if TYPE_CHECKING:
     from cltrace.data.corpus import Split
+    from cltrace.transcoders.finetune import FinetuneConfig, FinetuneResult
+    from cltrace.transcoders.model import Transcoder
+
+FINETUNE_FILE = "finetune.json"
 
 
 class TrainingData(NamedTuple):
@@ -98,6 +103,60 @@ def train_run(
     )
     if dist.is_main:
         print(summary(result, out))
+    if cfg.finetune_minutes and dist.is_main:
+        _finetune_after_training(result, cfg, out, device, split, single=type(dist) is Distributed)
+    return result
+
+
+def _finetune_after_training(
+    result: TrainResult, cfg: TrainConfig, out: Path, device: str, split: Split, *, single: bool
+) -> None:
+    from cltrace.transcoders.finetune import FinetuneConfig
+
+    if not single:
+        print("note: end-to-end fine-tuning runs after single-process training only; skipped")
+    elif (out / FINETUNE_FILE).exists():
+        print(f"note: {out} was fine-tuned already ({FINETUNE_FILE}); not fine-tuned again")
+    elif result.transcoder.cfg.activation != "jumprelu":
+        print("note: the transcoder did not end as JumpReLU (training stopped early); not fine-tuned")
+    else:
+        fcfg = FinetuneConfig(
+            minutes=cfg.finetune_minutes, lr=cfg.finetune_lr, context_len=cfg.context_len, seed=cfg.seed
+        )
+        finetune_stage(result.transcoder, cfg.model, out, fcfg, device=device, split=split)
+
+
+def finetune_stage(
+    tc: Transcoder,
+    model_name: str,
+    out: Path,
+    fcfg: FinetuneConfig,
+    *,
+    device: str,
+    split: Split = "train",
+    text: list[str] | None = None,
+) -> FinetuneResult:
+    """Fine-tune `tc` end to end (finetune.py) on the corpus `split` (or the `text` files) with
+    the model it reads (loaded in the device's fast dtype), then save it to out/transcoder and
+    write out/finetune.json (settings, what was reached, the step history)."""
+    from cltrace.activations.harvest import default_forward_dtype
+    from cltrace.io import atomic_write_json
+    from cltrace.models.loading import load_model
+    from cltrace.transcoders.finetune import corpus_contexts, finetune
+
+    model = load_model(model_name, device=device, dtype=default_forward_dtype(device))
+    tc.to(model.device)
+    result = finetune(tc, model, corpus_contexts(model, fcfg, split, text), fcfg)
+    tc.save(out / "transcoder")
+    record = {
+        "config": dataclasses.asdict(fcfg),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "history": [dataclasses.asdict(h) for h in result.history],
+    }
+    atomic_write_json(record, out / FINETUNE_FILE)
+    print(f"fine-tuned transcoder saved to {out}/transcoder ({FINETUNE_FILE}: its steps)")
     return result
 
 
@@ -114,4 +173,13 @@ def summary(result: TrainResult, out: Path) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainingData", "default_run_dir", "has_checkpoint", "summary", "train_run", "training_data"]
+__all__ = [
+    "FINETUNE_FILE",
+    "TrainingData",
+    "default_run_dir",
+    "finetune_stage",
+    "has_checkpoint",
+    "summary",
+    "train_run",
+    "training_data",
+]

@@ -52,7 +52,9 @@ from cltrace.transcoders.resample import resample_dead
 POINTER = "checkpoint.json"
 # settings of the closed-form steps after training: they may change on --resume (the
 # trajectory does not depend on them), e.g. to redo the finishing of a finished run
-FINISHING_FIELDS = frozenset({"refit_tokens", "refit_ridge", "jumprelu_after_topk"})
+FINISHING_FIELDS = frozenset(
+    {"refit_tokens", "refit_ridge", "jumprelu_after_topk", "finetune_minutes", "finetune_lr"}
+)
 # how often a run checkpoints and logs: may change on --resume too (no effect on the trajectory)
 PACING_FIELDS = frozenset({"checkpoint_every", "checkpoint_minutes", "log_every"})
 

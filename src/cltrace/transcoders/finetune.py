@@ -1,0 +1,281 @@
+"""End-to-end fine-tuning: the replacement model's next-token distribution as the objective.
+
+MSE training weighs every layer's reconstruction error alike, but the replacement model
+(every MLP output replaced by the transcoder's; `evaluate.py`) compounds them, and an error
+along a direction the later layers read costs more than one they ignore. This stage runs the
+language model with every MLP output (positions ≥ 1) replaced, differentiably, and minimises
+
+    KL(p_real || p_replacement)                     nats per predicted position, averaged over
+                                                    `positions` random positions per context
+    + β · (1/L) Σ_t ||ỹ̂_t - ỹ_t||² / ||ỹ_t||²       normalised MSE against the real MLP's output
+                                                    on the replacement run's own MLP input
+                                                    (target detached), β = `mse_weight`
+
+over the encoder, decoder and decoder bias (skip weights too), with the JumpReLU thresholds
+frozen: a feature is active where pre > θ (no straight-through gradient), and gradients reach
+the encoder through the active pairs' values. L0 and density move only as far as the encoder
+does; `train_encoder=False` keeps the features exactly as they were (decoder only).
+Gradients flow back through the frozen language model, so an error at layer 3 is charged for
+what it does at the logits (end-to-end SAE training, fine-tuning variant).
+
+Within one forward, at layer l's MLP (normalised scale, N = tokens at positions ≥ 1):
+    pre_l   = x̃_l · W_enc_l + b_enc_l                       [N, F]
+    pairs   = {(n, i): pre_l[n, i] > θ_l,i}
+    pending[t] += Σ_pairs pre_l[n, i] · W_dec_{l→t}[i]    for every target t ≥ l (one sparse
+                                                          decode of [N, T·d], SparseDecode)
+    ŷ_l     = (pending[l] + b_dec_l (+ x̃_l W_skip_l)) / s_out_l
+The clean run (no gradients) gives p_real at the same positions (`logits_to_keep`, so the
+unembedding, most of a small model's FLOPs, runs on the sampled positions only).
+
+The budget is wall time (`minutes`); the learning rate decays linearly to 0 over the last
+`decay_frac` of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from cltrace.errors import CltraceError
+from cltrace.progress import progress
+from cltrace.transcoders.model import SparseDecode, Transcoder
+
+if TYPE_CHECKING:
+    from cltrace.models.loading import LoadedModel
+
+
+@dataclass
+class FinetuneConfig:
+    """How the end-to-end fine-tuning runs (saved in the run's finetune.json)."""
+
+    minutes: float = 10.0  # wall-time budget of the loop
+    max_steps: int | None = None  # stop earlier after this many steps (tests, benchmarks)
+    lr: float = 1e-4  # peak learning rate (Adam)
+    decay_frac: float = 0.3  # linear decay to 0 over this last fraction of the budget
+    batch_contexts: int = 4  # contexts per step
+    context_len: int = 128  # tokens per context, BOS included
+    positions: int = 32  # predicted positions per context that enter the KL
+    mse_weight: float = 1.0  # β: weight of the mean normalised MSE over layers
+    train_encoder: bool = True  # False: decoder (and decoder bias) only, features unchanged
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise CltraceError(f"fine-tuning needs a positive budget in minutes, got {self.minutes}")
+        if self.context_len < 3 or self.positions < 1 or self.batch_contexts < 1:
+            raise CltraceError("fine-tuning needs context_len >= 3, positions >= 1, batch_contexts >= 1")
+
+
+@dataclass
+class FinetuneStep:
+    step: int
+    tokens: int
+    kl: float  # nats per sampled position
+    nmse: float  # mean over layers, on the replacement run's MLP inputs
+    lr: float
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[FinetuneStep] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+class ReplacementForward:
+    """The differentiable MLP patch of one replacement-model forward (for
+    `LoadedModel.patch_mlp_outputs`): layers arrive in order 0..L-1; position 0 keeps the real
+    MLP output. After the forward, `nmse` holds each layer's normalised MSE (a tensor with
+    gradients)."""
+
+    def __init__(self, tc: Transcoder, *, train_encoder: bool = True):
+        self.tc = tc
+        self.train_encoder = train_encoder
+        self.pending: list[Tensor | None] = []
+        self.nmse: list[Tensor] = []
+
+    def __call__(self, layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+        tc = self.tc
+        L, d = tc.cfg.n_layers, tc.cfg.d_model
+        if layer == 0:
+            self.pending = [None] * L
+            self.nmse = []
+        B, n, _ = mlp_in.shape
+        xn = mlp_in[:, 1:].reshape(-1, d).float() * tc.in_scale[layer]  # [N, d]
+        N = xn.shape[0]
+        pre = xn @ tc.W_enc[layer] + tc.b_enc[layer]  # [N, F]
+        theta = tc.log_threshold[layer].detach().exp()
+        tok, feat = (pre.detach() > theta).nonzero(as_tuple=True)  # token-major
+        values = pre[tok, feat] if self.train_encoder else pre.detach()[tok, feat]
+        W = tc.W_dec[layer]  # [F, T, d]
+        T = W.shape[1]
+        out = SparseDecode.apply(values, W.view(W.shape[0], -1), tok, feat, N, False)  # [N, T·d]
+        for j in range(T):  # targets layer..layer+T-1 (a PLT: its own layer only)
+            part = out[:, j * d : (j + 1) * d]
+            t = layer + j
+            self.pending[t] = part if self.pending[t] is None else self.pending[t] + part
+        own = self.pending[layer]
+        assert own is not None, "layers must arrive in order 0..L-1"
+        recon = own + tc.b_dec[layer]  # normalised scale
+        if tc.W_skip is not None:
+            recon = recon + xn @ tc.W_skip[layer]
+        target = mlp_out[:, 1:].reshape(-1, d).detach().float() * tc.out_scale[layer]
+        self.nmse.append(
+            (recon - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp_min(1e-12)
+        )
+        raw = (recon / tc.out_scale[layer]).view(B, n - 1, d).to(mlp_out.dtype)
+        return torch.cat([mlp_out[:, :1], raw], dim=1)
+
+
+def _logits_at(model: LoadedModel, tokens: Tensor, positions: Tensor) -> Tensor:
+    """Logits [B, P, V] at `positions` (sorted [P] indices), the unembedding on those only
+    where the model's forward takes `logits_to_keep`."""
+    forward = model.model.forward
+    if "logits_to_keep" in inspect.signature(forward).parameters:
+        return model.model(input_ids=tokens, use_cache=False, logits_to_keep=positions).logits
+    return model.model(input_ids=tokens, use_cache=False).logits[:, positions]
+
+
+def kl_divergence(real_logits: Tensor, rep_logits: Tensor) -> Tensor:
+    """Mean over positions of KL(softmax(real) || softmax(rep)): [..., V] -> scalar (float32)."""
+    logp_real = real_logits.float().log_softmax(-1)
+    logp_rep = rep_logits.float().log_softmax(-1)
+    return (logp_real.exp() * (logp_real - logp_rep)).sum(-1).mean()
+
+
+def finetune_params(tc: Transcoder, train_encoder: bool) -> list[torch.nn.Parameter]:
+    params = [*tc.W_dec, tc.b_dec]
+    if train_encoder:
+        params += [tc.W_enc, tc.b_enc]
+    if tc.W_skip is not None:
+        params.append(tc.W_skip)
+    return params
+
+
+def finetune(
+    tc: Transcoder,
+    model: LoadedModel,
+    contexts: Iterable[list[int]],
+    cfg: FinetuneConfig,
+    *,
+    log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.perf_counter,
+) -> FinetuneResult:
+    """Fine-tune `tc` in place on `contexts` (token-id lists of cfg.context_len; shorter ones are
+    skipped) for cfg.minutes of wall time (or cfg.max_steps). Needs a JumpReLU transcoder."""
+    if tc.cfg.activation != "jumprelu":
+        raise CltraceError(
+            f"end-to-end fine-tuning needs a JumpReLU transcoder, this one is {tc.cfg.activation}",
+            hint="TopK and BatchTopK runs become JumpReLU at the end of training (jumprelu_after_topk)",
+        )
+    if tc.cfg.n_layers != model.n_layers or tc.cfg.d_model != model.d_model:
+        raise CltraceError(
+            f"the transcoder is for {tc.cfg.n_layers} layers x d={tc.cfg.d_model}, "
+            f"the model has {model.n_layers} x d={model.d_model}"
+        )
+    device = tc.b_dec.device
+    params = finetune_params(tc, cfg.train_encoder)
+    for p in tc.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_pred = cfg.context_len - 2  # positions 1..n-2 predict a next token the model saw
+    P = min(cfg.positions, n_pred)
+    full = (c for c in contexts if len(c) == cfg.context_len)
+    batches = iter(lambda: list(itertools.islice(full, cfg.batch_contexts)), [])
+    budget = cfg.minutes * 60
+    history: list[FinetuneStep] = []
+    patch = ReplacementForward(tc, train_encoder=cfg.train_encoder)
+    tokens = step = 0
+    bar = progress(total=None if cfg.max_steps is None else cfg.max_steps, desc="fine-tune (KL)", unit="step")
+    t0 = clock()
+    per_step = 0.0
+    try:
+        for batch in batches:
+            elapsed = clock() - t0
+            if elapsed + per_step > budget or (cfg.max_steps is not None and step >= cfg.max_steps):
+                break
+            ids = torch.tensor(batch, device=device)
+            positions = 1 + torch.randperm(n_pred, generator=gen)[:P].sort().values.to(device)
+            lr = cfg.lr * min(1.0, max(0.0, (1 - elapsed / budget) / cfg.decay_frac))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.no_grad():
+                real = _logits_at(model, ids, positions)
+            with model.patch_mlp_outputs(patch):
+                rep = _logits_at(model, ids, positions)
+            kl = kl_divergence(real, rep)
+            nmse = torch.stack(patch.nmse).mean()
+            loss = kl + cfg.mse_weight * nmse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            patch.pending, patch.nmse = [], []
+            step += 1
+            tokens += ids.numel()
+            per_step = (clock() - t0) / step
+            history.append(FinetuneStep(step, tokens, kl.item(), nmse.item(), lr))
+            bar.update(1)
+            bar.set_postfix(
+                kl=f"{kl.item():.3f}", nmse=f"{nmse.item():.3f}", tok_s=f"{tokens / (clock() - t0):.0f}"
+            )
+    finally:
+        bar.close()
+        for p in params:
+            p.requires_grad_(False)
+    seconds = clock() - t0
+    if not step:
+        raise CltraceError(
+            f"no full {cfg.context_len}-token context to fine-tune on",
+            hint="give more text or a shorter context",
+        )
+    first = history[: max(1, len(history) // 10)]
+    last = history[-max(1, len(history) // 10) :]
+    mean = lambda hs, key: sum(getattr(h, key) for h in hs) / len(hs)  # noqa: E731
+    log(
+        f"fine-tuned (KL) {step} steps, {tokens:,} tokens in {seconds / 60:.1f} min "
+        f"({tokens / seconds:,.0f} tokens/s): training KL {mean(first, 'kl'):.3f} -> {mean(last, 'kl'):.3f}, "
+        f"NMSE {mean(first, 'nmse'):.3f} -> {mean(last, 'nmse'):.3f} (first and last tenth of the steps)"
+    )
+    return FinetuneResult(step, tokens, seconds, history)
+
+
+def corpus_contexts(
+    model: LoadedModel, cfg: FinetuneConfig, split: str = "train", text: list[str] | None = None
+) -> Iterator[list[int]]:
+    """Packed contexts of cfg.context_len tokens from the corpus `split`, or from the user's
+    `text` files, folders or JSONL."""
+    from cltrace.activations.harvest import HarvestConfig, iter_contexts
+    from cltrace.data.corpus import iter_documents
+
+    hcfg = HarvestConfig(ctx_len=cfg.context_len, seed=cfg.seed)
+    documents = iter_documents(split, paths=text)  # pyright: ignore[reportArgumentType]
+    return iter_contexts(model, documents, hcfg)
+
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "FinetuneStep",
+    "ReplacementForward",
+    "corpus_contexts",
+    "finetune",
+    "finetune_params",
+    "kl_divergence",
+]
