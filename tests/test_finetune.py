@@ -125,7 +125,7 @@ def test_wall_time_budget_and_decay():
     model, tc = _setup(seed=5)
     ticks = itertools.count()
     clock = lambda: 6.0 * next(ticks)  # noqa: E731  each call is 6 s later: about 2 calls a step
-    cfg = FinetuneConfig(minutes=2, lr=1e-3, decay_frac=0.5, context_len=16, positions=8)
+    cfg = FinetuneConfig(minutes=2, lr=1e-3, decay_frac=0.5, warmup_steps=1, context_len=16, positions=8)
     result = finetune(tc, model, _contexts(1000, 16, 0), cfg, log=lambda s: None, clock=clock)
     assert 0 < result.steps < 15 and result.seconds <= 120 * 1.1
     lrs = [h.lr for h in result.history]

@@ -17,7 +17,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--minutes", type=float, default=10.0, help="wall-time budget")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the decoder (default: 3e-5)")
+    p.add_argument(
+        "--encoder-lr-scale",
+        type=float,
+        default=None,
+        help="the encoder's learning rate relative to --lr (default: 0.1)",
+    )
     p.add_argument("--mse-weight", type=float, default=1.0, help="weight of the normalised MSE term")
     p.add_argument(
         "--decoder-only", action="store_true", help="leave the encoder alone: the features do not change"
@@ -58,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
             "transcoder (Transcoder.save) first",
         )
     device = resolve_device(args.device)
+    given = dict(lr=args.lr, encoder_lr_scale=args.encoder_lr_scale)
     cfg = FinetuneConfig(
-        minutes=args.minutes, lr=args.lr, mse_weight=args.mse_weight, train_encoder=not args.decoder_only
+        minutes=args.minutes,
+        mse_weight=args.mse_weight,
+        train_encoder=not args.decoder_only,
+        **{k: v for k, v in given.items() if v is not None},
     )
     tc = load_transcoder(run, device)
     out = Path(args.out) if args.out else run.dir

@@ -130,7 +130,7 @@ class TrainConfig:
     refit_ridge: float = 1e-3  # ridge, relative to the mean Gram diagonal
     finetune_minutes: float = 0.0  # after training (and the JumpReLU conversion): end-to-end
     # fine-tuning on the replacement model's KL for this many minutes (0 = off; finetune.py)
-    finetune_lr: float = 1e-4  # its peak learning rate
+    finetune_lr: float = 3e-5  # its peak learning rate (decoder; the encoder's is a tenth)
     jumprelu_after_topk: bool = False  # TopK / BatchTopK: end as a JumpReLU transcoder with
     # per-layer thresholds keeping L0 (refit.py), so it
     # can be intervened on; before the refit

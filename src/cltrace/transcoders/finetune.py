@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from cltrace import hardware
 from cltrace.errors import CltraceError
 from cltrace.progress import progress
 from cltrace.transcoders.model import SparseDecode, Transcoder
@@ -57,9 +58,14 @@ class FinetuneConfig:
 
     minutes: float = 10.0  # wall-time budget of the loop
     max_steps: int | None = None  # stop earlier after this many steps (tests, benchmarks)
-    lr: float = 1e-4  # peak learning rate (Adam)
+    lr: float = 3e-5  # peak learning rate (Adam) of the decoder and decoder bias
+    encoder_lr_scale: float = 0.1  # the encoder's learning rate, relative: an Adam step moves every
+    # encoder weight by about lr, which shifts a pre-activation by ~lr·Σ|x̃| (~0.05 at lr 1e-4 on
+    # gemma-3-270m, thresholds ~0.5-1), so the full rate turns features on in bulk
+    warmup_steps: int = 10  # linear warm-up of the learning rate
     decay_frac: float = 0.3  # linear decay to 0 over this last fraction of the budget
-    batch_contexts: int = 4  # contexts per step
+    batch_contexts: int = 8  # contexts per step (each step updates every decoder row: larger
+    # batches spread that cost over more tokens)
     context_len: int = 128  # tokens per context, BOS included
     positions: int = 32  # predicted positions per context that enter the KL
     mse_weight: float = 1.0  # β: weight of the mean normalised MSE over layers
@@ -123,8 +129,9 @@ class ReplacementForward:
         W = tc.W_dec[layer]  # [F, T, d]
         T = W.shape[1]
         out = SparseDecode.apply(values, W.view(W.shape[0], -1), tok, feat, N, False)  # [N, T·d]
-        for j in range(T):  # targets layer..layer+T-1 (a PLT: its own layer only)
-            part = out[:, j * d : (j + 1) * d]
+        # targets layer..layer+T-1 (a PLT: its own layer only); unbind, not slices: its
+        # backward stacks the targets' gradients once instead of zero-filling [N, T·d] per slice
+        for j, part in enumerate(out.view(N, T, d).unbind(1)):
             t = layer + j
             self.pending[t] = part if self.pending[t] is None else self.pending[t] + part
         own = self.pending[layer]
@@ -156,13 +163,20 @@ def kl_divergence(real_logits: Tensor, rep_logits: Tensor) -> Tensor:
     return (logp_real.exp() * (logp_real - logp_rep)).sum(-1).mean()
 
 
-def finetune_params(tc: Transcoder, train_encoder: bool) -> list[torch.nn.Parameter]:
-    params = [*tc.W_dec, tc.b_dec]
-    if train_encoder:
-        params += [tc.W_enc, tc.b_enc]
-    if tc.W_skip is not None:
-        params.append(tc.W_skip)
-    return params
+def finetune_params(tc: Transcoder, cfg: FinetuneConfig) -> list[dict]:
+    """Adam parameter groups: the decoder side at cfg.lr, the encoder at a fraction of it."""
+    decoder = [*tc.W_dec, tc.b_dec] + ([tc.W_skip] if tc.W_skip is not None else [])
+    groups = [dict(params=decoder, lr_scale=1.0)]
+    if cfg.train_encoder:
+        groups.append(dict(params=[tc.W_enc, tc.b_enc], lr_scale=cfg.encoder_lr_scale))
+    return groups
+
+
+def lr_at(cfg: FinetuneConfig, step: int, elapsed: float) -> float:
+    """Warm-up over the first steps, linear decay to 0 over the budget's last decay_frac."""
+    budget = cfg.minutes * 60
+    decay = min(1.0, max(0.0, (1 - elapsed / budget) / cfg.decay_frac)) if cfg.decay_frac else 1.0
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1)) * decay
 
 
 def finetune(
@@ -187,12 +201,15 @@ def finetune(
             f"the model has {model.n_layers} x d={model.d_model}"
         )
     device = tc.b_dec.device
-    params = finetune_params(tc, cfg.train_encoder)
+    groups = finetune_params(tc, cfg)
+    params = [p for g in groups for p in g["params"]]
     for p in tc.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+    if device.type == "cpu":
+        hardware.keep_freed_memory()  # steps reuse their gigabyte gradient buffers
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
     gen = torch.Generator().manual_seed(cfg.seed)
     n_pred = cfg.context_len - 2  # positions 1..n-2 predict a next token the model saw
     P = min(cfg.positions, n_pred)
@@ -212,9 +229,9 @@ def finetune(
                 break
             ids = torch.tensor(batch, device=device)
             positions = 1 + torch.randperm(n_pred, generator=gen)[:P].sort().values.to(device)
-            lr = cfg.lr * min(1.0, max(0.0, (1 - elapsed / budget) / cfg.decay_frac))
+            lr = lr_at(cfg, step, elapsed)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             with torch.no_grad():
                 real = _logits_at(model, ids, positions)
             with model.patch_mlp_outputs(patch):
@@ -277,5 +294,6 @@ __all__ = [
     "corpus_contexts",
     "finetune",
     "finetune_params",
+    "lr_at",
     "kl_divergence",
 ]
