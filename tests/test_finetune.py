@@ -169,3 +169,23 @@ def test_training_ends_with_the_finetune_stage(monkeypatch, tmp_path):
     assert len(calls) == 1  # fine-tuned already: not again
     with pytest.raises(CltraceError, match="JumpReLU"):
         TrainConfig(activation="topk", topk=4, finetune_minutes=1.0)
+
+
+def test_real_input_nmse_is_the_evaluation_nmse():
+    """mse_on="real": the term is `cltrace eval`'s per-layer NMSE on the real run's inputs."""
+    from types import SimpleNamespace
+
+    from cltrace.transcoders.evaluate import evaluate_activations
+
+    model, tc = _setup(seed=6)
+    tokens = torch.randint(4, 40, (4, 12))
+    cap = model.capture(tokens)
+    on_real = ReplacementForward(tc, centred=True)
+    for layer in range(3):
+        on_real(layer, cap.mlp_in[:, :, layer], cap.mlp_out[:, :, layer])
+    batch = SimpleNamespace(mlp_in=cap.mlp_in[:, 1:].flatten(0, 1), mlp_out=cap.mlp_out[:, 1:].flatten(0, 1))
+    expected = evaluate_activations(tc, [batch]).nmse
+    assert [v.item() for v in on_real.nmse] == pytest.approx(expected, rel=1e-4)
+    cfg = FinetuneConfig(minutes=5, max_steps=3, context_len=16, positions=8, mse_on="real", mse_contexts=2)
+    result = finetune(tc, model, _contexts(100, 16, 0), cfg, log=lambda s: None)
+    assert result.steps == 3 and all(h.nmse > 0 for h in result.history)

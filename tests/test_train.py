@@ -174,6 +174,7 @@ def test_presets_and_checks():
     assert preset("demo", tokens=50_000, minutes=3).minutes == 3
     session = preset("session")
     assert session.activation == "batchtopk" and session.topk * 100 <= session.n_features  # L0 ≤ 1%
+    assert session.minutes + session.finetune_minutes <= 45  # training and fine-tuning: 45 min
     switched = preset("demo", activation="jumprelu")  # TopK preset, JumpReLU asked for
     assert switched.activation == "jumprelu" and switched.topk is None and not switched.jumprelu_after_topk
     with pytest.raises(CltraceError, match="unknown preset"):

@@ -24,7 +24,16 @@ def register(subparsers) -> None:
         default=None,
         help="the encoder's learning rate relative to --lr (default: 0.1)",
     )
-    p.add_argument("--mse-weight", type=float, default=1.0, help="weight of the normalised MSE term")
+    p.add_argument(
+        "--mse-weight", type=float, default=None, help="weight of the normalised MSE term (default: 1)"
+    )
+    p.add_argument(
+        "--mse-on",
+        choices=["real", "replacement"],
+        default=None,
+        help="MLP inputs of the MSE term: the real run's (what `cltrace eval` measures) or the "
+        "replacement run's own (default: replacement)",
+    )
     p.add_argument(
         "--decoder-only", action="store_true", help="leave the encoder alone: the features do not change"
     )
@@ -64,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
             "transcoder (Transcoder.save) first",
         )
     device = resolve_device(args.device)
-    given = dict(lr=args.lr, encoder_lr_scale=args.encoder_lr_scale)
+    given = dict(
+        lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, mse_weight=args.mse_weight, mse_on=args.mse_on
+    )
     cfg = FinetuneConfig(
         minutes=args.minutes,
-        mse_weight=args.mse_weight,
         train_encoder=not args.decoder_only,
         **{k: v for k, v in given.items() if v is not None},
     )

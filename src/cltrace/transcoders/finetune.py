@@ -7,11 +7,17 @@ language model with every MLP output (positions ≥ 1) replaced, differentiably,
 
     KL(p_real || p_replacement)                     nats per predicted position, averaged over
                                                     `positions` random positions per context
-    + β · (1/L) Σ_t ||ỹ̂_t - ỹ_t||² / ||ỹ_t||²       normalised MSE against the real MLP's output
-                                                    on the replacement run's own MLP input
-                                                    (target detached), β = `mse_weight`
+    + β · (1/L) Σ_t NMSE_t                          β = `mse_weight`
 
-over the encoder, decoder and decoder bias (skip weights too), with the JumpReLU thresholds
+where NMSE_t is, with `mse_on="replacement"` (the default), ||ỹ̂_t - ỹ_t||² / ||ỹ_t||² on
+the replacement run's own MLP inputs against the real MLP's output there (target detached;
+no extra pass), and with `mse_on="real"`, `cltrace eval`'s normalised MSE on the clean run's
+MLP inputs and outputs (over the batch's centred variance; the first `mse_contexts` contexts;
+a second transcoder pass, ~25% slower). On the session CLT (README) neither held the
+held-out NMSE in 10 minutes: 0.154 -> 0.159 (replacement, β = 1), 0.161 (β = 3), 0.157
+(real, β = 1), while KL fell 1.80 -> 1.32, 1.46 and 1.36.
+
+The parameters are the encoder, decoder and decoder bias (skip weights too), with the JumpReLU thresholds
 frozen: a feature is active where pre > θ (no straight-through gradient), and gradients reach
 the encoder through the active pairs' values. L0 and density move only as far as the encoder
 does; `train_encoder=False` keeps the features exactly as they were (decoder only).
@@ -38,7 +44,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -69,6 +75,9 @@ class FinetuneConfig:
     context_len: int = 128  # tokens per context, BOS included
     positions: int = 32  # predicted positions per context that enter the KL
     mse_weight: float = 1.0  # β: weight of the mean normalised MSE over layers
+    mse_on: Literal["real", "replacement"] = "replacement"  # the MLP inputs of the MSE term: the
+    # real run's (as `cltrace eval` measures it, centred variance) or the replacement run's own
+    mse_contexts: int = 4  # with mse_on="real": contexts of the batch that enter the MSE term
     train_encoder: bool = True  # False: decoder (and decoder bias) only, features unchanged
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -107,9 +116,10 @@ class ReplacementForward:
     MLP output. After the forward, `nmse` holds each layer's normalised MSE (a tensor with
     gradients)."""
 
-    def __init__(self, tc: Transcoder, *, train_encoder: bool = True):
+    def __init__(self, tc: Transcoder, *, train_encoder: bool = True, centred: bool = False):
         self.tc = tc
         self.train_encoder = train_encoder
+        self.centred = centred  # normalise by the batch's centred variance (as `cltrace eval`), not ||y||²
         self.pending: list[Tensor | None] = []
         self.nmse: list[Tensor] = []
 
@@ -140,8 +150,9 @@ class ReplacementForward:
         if tc.W_skip is not None:
             recon = recon + xn @ tc.W_skip[layer]
         target = mlp_out[:, 1:].reshape(-1, d).detach().float() * tc.out_scale[layer]
+        scale = (target - target.mean(0)) if self.centred else target
         self.nmse.append(
-            (recon - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp_min(1e-12)
+            (recon - target).pow(2).sum(-1).mean() / scale.pow(2).sum(-1).mean().clamp_min(1e-12)
         )
         raw = (recon / tc.out_scale[layer]).view(B, n - 1, d).to(mlp_out.dtype)
         return torch.cat([mlp_out[:, :1], raw], dim=1)
@@ -218,6 +229,7 @@ def finetune(
     budget = cfg.minutes * 60
     history: list[FinetuneStep] = []
     patch = ReplacementForward(tc, train_encoder=cfg.train_encoder)
+    on_real = ReplacementForward(tc, train_encoder=cfg.train_encoder, centred=True)
     tokens = step = 0
     bar = progress(total=None if cfg.max_steps is None else cfg.max_steps, desc="fine-tune (KL)", unit="step")
     t0 = clock()
@@ -232,18 +244,27 @@ def finetune(
             lr = lr_at(cfg, step, elapsed)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            with torch.no_grad():
+            ins: dict[int, Tensor] = {}
+            outs: dict[int, Tensor] = {}
+            keep = model.mlp_hooks(ins.__setitem__, outs.__setitem__) if cfg.mse_on == "real" else []
+            with torch.no_grad(), model.hooks(keep):
                 real = _logits_at(model, ids, positions)
             with model.patch_mlp_outputs(patch):
                 rep = _logits_at(model, ids, positions)
             kl = kl_divergence(real, rep)
-            nmse = torch.stack(patch.nmse).mean()
+            if cfg.mse_on == "real":  # the real run's MLP inputs: the error `cltrace eval` measures
+                m = cfg.mse_contexts
+                for layer in range(tc.cfg.n_layers):
+                    on_real(layer, ins[layer][:m], outs[layer][:m])
+                nmse = torch.stack(on_real.nmse).mean()
+            else:
+                nmse = torch.stack(patch.nmse).mean()
             loss = kl + cfg.mse_weight * nmse
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
-            patch.pending, patch.nmse = [], []
+            patch.pending, patch.nmse, on_real.pending, on_real.nmse = [], [], [], []
             step += 1
             tokens += ids.numel()
             per_step = (clock() - t0) / step
