@@ -1,10 +1,11 @@
-"""Attribution graphs stay bit-for-bit what they were (a regression pin, not a proof).
+"""Attribution graphs stay what they were (a regression pin, not a proof).
 
 tests/data/attribution_golden/<case>/ holds a tiny transcoder and the graph that `attribute`
 built from it on a tiny random model (tests/tiny.py) before graph.py was split into modules
-(issue 10). Every tensor and all metadata must match exactly: a change of node order, of the
-influence ranking, of batching or of any edge value shows here even when the exactness tests
-(test_attribution.py) still pass.
+(issue 10). Node ids, positions and all metadata must match exactly, float tensors to float
+rounding (the pins were made on an AMX CPU; other CPUs' matmul paths round differently, by
+~1e-6): a change of node order, of the influence ranking, of batching or of any edge value
+shows here even when the exactness tests (test_attribution.py) still pass.
 
 If a change is meant to alter graphs, regenerate the pins (and say why in the commit):
     .venv/bin/python tests/test_attribution_golden.py --regenerate
@@ -51,8 +52,17 @@ def build(case: str, tc: Transcoder) -> Graph:
 def test_graph_matches_its_pin(case):
     graph = build(case, Transcoder.load(GOLDEN / case / "transcoder"))
     ref = Graph.load(GOLDEN / case / "graph.safetensors")
+    bf16_edges = CASES[case][2].get("edge_dtype") == "bfloat16"
     for name, value in graph._tensors().items():
-        assert torch.equal(value, getattr(ref, name)), f"{case}: {name} differs from the pin"
+        pinned = getattr(ref, name)
+        if not value.dtype.is_floating_point:  # node ids, positions, layers: exact
+            assert torch.equal(value, pinned), f"{case}: {name} differs from the pin"
+            continue
+        # float rounding differs between CPU kinds (AMX, AVX512, AVX2 matmul paths): seen here
+        # up to 1.4e-6 in float32 and one bf16 step in bf16 edges; a real change is far larger
+        rtol = 2**-7 if bf16_edges and name == "adjacency" else 1e-5
+        assert value.dtype == pinned.dtype and value.shape == pinned.shape, f"{case}: {name}"
+        assert torch.allclose(value, pinned, rtol=rtol, atol=1e-5), f"{case}: {name} differs from the pin"
     assert graph._meta() == ref._meta()
 
 
