@@ -138,7 +138,7 @@ def test_needs_jumprelu_and_matching_shapes():
     with pytest.raises(CltraceError, match="JumpReLU"):
         finetune(topk, model, _contexts(10, 16, 0), FinetuneConfig(context_len=16))
     wide = Transcoder(TranscoderConfig(n_layers=3, d_model=16, n_features=24))
-    with pytest.raises(CltraceError, match="d=16"):
+    with pytest.raises(CltraceError, match="d_model 16"):
         finetune(wide, model, _contexts(10, 16, 0), FinetuneConfig(context_len=16))
     with pytest.raises(CltraceError, match="no full 16-token context"):
         finetune(tc, model, _contexts(10, 8, 0), FinetuneConfig(context_len=16), log=lambda s: None)

@@ -10,7 +10,9 @@ from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.models.loading import LoadedModel
-from cltrace.transcoders.interface import TranscoderLike
+from cltrace.transcoders.interface import (
+    check_transcoder,
+)  # re-exported: the shape check lives with TranscoderLike
 
 
 def prepare_tokens(lm: LoadedModel, prompt: str | Sequence[int] | Tensor) -> Int[Tensor, "pos"]:
@@ -41,13 +43,4 @@ def starts_with_special(lm: LoadedModel, tokens: Tensor) -> bool:
     return int(tokens[0]) in special
 
 
-def check_transcoder(lm: LoadedModel, transcoder: TranscoderLike) -> None:
-    """The transcoder must have been made for this model's shape."""
-    cfg = transcoder.cfg
-    if cfg.n_layers != lm.n_layers or cfg.d_model != lm.d_model:
-        raise CltraceError(
-            f"the transcoder is for a model with {cfg.n_layers} layers and d_model {cfg.d_model}, "
-            f"but {lm.name} has {lm.n_layers} layers and d_model {lm.d_model}",
-            f"use a transcoder trained on {lm.name}"
-            + (f" (this one was trained on {cfg.model_name})" if getattr(cfg, "model_name", None) else ""),
-        )
+__all__ = ["check_transcoder", "prepare_tokens", "starts_with_special"]

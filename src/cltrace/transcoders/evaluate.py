@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cltrace.errors import CltraceError
+from cltrace.transcoders.interface import check_transcoder
 from cltrace.transcoders.model import Transcoder
 
 if TYPE_CHECKING:
@@ -160,11 +161,7 @@ def zero_patch(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate_replacement(tc: Transcoder, model, token_batches: Iterable[Tensor]) -> ReplacementMetrics:
     """Replacement-model metrics over batches of token ids [B, n] (`model`: a LoadedModel)."""
-    if tc.cfg.n_layers != model.n_layers or tc.cfg.d_model != model.d_model:
-        raise CltraceError(
-            f"the transcoder is for {tc.cfg.n_layers} layers x d={tc.cfg.d_model}, "
-            f"the model has {model.n_layers} x d={model.d_model}"
-        )
+    check_transcoder(model, tc)
     sums = dict(agree=0.0, kl=0.0, ce_real=0.0, ce_rep=0.0, ce_zero=0.0)
     n = 0
     for tokens in token_batches:

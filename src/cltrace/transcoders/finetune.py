@@ -52,6 +52,7 @@ from torch import Tensor
 from cltrace import hardware
 from cltrace.errors import CltraceError
 from cltrace.progress import progress
+from cltrace.transcoders.interface import check_transcoder
 from cltrace.transcoders.model import SparseDecode, Transcoder
 
 if TYPE_CHECKING:
@@ -206,11 +207,7 @@ def finetune(
             f"end-to-end fine-tuning needs a JumpReLU transcoder, this one is {tc.cfg.activation}",
             hint="TopK and BatchTopK runs become JumpReLU at the end of training (jumprelu_after_topk)",
         )
-    if tc.cfg.n_layers != model.n_layers or tc.cfg.d_model != model.d_model:
-        raise CltraceError(
-            f"the transcoder is for {tc.cfg.n_layers} layers x d={tc.cfg.d_model}, "
-            f"the model has {model.n_layers} x d={model.d_model}"
-        )
+    check_transcoder(model, tc)
     device = tc.b_dec.device
     groups = finetune_params(tc, cfg)
     params = [p for g in groups for p in g["params"]]

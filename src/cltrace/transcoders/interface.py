@@ -17,9 +17,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cltrace.errors import CltraceError
 from cltrace.transcoders.config import TranscoderConfig
 
 if TYPE_CHECKING:
+    from cltrace.models.loading import LoadedModel
     from cltrace.transcoders.model import Transcoder
 
 
@@ -76,4 +78,16 @@ def device_dtype(transcoder: TranscoderLike) -> tuple[torch.device, torch.dtype]
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
-__all__ = ["TranscoderLike", "device_dtype"]
+def check_transcoder(lm: LoadedModel, transcoder: TranscoderLike) -> None:
+    """The transcoder must have been made for this model's shape."""
+    cfg = transcoder.cfg
+    if cfg.n_layers != lm.n_layers or cfg.d_model != lm.d_model:
+        raise CltraceError(
+            f"the transcoder is for a model with {cfg.n_layers} layers and d_model {cfg.d_model}, "
+            f"but {lm.name} has {lm.n_layers} layers and d_model {lm.d_model}",
+            f"use a transcoder trained on {lm.name}"
+            + (f" (this one was trained on {cfg.model_name})" if getattr(cfg, "model_name", None) else ""),
+        )
+
+
+__all__ = ["TranscoderLike", "check_transcoder", "device_dtype"]
