@@ -140,6 +140,9 @@ def test_needs_jumprelu_and_matching_shapes():
     wide = Transcoder(TranscoderConfig(n_layers=3, d_model=16, n_features=24))
     with pytest.raises(CltraceError, match="d_model 16"):
         finetune(wide, model, _contexts(10, 16, 0), FinetuneConfig(context_len=16))
+    for bad in (dict(lr=-1.0), dict(mse_weight=-1.0), dict(decay_frac=2.0), dict(mse_on="both")):
+        with pytest.raises(CltraceError, match="fine-tuning needs|mse_on"):
+            FinetuneConfig(**bad)
     with pytest.raises(CltraceError, match="no full 16-token context"):
         finetune(tc, model, _contexts(10, 8, 0), FinetuneConfig(context_len=16), log=lambda s: None)
 

@@ -88,6 +88,15 @@ class FinetuneConfig:
             raise CltraceError(f"fine-tuning needs a positive budget in minutes, got {self.minutes}")
         if self.context_len < 3 or self.positions < 1 or self.batch_contexts < 1:
             raise CltraceError("fine-tuning needs context_len >= 3, positions >= 1, batch_contexts >= 1")
+        if not self.lr > 0 or self.encoder_lr_scale < 0 or self.mse_weight < 0:
+            raise CltraceError(
+                f"fine-tuning needs lr > 0, encoder_lr_scale >= 0 and mse_weight >= 0, got {self.lr}, "
+                f"{self.encoder_lr_scale}, {self.mse_weight}"
+            )
+        if not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0 or self.mse_contexts < 1:
+            raise CltraceError("fine-tuning needs 0 <= decay_frac <= 1, warmup_steps >= 0, mse_contexts >= 1")
+        if self.mse_on not in ("real", "replacement"):
+            raise CltraceError(f"mse_on must be 'real' or 'replacement', got {self.mse_on!r}")
 
 
 @dataclass
@@ -95,7 +104,7 @@ class FinetuneStep:
     step: int
     tokens: int
     kl: float  # nats per sampled position
-    nmse: float  # mean over layers, on the replacement run's MLP inputs
+    nmse: float  # mean over layers, the loss term (inputs as cfg.mse_on says)
     lr: float
 
 
