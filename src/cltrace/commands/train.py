@@ -63,6 +63,13 @@ def register(subparsers) -> None:
         default=None,
         help="TopK/BatchTopK: load-balancing step of the selection bias (default: the preset's; 0 = off)",
     )
+    p.add_argument(
+        "--centre-targets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start the decoder bias at the targets' mean and weigh each layer's error by "
+        "1 / its variance (default: the preset's)",
+    )
     p.add_argument("--features", type=int, default=None, help="features per layer (default: the preset's)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="tokens per optimizer step")
@@ -123,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         auxk_alpha=args.auxk_alpha,
         resample_every_tokens=args.resample_every,
         balance_rate=args.balance_rate,
+        centre_targets=args.centre_targets,
     )
     train_run(cfg, args.out, resume=args.resume, device=args.device, split=args.split)
     return 0

@@ -137,6 +137,8 @@ class TrainConfig:
     auxk_alpha: float = 0.0  # AuxK dead-feature loss weight α (1/32 in the presets)
     auxk: int | None = None  # k_aux: dead features decoding the residual per token
     # and layer (None: 2·topk, or d_model/2 for JumpReLU)
+    centre_targets: bool = False  # b_dec starts at the targets' mean, and each layer's loss
+    # weighs 1 / its variance (Transcoder.init_from_sample)
     normalize_decoder: bool = False  # after every step, each feature's decoder to norm 1
     # (its encoder takes the scale; Transcoder.normalize_decoder_)
     balance_rate: float = 0.0  # TopK / BatchTopK load balancing: per step, the selection
@@ -298,6 +300,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         auxk_alpha=1 / 32,
         balance_rate=0.03,  # dead after 68 steps: 57% without, 10% at 0.03 (L0 kept at k)
         resample_every_tokens=20_000,  # dead after 110 steps: 16.2% without, 7.3% with
+        centre_targets=True,  # 5-min runs (91 / 101 steps): NMSE 0.408 -> 0.359, KL 4.84 -> 3.37
     ),
     "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(

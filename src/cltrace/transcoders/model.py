@@ -309,15 +309,35 @@ class Transcoder(nn.Module):
 
     @torch.no_grad()
     def init_from_sample(
-        self, x: Float[Tensor, "N L d"], y: Float[Tensor, "N L d"], fire_frac: float | None = None
+        self,
+        x: Float[Tensor, "N L d"],
+        y: Float[Tensor, "N L d"],
+        fire_frac: float | None = None,
+        *,
+        centre_targets: bool = False,
     ) -> None:
         """Set the norm scalars from a raw sample, and b_enc: so each JumpReLU feature fires
         on `fire_frac` of the sample (default min(10⁴/F, 0.05)) at the initial θ; so each
-        TopK / BatchTopK feature's pre-activation has mean 0 over the sample."""
+        TopK / BatchTopK feature's pre-activation has mean 0 over the sample.
+
+        Targets are scaled so that each layer's mean norm is √d. With `centre_targets`, b_dec
+        starts at each layer's mean target and the scale makes each layer's *centred* targets'
+        mean squared norm d: the features start from the mean instead of having to carry it,
+        and every layer's squared error weighs 1 / its variance, so the summed loss is the
+        sum of the per-layer normalised MSEs `evaluate_activations` reports. (Gemma 3's MLP
+        outputs: layer 7's mean is 82% of its mean square; layer 0's variance, in the mean-norm
+        scale, is 15x layer 7's.)"""
         d = self.cfg.d_model
         x, y = x.float(), y.float()
         self.in_scale.copy_(math.sqrt(d) / x.norm(dim=-1).mean(0).clamp_min(1e-12))
-        self.out_scale.copy_(math.sqrt(d) / y.norm(dim=-1).mean(0).clamp_min(1e-12))
+        if centre_targets:
+            mean = y.mean(0)  # [L, d]
+            centred_rms = (y - mean).pow(2).sum(-1).mean(0).sqrt()  # [L]
+            self.out_scale.copy_(math.sqrt(d) / centred_rms.clamp_min(1e-12))
+            self.b_dec.copy_((mean * self.out_scale[:, None]).to(self.b_dec.device))
+        else:
+            self.out_scale.copy_(math.sqrt(d) / y.norm(dim=-1).mean(0).clamp_min(1e-12))
+            self.b_dec.zero_()
         xn = self._normalise(x.to(self.W_enc.device), self.in_scale)
         if self.cfg.activation != "jumprelu":
             # centre each feature's pre-activation on the sample, so that no feature starts out

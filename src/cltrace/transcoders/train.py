@@ -475,7 +475,7 @@ class Trainer:
             raise CltraceError("no training data: the batch stream is empty")
         x = torch.cat([b.mlp_in for b in seen])[: self.cfg.init_tokens].to(self.device)
         y = torch.cat([b.mlp_out for b in seen])[: self.cfg.init_tokens].to(self.device)
-        self.tc.init_from_sample(x, y)
+        self.tc.init_from_sample(x, y, centre_targets=self.cfg.centre_targets)
         self.initialised = True
         return itertools.chain(seen, it)
 
