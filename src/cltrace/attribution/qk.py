@@ -478,15 +478,15 @@ class QKTracer:
         score = scaling * float(
             self.rec.query[layer][head, q_pos].float() @ self.rec.key[layer][kv, k_pos].float()
         )
-        q_tot, k_tot = Q.sum(0), K.sum(0)
-        pair_sum = scaling * float(q_tot.double() @ k_tot.double())
-        q_marg = scaling * (Q @ k_tot)
-        k_marg = scaling * (K @ q_tot)
+        q_tot, k_tot = Q.double().sum(0), K.double().sum(0)  # float64: the sums cancel
+        pair_sum = scaling * float(q_tot @ k_tot)
+        q_marg = scaling * (Q @ k_tot.to(Q.dtype))
+        k_marg = scaling * (K @ q_tot.to(K.dtype))
         n_nodes = len(self.source_ids) - len(self.constants)
         pairs, n_pairs = top_pairs(Q[:n_nodes], K[:n_nodes], scaling, top)  # node pairs only
         nf = self.feats.n  # feature rows come first
         fpairs, _ = top_pairs(Q[:nf], K[:nf], scaling, min(top, 5))
-        node_sum = scaling * float(Q[:n_nodes].sum(0).double() @ K[:n_nodes].sum(0).double())
+        node_sum = scaling * float(Q[:n_nodes].double().sum(0) @ K[:n_nodes].double().sum(0))
         ids = self.source_ids
         result = QKResult(
             layer=layer,
