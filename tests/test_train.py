@@ -308,6 +308,28 @@ def test_minutes_budget_stops_within_ten_percent():
     assert any("wall-time budget" in line and f"{result.tokens:,} tokens" in line for line in logs), logs
 
 
+def test_minutes_budget_still_decays_when_the_machine_slows_down_late():
+    import time
+
+    budget_s = 8.0
+    cfg = config(tokens=64 * 1_000_000, minutes=budget_s / 60, log_every=10**6)
+    t = time.perf_counter()
+
+    def slowing(batches):  # after 85% of the budget (inside the decay) every batch costs 5 ms more
+        for batch in batches:
+            if time.perf_counter() - t > 0.85 * budget_s:
+                time.sleep(0.005)
+            yield batch
+
+    result = train(cfg, slowing(data()), L, D)
+    took = time.perf_counter() - t
+    assert 0.9 * budget_s <= took <= 1.1 * budget_s, took
+    assert result.history[-1].lr < 0.1 * cfg.lr  # the decay was steepened, not cut off
+    lrs = [h.lr for h in result.history]
+    peak = lrs.index(max(lrs))
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # never rises again
+
+
 def test_batch_topk_run_ends_as_jumprelu_with_the_same_l0():
     cfg = config(tokens=64 * 30, activation="batchtopk", topk=6)
     btk = train(cfg, data(), L, D).transcoder

@@ -300,7 +300,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         auxk_alpha=1 / 32,
         balance_rate=0.03,  # dead after 68 steps: 57% without, 10% at 0.03 (L0 kept at k)
         resample_every_tokens=20_000,  # dead after 110 steps: 16.2% without, 7.3% with
-        centre_targets=True,  # 5-min runs (91 / 101 steps): NMSE 0.408 -> 0.359, KL 4.84 -> 3.37
+        centre_targets=True,  # 200 steps each: NMSE 0.267 -> 0.264, top-1 26.6% -> 30.5%,
+        # KL 2.80 -> 2.37, CE recovered 0.586 -> 0.657, dead 5.6% -> 6.0%
     ),
     "small": dict(model=DEFAULT_MODEL, n_features=4096, tokens=2_000_000, batch_size=2048),
     "paper": dict(

@@ -11,12 +11,13 @@ features dead for `dead_window_tokens` get the AuxK loss (Transcoder.aux_loss); 
 `resample_every_tokens` > 0 they are re-initialised towards badly reconstructed tokens
 (resample.py), and with `balance_rate` > 0 the selection is load-balanced (`_balance`).
 
-Wall-time budgets (`minutes`): the loop times its steps (data loading included) and, until the
-learning-rate decay begins, re-sizes the step budget so that the steps, the finishing steps
-and the final save end within the budget; `tokens` is then an upper bound. A step that would
-overrun the budget is not started. The first batches (up to
-`init_tokens`) set the normalisation scalars and b_enc (`Transcoder.init_from_sample`) and are
-then trained on as usual.
+Wall-time budgets (`minutes`): the loop times its steps (data loading included) and re-sizes
+the step budget so that the steps, the finishing steps and the final save end within the
+budget; `tokens` is then an upper bound. Once the learning-rate decay has begun the budget can
+only shrink (a machine that slows down mid-run gets a steeper decay that still ends at 0, not
+a run cut off at a high learning rate). A step that would overrun the budget is not started.
+The first batches (up to `init_tokens`) set the normalisation scalars and b_enc
+(`Transcoder.init_from_sample`) and are then trained on as usual.
 
 Checkpoints (`RUN/ckpt-{step}/`, see checkpoint.py) hold weights, AdamW state, RNG state,
 the data position (steps taken = batches consumed) and the dead-feature clock; the pointer
@@ -414,8 +415,8 @@ class Trainer:
         return TrainResult(self.tc, history, self.n_dead, rate, self.tokens, seconds)
 
     def _time_left(self, t_start: float, t0: float, step0: int, bar) -> bool:
-        """Under a wall-time budget: re-size the step budget from the measured step time (until
-        the learning-rate decay begins) and say whether one more step fits."""
+        """Under a wall-time budget: re-size the step budget from the measured step time (only
+        down once the learning-rate decay has begun) and say whether one more step fits."""
         if self.cfg.minutes is None or self.step == step0:
             return True
         now = time.perf_counter()
@@ -426,11 +427,12 @@ class Trainer:
             per_step * (1 + self.cfg.init_tokens / self.cfg.batch_size * self.cfg.jumprelu_after_topk)
             + self.save_seconds
         )
+        fit = self.step + int(max(0.0, budget - reserve) // per_step)
         decaying = self.step >= self.n_steps * (1 - self.cfg.lr_decay_frac)
-        if not decaying:
-            fit = self.step + int(max(0.0, budget - reserve) // per_step)
-            self.n_steps = max(self.step, min(self.cfg.n_steps, fit))
-            bar.total = self.n_steps
+        # before the decay the budget follows the measured rate both ways; during it, it only
+        # shrinks (the machine slowed down), which steepens the decay so that it still ends at 0
+        self.n_steps = max(self.step, min(self.n_steps if decaying else self.cfg.n_steps, fit))
+        bar.total = self.n_steps
         if budget - reserve >= per_step:
             return True
         if self.step < self.n_steps:
