@@ -12,6 +12,7 @@ whatever the caller holds of an emitted half.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -71,6 +72,30 @@ def rebatch(
             n_pending += chunk.n_tokens - start
     if n_pending and not drop_last:
         yield concat(pending)
+
+
+def repeat_later(chunks: Iterable[ActivationBatch], times: int, gap_tokens: int) -> Iterator[ActivationBatch]:
+    """Each chunk `times` times: once as it arrives, then again each time `gap_tokens` more
+    fresh tokens have arrived (repeats due at the end come out then, in order).
+
+    With `gap_tokens` at least a shuffle buffer's capacity, a token's copies pass through the
+    buffer apart and land in different batches. Holds up to (times - 1) x gap_tokens tokens
+    (plus one chunk) for the repeats.
+    """
+    if times < 1 or gap_tokens < 0:
+        raise ValueError(f"times must be >= 1 and gap_tokens >= 0, got {times}, {gap_tokens}")
+    due: list[tuple[int, int, ActivationBatch]] = []  # (fresh position due, order, chunk)
+    fresh = order = 0  # fresh tokens so far; chunks queued so far
+    for chunk in chunks:
+        yield chunk
+        fresh += chunk.n_tokens
+        for j in range(1, times):
+            heapq.heappush(due, (fresh + j * gap_tokens, order, chunk))
+            order += 1
+        while due and due[0][0] <= fresh:
+            yield heapq.heappop(due)[2]
+    while due:
+        yield heapq.heappop(due)[2]
 
 
 class ShuffleBuffer:

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from cltrace.activations import contexts as packer
-from cltrace.activations.buffer import ActivationBatch, ShuffleBuffer, rebatch
+from cltrace.activations.buffer import ActivationBatch, ShuffleBuffer, rebatch, repeat_later
 from cltrace.activations.contexts import document_token_ids, pack_contexts
 from cltrace.errors import CltraceError
 from cltrace.hardware import fast_dtype
@@ -224,6 +224,7 @@ def iter_activation_batches(
     max_tokens: int | None = None,
     drop_last: bool = False,
     show_eta: bool = True,
+    repeats: int = 1,
 ) -> Iterator[ActivationBatch]:
     """Token-shuffled batches of MLP inputs/outputs, `[batch_tokens, L, d]`, straight from text.
 
@@ -232,30 +233,45 @@ def iter_activation_batches(
         documents: any iterable of strings (e.g. `cltrace.data.corpus.iter_documents(split)`).
         cfg: harvest settings (context length, buffer size, dtypes, seed, layers).
         batch_tokens: tokens per emitted batch (the last one may be smaller unless drop_last).
-        max_tokens: stop after this many harvested tokens; None: the whole stream.
+        max_tokens: stop after this many emitted tokens (repeats included: the harvest reads
+            max_tokens / repeats, rounded up); None: the whole stream.
         show_eta: give the progress bar `max_tokens` as its total; False for a consumer that
             stops early on its own (training under a wall-time budget): no false ETA.
+        repeats: emit every harvested token this many times, the copies `cfg.buffer_tokens`
+            fresh tokens apart (`repeat_later`), so they land in different batches. Training
+            uses it where the forward is a large share of a step (CPU): 2 halves its cost per
+            trained token.
 
     Raises:
         CltraceError: the documents hold no text, or the model's dtype does not match.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     check_model(model, cfg)
     contexts = require_contexts(iter_contexts(model, documents, cfg))
     layers = cfg.layer_list(model.n_layers)
     gen = torch.Generator().manual_seed(cfg.seed)
     buffer = ShuffleBuffer(cfg.buffer_tokens, len(layers), model.d_model, cfg.torch_store_dtype, gen)
-    bar = progress(total=max_tokens if show_eta else None, desc="harvest", unit="tok", unit_scale=True)
-    chunks = _through_buffer(iter_token_rows(model, contexts, cfg, max_tokens), buffer, bar)
+    harvested = None if max_tokens is None else -(-max_tokens // repeats)
+    bar = progress(total=harvested if show_eta else None, desc="harvest", unit="tok", unit_scale=True)
+    rows = _counted(iter_token_rows(model, contexts, cfg, harvested), bar)
+    chunks = _through_buffer(repeat_later(rows, repeats, cfg.buffer_tokens), buffer)
     try:
         yield from rebatch(chunks, batch_tokens, drop_last)
     finally:
         bar.close()
 
 
-def _through_buffer(rows: Iterable[ActivationBatch], buffer: ShuffleBuffer, bar) -> Iterator[ActivationBatch]:
-    """Push rows into the buffer; emit a random half each time it fills; drain at the end."""
+def _counted(rows: Iterable[ActivationBatch], bar) -> Iterator[ActivationBatch]:
+    """The rows, each chunk's tokens counted on the progress bar."""
     for chunk in rows:
         bar.update(chunk.n_tokens)
+        yield chunk
+
+
+def _through_buffer(rows: Iterable[ActivationBatch], buffer: ShuffleBuffer) -> Iterator[ActivationBatch]:
+    """Push rows into the buffer; emit a random half each time it fills; drain at the end."""
+    for chunk in rows:
         while chunk.n_tokens:
             chunk = buffer.push(chunk)
             if buffer.full:

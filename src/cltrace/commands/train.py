@@ -100,6 +100,14 @@ def register(subparsers) -> None:
         help="activation store from `cltrace harvest` (default: harvest on the fly from the corpus)",
     )
     p.add_argument("--split", default="train", help="corpus split when harvesting on the fly")
+    p.add_argument(
+        "--data-repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="when harvesting on the fly, train on every harvested token N times, the copies in "
+        "different batches (default: the preset's; 1 = fresh tokens only)",
+    )
     p.add_argument("--out", default=None, help="run folder (default: <CLTRACE_HOME>/runs/<model>-<kind>-<F>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_device_argument(p)
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         resample_every_tokens=args.resample_every,
         balance_rate=args.balance_rate,
         centre_targets=args.centre_targets,
+        data_repeats=args.data_repeats,
     )
     train_run(cfg, args.out, resume=args.resume, device=args.device, split=args.split)
     return 0

@@ -125,6 +125,9 @@ class TrainConfig:
     seed: int = 0
     context_len: int = 128  # harvest: tokens per context
     store: str | None = None  # activation store to read (None = harvest on the fly)
+    data_repeats: int = 1  # harvest on the fly: every harvested token is trained on this many
+    # times, the copies a shuffle buffer apart (the model's forward is ~0.4 of an 18 x 4096
+    # CLT step on CPU; 2 halves its cost per trained token). A store repeats when it is small.
     refit_tokens: int = 0  # after training, refit the decoder by least squares
     # on this many further tokens (0 = off; refit.py)
     refit_ridge: float = 1e-3  # ridge, relative to the mean Gram diagonal
@@ -153,7 +156,15 @@ class TrainConfig:
     # decoder aimed at badly reconstructed tokens (resample.py; 0 = off)
 
     def __post_init__(self):
-        positive = ("n_features", "tokens", "batch_size", "init_tokens", "dead_window_tokens", "context_len")
+        positive = (
+            "n_features",
+            "tokens",
+            "batch_size",
+            "init_tokens",
+            "dead_window_tokens",
+            "context_len",
+            "data_repeats",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -39,7 +39,8 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 
 def training_data(cfg: TrainConfig, device: str, split: Split = "train") -> TrainingData:
     """The store's batches when `cfg.store` is set (repeated, reshuffled, when it is smaller than
-    the run), else a live harvest of the corpus `split` with the run's model."""
+    the run), else a live harvest of the corpus `split` with the run's model (each harvested
+    token `cfg.data_repeats` times)."""
     if cfg.store:
         from cltrace.activations.store import ActivationStore
 
@@ -47,6 +48,8 @@ def training_data(cfg: TrainConfig, device: str, split: Split = "train") -> Trai
         if store.layers != list(range(len(store.layers))):
             raise CltraceError(f"{cfg.store} holds layers {store.layers}; a transcoder needs all of them")
         epochs = -(-cfg.tokens_needed // max(store.n_tokens, 1))
+        if cfg.data_repeats > 1:
+            print(f"note: data_repeats ({cfg.data_repeats}) applies to harvesting on the fly; not to a store")
         if epochs > 1:
             print(
                 f"note: the store holds {store.n_tokens:,} tokens, fewer than the {cfg.tokens_needed:,} "
@@ -70,6 +73,7 @@ def training_data(cfg: TrainConfig, device: str, split: Split = "train") -> Trai
         max_tokens=cfg.tokens_needed,
         drop_last=True,
         show_eta=cfg.minutes is None,  # a wall-time budget ends it before max_tokens
+        repeats=cfg.data_repeats,
     )
     return TrainingData(batches, model.n_layers, model.d_model)
 
@@ -102,7 +106,7 @@ def train_run(
         cfg, data.batches, data.n_layers, data.d_model, out, resume=resume, device=device, dist=dist
     )
     if dist.is_main:
-        print(summary(result, out))
+        print(summary(result, out, repeats=1 if cfg.store else cfg.data_repeats))
     if cfg.finetune_minutes and dist.is_main:
         _finetune_after_training(result, cfg, out, device, split, single=type(dist) is Distributed)
     return result
@@ -160,13 +164,16 @@ def finetune_stage(
     return result
 
 
-def summary(result: TrainResult, out: Path) -> str:
-    """What `cltrace train` prints at the end."""
+def summary(result: TrainResult, out: Path, repeats: int = 1) -> str:
+    """What `cltrace train` prints at the end (`repeats`: times each harvested token was used)."""
     last = result.history[-1] if result.history else None
     lines = []
     if last is not None:
+        seen = f"{last.tokens:,} tokens"
+        if repeats > 1:
+            seen += f": {-(-last.tokens // repeats):,} harvested, each used {repeats} times"
         lines.append(
-            f"trained {last.step} steps ({last.tokens:,} tokens) at {result.tokens_per_s:,.0f} "
+            f"trained {last.step} steps ({seen}) at {result.tokens_per_s:,.0f} "
             f"tokens/s: nmse {last.nmse:.3f}, L0 {last.l0:.1f}, {result.dead} dead features"
         )
     lines.append(f"transcoder saved to {out}/transcoder  (next: cltrace eval {out})")
