@@ -127,7 +127,8 @@ class TrainConfig:
     store: str | None = None  # activation store to read (None = harvest on the fly)
     data_repeats: int = 1  # harvest on the fly: every harvested token is trained on this many
     # times, the copies a shuffle buffer apart (the model's forward is ~0.4 of an 18 x 4096
-    # CLT step on CPU; 2 halves its cost per trained token). A store repeats when it is small.
+    # CLT step on CPU; 2 halves its cost per trained token, but on an AVX512-bf16 EPYC the run's
+    # rate did not rise and held-out NMSE was worse at 12 min: README). A store repeats when small.
     refit_tokens: int = 0  # after training, refit the decoder by least squares
     # on this many further tokens (0 = off; refit.py)
     refit_ridge: float = 1e-3  # ridge, relative to the mean Gram diagonal
