@@ -37,6 +37,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--decoder-only", action="store_true", help="leave the encoder alone: the features do not change"
     )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default=None,
+        help="the encoder's product: bf16 where the CPU has fast bf16 (auto, the default) or fp32",
+    )
     p.add_argument("--split", default="train", help="corpus split to fine-tune on")
     p.add_argument(
         "--text",
@@ -74,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
         )
     device = resolve_device(args.device)
     given = dict(
-        lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, mse_weight=args.mse_weight, mse_on=args.mse_on
+        lr=args.lr,
+        encoder_lr_scale=args.encoder_lr_scale,
+        mse_weight=args.mse_weight,
+        mse_on=args.mse_on,
+        precision=args.precision,
     )
     cfg = FinetuneConfig(
         minutes=args.minutes,

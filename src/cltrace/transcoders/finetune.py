@@ -52,8 +52,11 @@ from torch import Tensor
 from cltrace import hardware
 from cltrace.errors import CltraceError
 from cltrace.progress import progress
+from cltrace.transcoders import kernels
 from cltrace.transcoders.interface import check_transcoder
+from cltrace.transcoders.kernel_step import PairsDecode, mask_pairs
 from cltrace.transcoders.model import SparseDecode, Transcoder
+from cltrace.transcoders.train import resolve_precision
 
 if TYPE_CHECKING:
     from cltrace.models.loading import LoadedModel
@@ -81,6 +84,8 @@ class FinetuneConfig:
     mse_contexts: int = 4  # with mse_on="real": contexts of the batch that enter the MSE term
     train_encoder: bool = True  # False: decoder (and decoder bias) only, features unchanged
     max_grad_norm: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # the encoder's product: bf16 where the
+    # device has fast bf16 (as MSE training's autocast), else float32; the rest is float32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +100,8 @@ class FinetuneConfig:
             )
         if not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0 or self.mse_contexts < 1:
             raise CltraceError("fine-tuning needs 0 <= decay_frac <= 1, warmup_steps >= 0, mse_contexts >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise CltraceError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.mse_on not in ("real", "replacement"):
             raise CltraceError(f"mse_on must be 'real' or 'replacement', got {self.mse_on!r}")
 
@@ -126,12 +133,20 @@ class ReplacementForward:
     MLP output. After the forward, `nmse` holds each layer's normalised MSE (a tensor with
     gradients)."""
 
-    def __init__(self, tc: Transcoder, *, train_encoder: bool = True, centred: bool = False):
+    def __init__(
+        self, tc: Transcoder, *, train_encoder: bool = True, centred: bool = False, bf16_encoder: bool = False
+    ):
         self.tc = tc
         self.train_encoder = train_encoder
+        # the encoder's product in bfloat16 (float32 out; as MSE training runs it under bf16
+        # autocast): the fine-tuning step's largest float32 matmuls where the CPU has fast bf16
+        self.bf16_encoder = bf16_encoder
+        # the decode by the numba kernels (kernel_step.PairsDecode) on a CPU, else SparseDecode
+        self.kernels = tc.W_enc.device.type == "cpu" and Transcoder.use_kernels and kernels.available()
         self.centred = centred  # normalise by the batch's centred variance (as `cltrace eval`), not ||y||²
         self.pending: list[Tensor | None] = []
         self.nmse: list[Tensor] = []
+        self.layers: list[tuple[Tensor, ...]] = []  # W_enc, b_enc, b_dec (, W_skip) per layer
 
     def __call__(self, layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
         tc = self.tc
@@ -139,16 +154,32 @@ class ReplacementForward:
         if layer == 0:
             self.pending = [None] * L
             self.nmse = []
+            # per-layer views taken once per forward: indexing the stacked [L, ...] parameters
+            # per layer would make each layer's backward zero-fill and add a full-size gradient
+            # (18 x 188 MB per step for W_enc at 18 x 4096); unbind's backward stacks them once
+            self.layers = [tc.W_enc.unbind(0), tc.b_enc.unbind(0), tc.b_dec.unbind(0)]
+            if tc.W_skip is not None:
+                self.layers.append(tc.W_skip.unbind(0))
+        W_enc, b_enc, b_dec = (p[layer] for p in self.layers[:3])
         B, n, _ = mlp_in.shape
         xn = mlp_in[:, 1:].reshape(-1, d).float() * tc.in_scale[layer]  # [N, d]
         N = xn.shape[0]
-        pre = xn @ tc.W_enc[layer] + tc.b_enc[layer]  # [N, F]
+        if self.bf16_encoder:
+            pre = (xn.to(torch.bfloat16) @ W_enc.to(torch.bfloat16)).float() + b_enc  # [N, F]
+        else:
+            pre = xn @ W_enc + b_enc  # [N, F]
         theta = tc.log_threshold[layer].detach().exp()
-        tok, feat = (pre.detach() > theta).nonzero(as_tuple=True)  # token-major
-        values = pre[tok, feat] if self.train_encoder else pre.detach()[tok, feat]
+        active = pre.detach() > theta
         W = tc.W_dec[layer]  # [F, T, d]
         T = W.shape[1]
-        out = SparseDecode.apply(values, W.view(W.shape[0], -1), tok, feat, N, False)  # [N, T·d]
+        if self.kernels:
+            sel = mask_pairs(active)  # feature-major
+            values = (pre if self.train_encoder else pre.detach())[sel.tok, sel.feat]
+            out = PairsDecode.apply(values, W, sel, N, tc._grad_pool, ("finetune", layer))  # [N, T·d]
+        else:
+            tok, feat = active.nonzero(as_tuple=True)  # token-major
+            values = pre[tok, feat] if self.train_encoder else pre.detach()[tok, feat]
+            out = SparseDecode.apply(values, W.view(W.shape[0], -1), tok, feat, N, False)  # [N, T·d]
         # targets layer..layer+T-1 (a PLT: its own layer only); unbind, not slices: its
         # backward stacks the targets' gradients once instead of zero-filling [N, T·d] per slice
         for j, part in enumerate(out.view(N, T, d).unbind(1)):
@@ -156,9 +187,9 @@ class ReplacementForward:
             self.pending[t] = part if self.pending[t] is None else self.pending[t] + part
         own = self.pending[layer]
         assert own is not None, "layers must arrive in order 0..L-1"
-        recon = own + tc.b_dec[layer]  # normalised scale
+        recon = own + b_dec  # normalised scale
         if tc.W_skip is not None:
-            recon = recon + xn @ tc.W_skip[layer]
+            recon = recon + xn @ self.layers[3][layer]
         target = mlp_out[:, 1:].reshape(-1, d).detach().float() * tc.out_scale[layer]
         scale = (target - target.mean(0)) if self.centred else target
         self.nmse.append(
@@ -177,11 +208,42 @@ def _logits_at(model: LoadedModel, tokens: Tensor, positions: Tensor) -> Tensor:
     return model.model(input_ids=tokens, use_cache=False).logits[:, positions]
 
 
-def kl_divergence(real_logits: Tensor, rep_logits: Tensor) -> Tensor:
-    """Mean over positions of KL(softmax(real) || softmax(rep)): [..., V] -> scalar (float32)."""
-    logp_real = real_logits.float().log_softmax(-1)
-    logp_rep = rep_logits.float().log_softmax(-1)
-    return (logp_real.exp() * (logp_real - logp_rep)).sum(-1).mean()
+class _RowwiseKL(torch.autograd.Function):
+    """Σ_rows KL(softmax(real) || softmax(rep)) over [R, V] logits, a few rows at a time.
+
+    The plain formula makes ~10 float32 passes over [R, V] (R = 256 sampled positions, V =
+    262,144 for Gemma: 268 MB each), which cost ~40% of a fine-tuning step on a CPU. Here each
+    chunk of rows (≤ `chunk_bytes` of float32) is read, converted and reduced while it is in
+    cache, and the backward recomputes the chunk's softmaxes instead of keeping [R, V] float32
+    tensors: d/d rep = softmax(rep) - softmax(real), per row."""
+
+    @staticmethod
+    def forward(ctx, real: Tensor, rep: Tensor, rows: int) -> Tensor:  # type: ignore[override]
+        total = torch.zeros((), dtype=torch.float32, device=rep.device)
+        for r, q in zip(real.split(rows), rep.split(rows)):
+            logp = r.float().log_softmax(-1)
+            total += (logp.exp() * (logp - q.float().log_softmax(-1))).sum()
+        ctx.save_for_backward(real, rep)
+        ctx.rows = rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        real, rep = ctx.saved_tensors
+        out = torch.empty_like(rep)
+        for r, q, o in zip(real.split(ctx.rows), rep.split(ctx.rows), out.split(ctx.rows)):
+            o.copy_((q.float().softmax(-1) - r.float().softmax(-1)) * grad)
+        return None, out, None
+
+
+def kl_divergence(real_logits: Tensor, rep_logits: Tensor, *, chunk_bytes: int = 1 << 21) -> Tensor:
+    """Mean over positions of KL(softmax(real) || softmax(rep)): [..., V] -> scalar (float32).
+    Gradients reach `rep_logits` only (`real_logits` is the clean run's, a constant). On a GPU
+    the rows go in one chunk; on a CPU in chunks of ≤ chunk_bytes of float32 (cache-sized)."""
+    V = rep_logits.shape[-1]
+    real, rep = real_logits.detach().reshape(-1, V), rep_logits.reshape(-1, V)
+    rows = real.shape[0] if rep.device.type == "cuda" else max(1, chunk_bytes // (4 * V))
+    return _RowwiseKL.apply(real, rep, rows) / max(real.shape[0], 1)
 
 
 def finetune_params(tc: Transcoder, cfg: FinetuneConfig) -> list[dict]:
@@ -234,8 +296,9 @@ def finetune(
     batches = iter(lambda: list(itertools.islice(full, cfg.batch_contexts)), [])
     budget = cfg.minutes * 60
     history: list[FinetuneStep] = []
-    patch = ReplacementForward(tc, train_encoder=cfg.train_encoder)
-    on_real = ReplacementForward(tc, train_encoder=cfg.train_encoder, centred=True)
+    bf16 = resolve_precision(cfg.precision, device) == torch.bfloat16
+    patch = ReplacementForward(tc, train_encoder=cfg.train_encoder, bf16_encoder=bf16)
+    on_real = ReplacementForward(tc, train_encoder=cfg.train_encoder, centred=True, bf16_encoder=bf16)
     tokens = step = 0
     bar = progress(total=None if cfg.max_steps is None else cfg.max_steps, desc="fine-tune (KL)", unit="step")
     t0 = clock()
@@ -270,7 +333,8 @@ def finetune(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
-            patch.pending, patch.nmse, on_real.pending, on_real.nmse = [], [], [], []
+            for fwd in (patch, on_real):  # drop the step's graph
+                fwd.pending, fwd.nmse, fwd.layers = [], [], []
             step += 1
             tokens += ids.numel()
             per_step = (clock() - t0) / step

@@ -203,6 +203,57 @@ class SelectedPreacts(torch.autograd.Function):
         return gW, gb, None, None, None
 
 
+def mask_pairs(mask: Tensor) -> LayerSelection:
+    """The True entries of a [N, F] mask as feature-major pairs (raw left empty: the caller
+    gathers the values it differentiates, values = pre[sel.tok, sel.feat])."""
+    feat, tok = mask.T.contiguous().nonzero(as_tuple=True)  # sorted by (feature, token); on the
+    # transposed view itself nonzero ran 15x slower
+    counts = torch.bincount(feat, minlength=mask.shape[1])
+    fstart = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return LayerSelection(tok.contiguous(), feat.contiguous(), fstart, mask.new_empty(0, dtype=torch.float32))
+
+
+class PairsDecode(torch.autograd.Function):
+    """One source layer's decode, out [N, T·d] = Σ_p values_p · W[f_p] (W [F, T, d], flattened)
+    over the pairs of `sel` (feature-major; `mask_pairs`): the kernel counterpart of
+    model.SparseDecode, each feature's row read once per call, not once per pair. Backward:
+    ∂W[f] = Σ_{p of f} values_p · g[t_p] and ∂values_p = <g[t_p], W[f_p]> in one pass
+    (kernels.rows_grad); the ∂W buffer comes from `pool` under `key` where one is given."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, values: Tensor, W: Tensor, sel: LayerSelection, n_tokens: int, pool: GradPool | None, key: tuple
+    ) -> Tensor:
+        W2 = W.detach().reshape(W.shape[0], -1)
+        out = torch.zeros(n_tokens, W2.shape[1])
+        coef = values.detach().float().contiguous()
+        if sel.tok.numel():
+            kernels.decode_into(_np(out), 0, _np(W2), _np(sel.fstart), _np(sel.tok), _np(coef))
+        ctx.sel, ctx.pool, ctx.key, ctx.W = sel, pool, key, W
+        ctx.save_for_backward(coef)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (coef,) = ctx.saved_tensors
+        sel: LayerSelection = ctx.sel
+        W: Tensor = ctx.W
+        W2 = W.detach().reshape(W.shape[0], -1)
+        want_v, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gW = _fresh(ctx.key, W, tuple(W2.shape), ctx.pool) if want_W else torch.empty(W2.shape)
+        dots = kernels.rows_grad(
+            _np(gW),
+            _np(grad.float().contiguous()),
+            0,
+            _np(sel.fstart),
+            _np(sel.tok),
+            _np(coef),
+            _np(W2) if want_v else None,
+        )
+        g_values = torch.from_numpy(dots) if want_v and dots is not None else None
+        return g_values, gW.view_as(W) if want_W else None, None, None, None, None
+
+
 class KernelDecode(torch.autograd.Function):
     """Σ over source layers of values @ W_dec -> [L, N, d] float32 (accumulated in a
     token-major buffer), no biases. Inputs: sel, N, a GradPool or None, then L value tensors

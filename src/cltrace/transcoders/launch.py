@@ -125,7 +125,11 @@ def _finetune_after_training(
         print("note: the transcoder did not end as JumpReLU (training stopped early); not fine-tuned")
     else:
         fcfg = FinetuneConfig(
-            minutes=cfg.finetune_minutes, lr=cfg.finetune_lr, context_len=cfg.context_len, seed=cfg.seed
+            minutes=cfg.finetune_minutes,
+            lr=cfg.finetune_lr,
+            context_len=cfg.context_len,
+            precision=cfg.precision,
+            seed=cfg.seed,
         )
         finetune_stage(result.transcoder, cfg.model, out, fcfg, device=device, split=split)
 
