@@ -50,8 +50,16 @@ def _dense_patch(tc: Transcoder, nmse: list):
     return fn
 
 
+@pytest.fixture(params=["kernels", "torch"])
+def decode_path(request, monkeypatch):
+    """Both decodes of ReplacementForward: the numba kernels (PairsDecode, CPU) and torch's
+    (SparseDecode, as on CUDA)."""
+    monkeypatch.setattr(Transcoder, "use_kernels", request.param == "kernels")
+    return request.param
+
+
 @pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", True)])
-def test_replacement_forward_equals_evaluation_patch(kind, skip):
+def test_replacement_forward_equals_evaluation_patch(kind, skip, decode_path):
     model, tc = _setup(kind, skip)
     tokens = torch.randint(4, 40, (3, 10))
     with torch.no_grad(), model.patch_mlp_outputs(replacement_patch(tc)):
@@ -65,7 +73,7 @@ def test_replacement_forward_equals_evaluation_patch(kind, skip):
 
 
 @pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", True)])
-def test_gradients_equal_dense_autograd(kind, skip):
+def test_gradients_equal_dense_autograd(kind, skip, decode_path):
     model, tc = _setup(kind, skip)
     tokens = torch.randint(4, 40, (3, 10))
     with torch.no_grad():
@@ -213,3 +221,25 @@ def test_chunked_kl_equals_the_formula(dtype, chunk_bytes):
     assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
     assert rep.grad is not None and rep.grad.dtype == dtype
     assert torch.allclose(rep.grad.double(), ref_rep.grad, atol=tol, rtol=tol)
+
+
+def test_bf16_encoder_within_tolerance():
+    """The encoder's product in bf16 (FinetuneConfig.precision on a fast-bf16 CPU): the
+    replacement model's logits and the encoder's gradient stay within bf16's precision of the
+    float32 forward's."""
+    model, tc = _setup("clt", n_features=64)
+    tokens = torch.randint(4, 40, (3, 10))
+    with torch.no_grad():
+        real = model.run(tokens)
+    out = []
+    for bf16 in (False, True):
+        tc.W_enc.requires_grad_(True)
+        tc.W_enc.grad = None
+        with model.patch_mlp_outputs(ReplacementForward(tc, bf16_encoder=bf16)):
+            rep = model.run(tokens)
+        kl_divergence(real, rep).backward()
+        out.append((rep.detach(), tc.W_enc.grad.clone()))
+    (rep32, g32), (rep16, g16) = out
+    assert (rep16 - rep32).abs().max() < 0.03 * rep32.abs().max()
+    assert (g16 - g32).norm() < 0.05 * g32.norm()
+    assert not torch.equal(rep16, rep32)  # the bf16 product did run

@@ -10,8 +10,16 @@ import torch
 from cltrace import hardware
 from cltrace.transcoders import kernels
 from cltrace.transcoders.config import TranscoderConfig
-from cltrace.transcoders.kernel_step import select_batch_topk, select_csc, select_dead_topk, stack_selections
-from cltrace.transcoders.model import Transcoder
+from cltrace.transcoders.kernel_step import (
+    GradPool,
+    PairsDecode,
+    mask_pairs,
+    select_batch_topk,
+    select_csc,
+    select_dead_topk,
+    stack_selections,
+)
+from cltrace.transcoders.model import SparseDecode, Transcoder
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba kernels unavailable")
 
@@ -238,3 +246,36 @@ def test_dead_topk_pairs_and_stacked_selection():
         assert set(zip(s.tok.tolist(), s.feat.tolist())) == set(zip(m.tok.tolist(), m.feat.tolist())) | {
             (t + N, f) for t, f in zip(a.tok.tolist(), a.feat.tolist())
         }
+
+
+def test_pairs_decode_equals_sparse_decode():
+    """The fine-tuning's kernel decode (mask_pairs + PairsDecode) against model.SparseDecode
+    (token-major embedding bags): outputs, value and decoder gradients, features without pairs
+    and a token without pairs; the pooled gradient buffer is reused on the next step."""
+    g = torch.Generator().manual_seed(3)
+    N, F, T, d = 41, 30, 3, 16
+    pre = torch.randn(N, F, generator=g).requires_grad_(True)
+    mask = pre.detach() > 0.8
+    mask[:, -2:] = False  # features that never fire
+    mask[5] = False  # a token without pairs
+    W = torch.randn(F, T, d, generator=g).requires_grad_(True)
+    G = torch.randn(N, T * d, generator=g)
+    sel = mask_pairs(mask)
+    assert torch.equal(sel.feat, sel.feat.sort().values) and sel.fstart[-1] == mask.sum()
+    pool = GradPool()
+    got = PairsDecode.apply(pre[sel.tok, sel.feat], W, sel, N, pool, ("dec", 0))
+    (got * G).sum().backward()
+    grads = pre.grad.clone(), W.grad.clone()
+    storage = W.grad.untyped_storage().data_ptr()
+    pre.grad = W.grad = None
+    tok, feat = mask.nonzero(as_tuple=True)
+    expected = SparseDecode.apply(pre[tok, feat], W.view(F, -1), tok, feat, N, False)
+    (expected * G).sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got[5].abs().max() == 0
+    torch.testing.assert_close(grads[0], pre.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], W.grad, atol=1e-5, rtol=1e-5)
+    assert grads[1][-2:].abs().max() == 0 and grads[0].abs().max() > 0
+    W.grad = None
+    PairsDecode.apply(pre[sel.tok, sel.feat], W, sel, N, pool, ("dec", 0)).sum().backward()
+    assert W.grad.untyped_storage().data_ptr() == storage  # the pooled buffer, not a fresh one
