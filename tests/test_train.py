@@ -141,6 +141,18 @@ def test_resume_follows_the_same_trajectory(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*")) == ["ckpt-00000012"]
 
 
+def test_resume_of_a_finished_run_reports_its_rate(tmp_path):
+    """Resuming a run with nothing left to train (e.g. to redo its conversion) reports the
+    earlier processes' rate, not 0 tokens/s."""
+    cfg = config(checkpoint_every=4, tokens=64 * 4)
+    first = train(cfg, data(), L, D, tmp_path / "r")
+    assert first.tokens_per_s > 0
+    tc = Transcoder(cfg.transcoder_config(L, D))
+    again = Trainer(tc, cfg, tmp_path / "r").fit(data(), resume=True)
+    assert again.tokens == first.tokens
+    assert again.tokens_per_s > 0
+
+
 def test_resume_refuses_other_settings(tmp_path):
     cfg = config(checkpoint_every=4, tokens=64 * 4)
     train(cfg, data(), L, D, tmp_path / "run")

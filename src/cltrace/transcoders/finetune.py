@@ -28,13 +28,16 @@ Within one forward, at layer l's MLP (normalised scale, N = tokens at positions 
     pre_l   = x̃_l · W_enc_l + b_enc_l                       [N, F]
     pairs   = {(n, i): pre_l[n, i] > θ_l,i}
     pending[t] += Σ_pairs pre_l[n, i] · W_dec_{l→t}[i]    for every target t ≥ l (one sparse
-                                                          decode of [N, T·d], SparseDecode)
+                                                          decode of [N, T·d]: the numba kernels'
+                                                          PairsDecode on a CPU, SparseDecode else)
     ŷ_l     = (pending[l] + b_dec_l (+ x̃_l W_skip_l)) / s_out_l
 The clean run (no gradients) gives p_real at the same positions (`logits_to_keep`, so the
 unembedding, most of a small model's FLOPs, runs on the sampled positions only).
 
 The budget is wall time (`minutes`); the learning rate decays linearly to 0 over the last
-`decay_frac` of it.
+`decay_frac` of it. Where the device has fast bf16 (`precision`), the encoder's product runs
+in bf16 (as MSE training's autocast); the language model runs in its loaded dtype; the rest is
+float32. bench/bench_finetune.py times the step.
 """
 
 from __future__ import annotations

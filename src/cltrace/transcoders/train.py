@@ -401,6 +401,8 @@ class Trainer:
         if self.step and self.saved_step != self.step:
             self.save_checkpoint()
         rate = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+        if self.tokens == tokens0 and self.elapsed_before:  # resumed with nothing left to train:
+            rate = self.tokens / self.elapsed_before  # the earlier processes' rate, not 0
         if self.step >= self.n_steps and (cfg.refit_tokens or cfg.jumprelu_after_topk):
             self._finish(it)
         self._save_final()
