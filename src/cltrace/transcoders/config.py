@@ -85,6 +85,15 @@ class TranscoderConfig:
         return _from_dict(cls, data, "transcoder config")
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # auto = bf16 where AMX/AVX512-bf16/CUDA has it, else fp32
+
+
+def check_precision(precision: str) -> None:
+    """A precision setting (training, fine-tuning) is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise CltraceError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+
+
 @dataclass
 class TrainConfig:
     """How a transcoder is trained. Saved as train_config.json in the run folder."""
@@ -181,8 +190,7 @@ class TrainConfig:
             raise CltraceError("lr_warmup_frac + lr_decay_frac must be <= 1")
         if self.lambda_s < 0 or self.lambda_p < 0:
             raise CltraceError("lambda_s and lambda_p must be >= 0")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise CltraceError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
         if self.checkpoint_every < 0 or not self.checkpoint_minutes >= 0:
             raise CltraceError(
                 f"checkpoint_every and checkpoint_minutes must be >= 0, got {self.checkpoint_every}, "
@@ -356,4 +364,4 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**values)
 
 
-__all__ = ["TranscoderConfig", "TrainConfig", "PRESETS", "preset"]
+__all__ = ["PRECISIONS", "TranscoderConfig", "TrainConfig", "PRESETS", "check_precision", "preset"]

@@ -56,6 +56,7 @@ from cltrace import hardware
 from cltrace.errors import CltraceError
 from cltrace.progress import progress
 from cltrace.transcoders import kernels
+from cltrace.transcoders.config import check_precision
 from cltrace.transcoders.interface import check_transcoder
 from cltrace.transcoders.kernel_step import PairsDecode, mask_pairs
 from cltrace.transcoders.model import SparseDecode, Transcoder
@@ -103,8 +104,7 @@ class FinetuneConfig:
             )
         if not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0 or self.mse_contexts < 1:
             raise CltraceError("fine-tuning needs 0 <= decay_frac <= 1, warmup_steps >= 0, mse_contexts >= 1")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise CltraceError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
         if self.mse_on not in ("real", "replacement"):
             raise CltraceError(f"mse_on must be 'real' or 'replacement', got {self.mse_on!r}")
 
@@ -145,7 +145,7 @@ class ReplacementForward:
         # autocast): the fine-tuning step's largest float32 matmuls where the CPU has fast bf16
         self.bf16_encoder = bf16_encoder
         # the decode by the numba kernels (kernel_step.PairsDecode) on a CPU, else SparseDecode
-        self.kernels = tc.W_enc.device.type == "cpu" and Transcoder.use_kernels and kernels.available()
+        self.kernels = tc.W_enc.device.type == "cpu" and tc.use_kernels and kernels.available()
         self.centred = centred  # normalise by the batch's centred variance (as `cltrace eval`), not ||y||²
         self.pending: list[Tensor | None] = []
         self.nmse: list[Tensor] = []
@@ -215,10 +215,11 @@ class _RowwiseKL(torch.autograd.Function):
     """Σ_rows KL(softmax(real) || softmax(rep)) over [R, V] logits, a few rows at a time.
 
     The plain formula makes ~10 float32 passes over [R, V] (R = 256 sampled positions, V =
-    262,144 for Gemma: 268 MB each), which cost ~40% of a fine-tuning step on a CPU. Here each
-    chunk of rows (≤ `chunk_bytes` of float32) is read, converted and reduced while it is in
-    cache, and the backward recomputes the chunk's softmaxes instead of keeping [R, V] float32
-    tensors: d/d rep = softmax(rep) - softmax(real), per row."""
+    262,144 for Gemma: 268 MB each). Here each chunk of rows (≤ `chunk_bytes` of float32) is
+    read, converted and reduced while it is in cache, and the backward recomputes the chunk's
+    softmaxes instead of keeping [R, V] float32 tensors: d/d rep = softmax(rep) -
+    softmax(real), per row. bench/bench_finetune.py: 4% off a fine-tuning step (Sapphire
+    Rapids; a profile that recorded shapes had overstated the KL's share)."""
 
     @staticmethod
     def forward(ctx, real: Tensor, rep: Tensor, rows: int) -> Tensor:  # type: ignore[override]

@@ -41,13 +41,18 @@ class LayerSelection(NamedTuple):
     raw: Tensor  # [P] float32 pre-activations (no grad)
 
 
+def feature_starts(feat: Tensor, n_features: int) -> Tensor:
+    """fstart [F + 1] of feature-sorted pairs: feature f owns pairs fstart[f] .. fstart[f + 1] - 1."""
+    counts = torch.bincount(feat, minlength=n_features)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
 def select_csc(tok: Tensor, feat: Tensor, raw: Tensor, n_tokens: int, n_features: int) -> LayerSelection:
     """Sort pairs by (feature, token) and index them by feature."""
     key = feat * n_tokens + tok
     order = (key.to(torch.int32) if n_features * n_tokens < 2**31 else key).sort().indices
     feat = feat[order]
-    counts = torch.bincount(feat, minlength=n_features)
-    fstart = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    fstart = feature_starts(feat, n_features)
     return LayerSelection(tok[order].contiguous(), feat.contiguous(), fstart, raw[order].float().contiguous())
 
 
@@ -208,8 +213,7 @@ def mask_pairs(mask: Tensor) -> LayerSelection:
     gathers the values it differentiates, values = pre[sel.tok, sel.feat])."""
     feat, tok = mask.T.contiguous().nonzero(as_tuple=True)  # sorted by (feature, token); on the
     # transposed view itself nonzero ran 15x slower
-    counts = torch.bincount(feat, minlength=mask.shape[1])
-    fstart = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    fstart = feature_starts(feat, mask.shape[1])
     return LayerSelection(tok.contiguous(), feat.contiguous(), fstart, mask.new_empty(0, dtype=torch.float32))
 
 
