@@ -118,9 +118,30 @@ def test_resampling_stops_before_the_decay_and_resumes_the_same(tmp_path):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
 
 
+def test_resample_until_moves_the_stop_into_the_decay(tmp_path):
+    """With resample_until = 0.9 rounds happen inside the decay (the default stops at its start)
+    and none after 90% of the steps."""
+    cfg = config(
+        activation="topk",
+        topk=4,
+        tokens=64 * 40,
+        dead_window_tokens=64,
+        resample_every_tokens=64,
+        resample_until=0.9,
+    )
+    logs: list[str] = []
+    torch.manual_seed(cfg.seed)
+    train(cfg, data(), L, D, tmp_path / "a", log=logs.append)
+    steps = [int(m.split()[1].rstrip(":")) for m in logs if "resampled" in m]
+    assert any(s >= cfg.n_steps * (1 - cfg.lr_decay_frac) for s in steps), steps
+    assert max(steps) < 0.9 * cfg.n_steps, steps
+
+
 def test_resample_settings_are_checked():
     with pytest.raises(CltraceError, match="resample_every_tokens"):
         config(resample_every_tokens=-1)
     with pytest.raises(CltraceError, match="topk"):
         config(resample_every_tokens=1000)  # JumpReLU
     assert preset("session", activation="jumprelu").resample_every_tokens == 0  # dropped with TopK
+    with pytest.raises(CltraceError, match="resample_until"):
+        config(activation="topk", topk=4, resample_until=1.5)

@@ -58,6 +58,14 @@ def register(subparsers) -> None:
         "decay (default: the preset's; 0 = off)",
     )
     p.add_argument(
+        "--resample-until",
+        type=float,
+        default=None,
+        metavar="FRAC",
+        help="TopK/BatchTopK: fraction of the steps after which resampling stops (default: where the "
+        "learning-rate decay begins)",
+    )
+    p.add_argument(
         "--balance-rate",
         type=float,
         default=None,
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         auxk_alpha=args.auxk_alpha,
         resample_every_tokens=args.resample_every,
+        resample_until=args.resample_until,
         balance_rate=args.balance_rate,
         centre_targets=args.centre_targets,
         data_repeats=args.data_repeats,

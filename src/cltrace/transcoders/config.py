@@ -164,6 +164,8 @@ class TrainConfig:
     resample_every_tokens: int = 0  # TopK / BatchTopK: every this many tokens, until the
     # learning-rate decay, features silent for dead_window_tokens get a new encoder and
     # decoder aimed at badly reconstructed tokens (resample.py; 0 = off)
+    resample_until: float | None = None  # fraction of the steps after which resampling stops
+    # (None: where the learning-rate decay begins, 1 - lr_decay_frac)
 
     def __post_init__(self):
         positive = (
@@ -231,6 +233,8 @@ class TrainConfig:
                 "resample_every_tokens needs activation='topk' or 'batchtopk'",
                 hint="set resample_every_tokens=0 for JumpReLU",
             )
+        if self.resample_until is not None and not 0.0 <= self.resample_until <= 1.0:
+            raise CltraceError(f"resample_until must be in [0, 1], got {self.resample_until}")
         if self.balance_window_tokens < 1:
             raise CltraceError(f"balance_window_tokens must be >= 1, got {self.balance_window_tokens}")
         if self.grad_clip is not None and not self.grad_clip > 0:

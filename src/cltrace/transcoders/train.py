@@ -250,14 +250,16 @@ class Trainer:
 
     def _resample_due(self, n_tokens: int) -> bool:
         """A resampling round when this step crossed a multiple of resample_every_tokens,
-        before the learning-rate decay (the last features settle without new ones)."""
+        before `resample_until` of the steps (default: the learning-rate decay; the last
+        features settle without new ones)."""
         every = self.cfg.resample_every_tokens
         if not every or self.tc.cfg.activation == "jumprelu":
             return False
         if self.dist.data_parallel > 1:  # ranks hold different tokens: they would diverge
             return False
         crossed = self.tokens // every > (self.tokens - n_tokens) // every
-        return crossed and self.step < self.n_steps * (1 - self.cfg.lr_decay_frac)
+        until = self.cfg.resample_until
+        return crossed and self.step < self.n_steps * (1 - self.cfg.lr_decay_frac if until is None else until)
 
     @torch.no_grad()
     def _resample(self, x: Tensor, out) -> None:
