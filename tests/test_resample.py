@@ -142,6 +142,7 @@ def test_resample_settings_are_checked():
         config(resample_every_tokens=-1)
     with pytest.raises(CltraceError, match="topk"):
         config(resample_every_tokens=1000)  # JumpReLU
-    assert preset("session", activation="jumprelu").resample_every_tokens == 0  # dropped with TopK
+    switched = preset("session", activation="jumprelu")  # TopK-only settings dropped with TopK
+    assert switched.resample_every_tokens == 0 and switched.resample_until is None
     with pytest.raises(CltraceError, match="resample_until"):
         config(activation="topk", topk=4, resample_until=1.5)

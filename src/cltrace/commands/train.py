@@ -54,8 +54,8 @@ def register(subparsers) -> None:
         type=int,
         default=None,
         metavar="TOKENS",
-        help="TopK/BatchTopK: resample dead features every this many tokens until the learning-rate "
-        "decay (default: the preset's; 0 = off)",
+        help="TopK/BatchTopK: resample dead features every this many tokens until --resample-until "
+        "(default: the preset's; 0 = off)",
     )
     p.add_argument(
         "--resample-until",

@@ -161,8 +161,8 @@ class TrainConfig:
     balance_window_tokens: int = 4096
     balance_max_density: float = 0.05
     balance_max_bias: float = 1.0  # |selection bias| bound (normalised pre-activation units)
-    resample_every_tokens: int = 0  # TopK / BatchTopK: every this many tokens, until the
-    # learning-rate decay, features silent for dead_window_tokens get a new encoder and
+    resample_every_tokens: int = 0  # TopK / BatchTopK: every this many tokens, until
+    # resample_until, features silent for dead_window_tokens get a new encoder and
     # decoder aimed at badly reconstructed tokens (resample.py; 0 = off)
     resample_until: float | None = None  # fraction of the steps after which resampling stops
     # (None: where the learning-rate decay begins, 1 - lr_decay_frac)
@@ -352,7 +352,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # settings that only mean something for (Batch)TopK
-TOPK_ONLY = ("topk", "jumprelu_after_topk", "resample_every_tokens")
+TOPK_ONLY = ("topk", "jumprelu_after_topk", "resample_every_tokens", "resample_until")
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
