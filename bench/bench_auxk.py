@@ -25,7 +25,7 @@ import torch
 from git_module import model_at
 from train_step import time_steps
 
-from cltrace.hardware import keep_freed_memory
+from cltrace.hardware import enable_huge_pages, keep_freed_memory
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.train import resolve_precision
@@ -45,6 +45,7 @@ def silence(tc, x, dead, positive: float) -> None:
 
 
 def main() -> None:
+    enable_huge_pages()  # as the CLI does (THP_MEM_ALLOC_ENABLE=0 to time without)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="features per layer")
     p.add_argument("--dead", type=float, default=0.02, help="share of each layer's features marked dead")

@@ -18,7 +18,7 @@ import torch
 from cltrace import hardware
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
-from cltrace.transcoders.train import resolve_precision
+from cltrace.transcoders.train import global_norm, resolve_precision
 
 L, D = 18, 640
 WARMUP, TIMED = 2, 3
@@ -55,8 +55,7 @@ def step(tc: Transcoder, opt: torch.optim.Optimizer, x, y, dtype, phases: Phases
         phases.mark("loss, counts")
     loss.backward()
     phases.mark("backward")
-    grads = [p.grad for p in params if p.grad is not None]
-    torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    global_norm([p.grad for p in params if p.grad is not None])
     phases.mark("clipping norm")
     opt.step()
     phases.mark("AdamW")
@@ -65,6 +64,7 @@ def step(tc: Transcoder, opt: torch.optim.Optimizer, x, y, dtype, phases: Phases
 
 
 def main() -> None:
+    hardware.enable_huge_pages()  # as the CLI does (THP_MEM_ALLOC_ENABLE=0 to time without)
     ap = argparse.ArgumentParser(description="Where a kernel-path training step's time goes")
     ap.add_argument("--kind", choices=["clt", "plt"], default="clt")
     ap.add_argument("--features", type=int, default=4096)

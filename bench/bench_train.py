@@ -37,7 +37,7 @@ import torch
 from git_module import model_at
 from train_step import time_steps
 
-from cltrace.hardware import keep_freed_memory
+from cltrace.hardware import enable_huge_pages, keep_freed_memory
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.train import resolve_precision
@@ -96,6 +96,7 @@ def build(kind: str, F: int, mode: str, old):
 
 
 def main() -> None:
+    enable_huge_pages()  # as the CLI does (THP_MEM_ALLOC_ENABLE=0 to time without)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2, help="timed steps per row (after two warm-up steps)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192], help="features per layer")

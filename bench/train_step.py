@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from cltrace.transcoders.train import global_norm
+
 
 def time_steps(
     tc, x, y, steps: int, autocast: torch.dtype | None, lr: float, **loss_kwargs: Any
@@ -25,7 +27,7 @@ def time_steps(
             out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0, **loss_kwargs)
         out.loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pyright: ignore[reportPrivateImportUsage]
+        norm = global_norm(grads)
         if norm > 1.0:  # as the trainer clips: no scaling pass under the limit
             torch._foreach_mul_(grads, 1.0 / norm)  # pyright: ignore[reportPrivateImportUsage]
         opt.step()

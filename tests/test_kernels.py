@@ -13,10 +13,12 @@ from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.kernel_step import (
     GradPool,
     PairsDecode,
+    candidate_floor,
     mask_pairs,
     select_batch_topk,
     select_csc,
     select_dead_topk,
+    selection_scores,
     stack_selections,
 )
 from cltrace.transcoders.model import SparseDecode, Transcoder
@@ -63,16 +65,55 @@ def test_decode_and_rows_grad_match_dense(N, F, M, col0, C):
 
 
 @pytest.mark.parametrize("N", [16, 256])
-def test_batch_topk_selection_is_exact(N):
+@pytest.mark.parametrize("biased", [False, True])
+def test_batch_topk_selection_is_exact(N, biased):
     """The candidate-threshold BatchTopK picks exactly torch.topk's pairs (fp32, no ties), on
-    batches that take the sampled threshold (256 tokens) and the fallback (16)."""
+    batches that take the sampled threshold (256 tokens) and the fallback (16), with and
+    without a selection bias (ranked by selection_scores, values kept as pre)."""
     pre = torch.randn(4, N, 96, generator=torch.Generator().manual_seed(N))
-    sel = select_batch_topk(pre, 5)
-    top = pre.reshape(4, -1).topk(5 * N, dim=-1)
+    bias = torch.rand(4, 1, 96, generator=torch.Generator().manual_seed(1)) * 1.5 if biased else None
+    sel = select_batch_topk(pre, 5, bias)
+    scores = pre if bias is None else selection_scores(pre, bias)
+    top = scores.reshape(4, -1).topk(5 * N, dim=-1)
     for l, s in enumerate(sel):
         assert set((s.tok * 96 + s.feat).tolist()) == set(top.indices[l].tolist())
         assert torch.all(s.feat[1:] >= s.feat[:-1])  # feature-major
         torch.testing.assert_close(s.raw, pre[l, s.tok, s.feat])
+
+
+@pytest.mark.parametrize("negative_scores", [False, True])
+def test_batch_topk_selection_is_exact_in_bf16_under_a_bias(negative_scores):
+    """bf16 pre-activations under a bias (as in training under autocast): the candidates
+    come from a per-feature floor compared with pre, where torch rounds pre + bias to bf16;
+    the selected scores are torch.topk's (compared as values: bf16 has ties). With k close
+    to F the threshold is negative and every pair is scored."""
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(3, 512, 128, generator=g).bfloat16()
+    bias = torch.rand(3, 1, 128, generator=g) * 0.8
+    k = 60 if negative_scores else 6
+    sel = select_batch_topk(pre, k, bias)
+    scores = selection_scores(pre, bias).reshape(3, -1)
+    top = scores.topk(k * 512, dim=-1).values
+    for l, s in enumerate(sel):
+        got = scores[l, s.tok * 128 + s.feat].float().sort(descending=True).values
+        assert torch.equal(got, top[l].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def testcandidate_floor_never_leaves_out_a_pair_that_scores_above_tau(dtype):
+    """The floor's guarantee at the boundary: pre-activations within a few rounding steps of
+    tau - bias (where rounding pre + bias, or the floor, could flip a comparison) score above
+    tau only if they are above the floor."""
+    g = torch.Generator().manual_seed(5)
+    L, N, F = 3, 400, 64
+    tau = (torch.rand(L, 1, generator=g) * 3).to(dtype).float()  # a value of pre's dtype
+    bias = torch.rand(L, 1, F, generator=g) * 2
+    pre = (tau[:, :, None] - bias + torch.randn(L, N, F, generator=g) * 1e-2).to(dtype)
+    floor = candidate_floor(tau.to(dtype), bias, dtype)
+    assert floor is not None
+    above_tau = selection_scores(pre, bias) > tau[:, :, None].to(dtype)
+    assert above_tau.any() and not (above_tau & (pre <= floor)).any()
+    assert candidate_floor(tau.to(dtype) - 5, bias, dtype) is None  # negative tau: score all
 
 
 def make(activation: str, kind: str = "clt", F: int = 64, seed: int = 0):

@@ -12,7 +12,15 @@ from cltrace.errors import CltraceError
 from cltrace.transcoders.config import TrainConfig, preset
 from cltrace.transcoders.model import Transcoder
 from cltrace.transcoders.refit import topk_to_jumprelu
-from cltrace.transcoders.train import SyntheticBatch, Trainer, lambda_s_at, lr_at, synthetic_batches, train
+from cltrace.transcoders.train import (
+    SyntheticBatch,
+    Trainer,
+    global_norm,
+    lambda_s_at,
+    lr_at,
+    synthetic_batches,
+    train,
+)
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 L, D = 3, 32
@@ -176,6 +184,21 @@ def test_schedules():
     assert lr_at(cfg, 90) == pytest.approx(0.5) and lr_at(cfg, 99) == pytest.approx(0.05)
     assert lambda_s_at(cfg, 0) == 0 and lambda_s_at(cfg, 25) == pytest.approx(1.0)
     assert lambda_s_at(cfg, 80) == 2.0
+
+
+def test_global_norm_matches_a_float64_reference():
+    """The clipping norm: chunked dot products over tensors of odd sizes (a chunk boundary
+    inside a tensor, a tensor smaller than a chunk, a 3-d one) equal the float64 norm."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(37, 29, generator=g) * 5,
+        torch.randn(3, generator=g),
+        torch.randn(4, 7, 11, generator=g),
+    ]
+    exact = torch.cat([t.double().reshape(-1) for t in tensors]).norm()
+    for chunk in (1, 100, 1 << 20):
+        assert abs(float(global_norm(tensors, chunk=chunk)) - float(exact)) <= 1e-6 * float(exact)
+    assert float(global_norm([])) == 0.0
 
 
 def test_presets_and_checks():
@@ -429,3 +452,33 @@ def test_centre_targets_learns_targets_with_a_large_mean_better():
         tc = train(cfg, offset_batches(), L, D).transcoder
         nmse[centre] = evaluate_activations(tc, held).nmse
     assert sum(nmse[True]) < 0.7 * sum(nmse[False]), nmse
+
+
+def test_cli_backs_large_tensors_with_huge_pages():
+    """The CLI sets torch's huge-page switch before torch loads: a 64 MiB tensor made after
+    `cltrace.cli.main` ran is backed by transparent huge pages, as it is not without the
+    switch. Linux with THP in "madvise" mode (the default; in "always" mode every process
+    gets them, in "never" none)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[madvise]" not in mode.read_text():
+        pytest.skip("transparent huge pages are not in madvise mode here")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def huge_kib(call_cli: bool) -> int:
+        code = (
+            ("from cltrace.cli import main; main([])\n" if call_cli else "")
+            + "import torch; t = torch.ones(16 << 20)\n"
+            + "print(next(l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHuge')))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert huge_kib(call_cli=True) >= 32 * 1024
+    assert huge_kib(call_cli=False) < 32 * 1024

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from cltrace import __version__
+from cltrace import __version__, hardware
 from cltrace.commands import HelpFormatter
 from cltrace.errors import CltraceError
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hardware.enable_huge_pages()  # before torch's first large tensor (it reads the switch once)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
