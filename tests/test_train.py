@@ -15,11 +15,13 @@ from cltrace.transcoders.refit import topk_to_jumprelu
 from cltrace.transcoders.train import (
     SyntheticBatch,
     Trainer,
+    clip_gradients,
     global_norm,
     lambda_s_at,
     lr_at,
     synthetic_batches,
     train,
+    unscaled,
 )
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -199,6 +201,33 @@ def test_global_norm_matches_a_float64_reference():
     for chunk in (1, 100, 1 << 20):
         assert abs(float(global_norm(tensors, chunk=chunk)) - float(exact)) <= 1e-6 * float(exact)
     assert float(global_norm([])) == 0.0
+
+
+def test_clipping_inside_fused_adamw_equals_scaling_the_gradients():
+    """clip_gradients hands the scale to a fused AdamW (applied as it reads each gradient):
+    three clipped steps give the parameters and moments of a plain AdamW whose gradients were
+    scaled first; the scale is dropped after each step, and it matters (unclipped differs)."""
+    g = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(5, 6, generator=g), torch.randn(5, generator=g)) for _ in range(3)]
+
+    def run(fused: bool | None, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        module = torch.nn.Linear(6, 5)
+        torch.nn.init.ones_(module.weight), torch.nn.init.zeros_(module.bias)
+        opt = torch.optim.AdamW(module.parameters(), lr=0.1, fused=fused)
+        for gw, gb in grads:
+            module.weight.grad, module.bias.grad = gw.clone(), gb.clone()
+            if scale is not None:
+                clip_gradients(opt, module, torch.tensor(scale))
+                assert (getattr(opt, "grad_scale", None) is not None) == bool(fused)  # no pass
+            opt.step()
+            unscaled(opt)
+            assert getattr(opt, "grad_scale", None) is None
+        return module.weight.detach().clone(), opt.state[module.weight]["exp_avg_sq"].clone()
+
+    fused, plain = run(True, 0.3), run(None, 0.3)
+    torch.testing.assert_close(fused[0], plain[0])
+    torch.testing.assert_close(fused[1], plain[1])
+    assert not torch.allclose(fused[1], run(True, None)[1])
 
 
 def test_presets_and_checks():

@@ -60,8 +60,9 @@ class HarvestConfig:
 
     ctx_len: int = 128
     """Tokens per context, BOS included; each context yields ctx_len - 1 harvested tokens."""
-    batch_contexts: int = 8
-    """Contexts per forward pass."""
+    batch_contexts: int = 32
+    """Contexts per forward pass (gemma-3-270m, bf16, Sapphire Rapids, 2 cores: 3,400 tokens/s
+    at 8, 3,750 at 16, 4,040 at 32)."""
     buffer_tokens: int = 16_384
     """Shuffle-buffer capacity in tokens (Gemma-3-270m, bf16: ~46 KB per token, 0.75 GB)."""
     forward_dtype: Literal["float32", "bfloat16"] | None = None
