@@ -4,7 +4,7 @@ k = 1% of F, bf16 autocast where the CPU has it; two warm-up steps, then the mea
 It also prints the optimizer's memory traffic (AdamW reads parameter, gradient and both
 moments and writes three of them: 28 bytes per fp32 parameter) and the rate it ran at.
 
-    .venv/bin/python bench/bench_step_phases.py --kind clt --features 4096 [--batch 1024]
+    .venv/bin/python bench/bench_step_phases.py --kind clt --features 4096 [--batch 1024] [--balanced]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from cltrace import hardware
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
-from cltrace.transcoders.train import global_norm, resolve_precision
+from cltrace.transcoders.train import clip_gradients, global_norm, resolve_precision, unscaled
 
 L, D = 18, 640
 WARMUP, TIMED = 2, 3
@@ -55,10 +55,13 @@ def step(tc: Transcoder, opt: torch.optim.Optimizer, x, y, dtype, phases: Phases
         phases.mark("loss, counts")
     loss.backward()
     phases.mark("backward")
-    global_norm([p.grad for p in params if p.grad is not None])
+    norm = global_norm([p.grad for p in params if p.grad is not None])
+    if bool(norm > 1.0):  # as the trainer clips (it does on most steps of real training)
+        clip_gradients(opt, tc, 1.0 / (norm + 1e-6))
     phases.mark("clipping norm")
     opt.step()
-    phases.mark("AdamW")
+    unscaled(opt)
+    phases.mark("AdamW (and clipping)")
     opt.zero_grad(set_to_none=True)
     phases.mark("zero_grad")
 
@@ -69,6 +72,11 @@ def main() -> None:
     ap.add_argument("--kind", choices=["clt", "plt"], default="clt")
     ap.add_argument("--features", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument(
+        "--balanced",
+        action="store_true",
+        help="a selection bias as load balancing leaves it (the session preset): BatchTopK ranks pre + bias",
+    )
     args = ap.parse_args()
     hardware.keep_freed_memory()
     cfg = TranscoderConfig(
@@ -77,6 +85,8 @@ def main() -> None:
     tc = Transcoder(cfg)
     x, y = torch.randn(args.batch, L, D), torch.randn(args.batch, L, D)
     tc.init_from_sample(x, y)
+    if args.balanced:
+        tc.select_bias.copy_(torch.rand(L, args.features, generator=torch.Generator().manual_seed(0)) * 0.1)
     params = [p for p in tc.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dtype = resolve_precision("auto", torch.device("cpu"))
@@ -91,10 +101,10 @@ def main() -> None:
         f"{args.kind} 18 x {args.features}, batch {args.batch}, {torch.get_num_threads()} threads: "
         f"{total:.3f} s/step, {args.batch / total:,.0f} tokens/s"
     )
-    print(f"{'phase':16} {'ms/step':>8} {'share':>6}")
+    print(f"{'phase':22} {'ms/step':>8} {'share':>6}")
     for name, seconds in phases.seconds.items():
-        print(f"{name:16} {seconds / TIMED * 1e3:8.1f} {seconds / TIMED / total:6.1%}")
-    adam = phases.seconds["AdamW"] / TIMED
+        print(f"{name:22} {seconds / TIMED * 1e3:8.1f} {seconds / TIMED / total:6.1%}")
+    adam = phases.seconds["AdamW (and clipping)"] / TIMED
     moved = 28 * n_params / 1e9
     print(f"AdamW: {n_params / 1e6:.0f}M parameters, {moved:.1f} GB moved, {moved / adam:.0f} GB/s")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cltrace.transcoders.train import global_norm
+from cltrace.transcoders.train import clip_gradients, global_norm, unscaled
 
 
 def time_steps(
@@ -28,9 +28,10 @@ def time_steps(
         out.loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
         norm = global_norm(grads)
-        if norm > 1.0:  # as the trainer clips: no scaling pass under the limit
-            torch._foreach_mul_(grads, 1.0 / norm)  # pyright: ignore[reportPrivateImportUsage]
+        if norm > 1.0:  # as the trainer clips: no scaling pass under the limit, inside fused AdamW
+            clip_gradients(opt, tc, 1.0 / (norm + 1e-6))
         opt.step()
+        unscaled(opt)
         opt.zero_grad(set_to_none=True)
         return out
 
