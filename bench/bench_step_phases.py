@@ -18,7 +18,7 @@ import torch
 from cltrace import hardware
 from cltrace.transcoders.config import TranscoderConfig
 from cltrace.transcoders.model import Transcoder
-from cltrace.transcoders.train import clip_gradients, global_norm, resolve_precision, unscaled
+from cltrace.transcoders.train import global_norm, resolve_precision, step_clipped
 
 L, D = 18, 640
 WARMUP, TIMED = 2, 3
@@ -56,11 +56,8 @@ def step(tc: Transcoder, opt: torch.optim.Optimizer, x, y, dtype, phases: Phases
     loss.backward()
     phases.mark("backward")
     norm = global_norm([p.grad for p in params if p.grad is not None])
-    if bool(norm > 1.0):  # as the trainer clips (it does on most steps of real training)
-        clip_gradients(opt, tc, 1.0 / (norm + 1e-6))
     phases.mark("clipping norm")
-    opt.step()
-    unscaled(opt)
+    step_clipped(opt, tc, norm, 1.0)  # as the trainer clips (it does on most steps of real training)
     phases.mark("AdamW (and clipping)")
     opt.zero_grad(set_to_none=True)
     phases.mark("zero_grad")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cltrace.transcoders.train import clip_gradients, global_norm, unscaled
+from cltrace.transcoders.train import global_norm, step_clipped
 
 
 def time_steps(
@@ -27,11 +27,7 @@ def time_steps(
             out = tc.loss(x, y, lambda_s=0.0, lambda_p=0.0, **loss_kwargs)
         out.loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
-        norm = global_norm(grads)
-        if norm > 1.0:  # as the trainer clips: no scaling pass under the limit, inside fused AdamW
-            clip_gradients(opt, tc, 1.0 / (norm + 1e-6))
-        opt.step()
-        unscaled(opt)
+        step_clipped(opt, tc, global_norm(grads), 1.0)  # as the trainer clips
         opt.zero_grad(set_to_none=True)
         return out
 

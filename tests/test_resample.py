@@ -92,6 +92,14 @@ def test_resampling_revives_features_that_are_never_positive():
     assert results[640][2] < 0.75 * results[0][2], results
 
 
+def train_logging_resamples(cfg, run_dir):
+    """Train from the config's seed: (the result, the steps at which a resampling round ran)."""
+    logs: list[str] = []
+    torch.manual_seed(cfg.seed)
+    result = train(cfg, data(), L, D, run_dir, log=logs.append)
+    return result, [int(m.split()[1].rstrip(":")) for m in logs if "resampled" in m]
+
+
 def test_resampling_stops_before_the_decay_and_resumes_the_same(tmp_path):
     cfg = config(
         activation="topk",
@@ -101,10 +109,8 @@ def test_resampling_stops_before_the_decay_and_resumes_the_same(tmp_path):
         resample_every_tokens=128,
         checkpoint_every=5,
     )
-    logs: list[str] = []
-    torch.manual_seed(cfg.seed)
-    straight = train(cfg, data(), L, D, tmp_path / "a", log=logs.append).transcoder
-    steps = [int(m.split()[1].rstrip(":")) for m in logs if "resampled" in m]
+    result, steps = train_logging_resamples(cfg, tmp_path / "a")
+    straight = result.transcoder
     assert steps and max(steps) < cfg.n_steps * (1 - cfg.lr_decay_frac)  # none in the decay
 
     torch.manual_seed(cfg.seed)
@@ -129,10 +135,7 @@ def test_resample_until_moves_the_stop_into_the_decay(tmp_path):
         resample_every_tokens=64,
         resample_until=0.9,
     )
-    logs: list[str] = []
-    torch.manual_seed(cfg.seed)
-    train(cfg, data(), L, D, tmp_path / "a", log=logs.append)
-    steps = [int(m.split()[1].rstrip(":")) for m in logs if "resampled" in m]
+    _, steps = train_logging_resamples(cfg, tmp_path / "a")
     assert any(s >= cfg.n_steps * (1 - cfg.lr_decay_frac) for s in steps), steps
     assert max(steps) < 0.9 * cfg.n_steps, steps
 

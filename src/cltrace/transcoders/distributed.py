@@ -26,7 +26,7 @@ from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.transcoders.model import Transcoder
-from cltrace.transcoders.train import Distributed
+from cltrace.transcoders.train import Distributed, global_norm
 
 FEATURE_DIM = {"W_enc": 2, "b_enc": 1, "log_threshold": 1}  # W_dec.{l}: dim 0
 
@@ -119,19 +119,11 @@ class FeatureSharded(Distributed):
                 p.grad.div_(self.dp)
 
     def grad_norm(self, tc: Transcoder) -> Tensor:
-        sharded = torch.zeros((), device=next(tc.parameters()).device)
-        replicated = torch.zeros_like(sharded)
-        for name, p in tc.named_parameters():
-            if p.grad is None:
-                continue
-            # vector_norm reduces in one pass; grad.pow(2).sum() wrote a squared copy of every
-            # gradient first (a 2 GB temporary per step for an 18 x 4096 CLT)
-            sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
-            if _feature_dim(name) is None:
-                replicated += sq
-            else:
-                sharded += sq
-        return (self.sum_features(sharded) + replicated).sqrt()
+        grads = [(name, p.grad) for name, p in tc.named_parameters() if p.grad is not None]
+        sharded = global_norm([g for name, g in grads if _feature_dim(name) is not None]).square()
+        replicated = global_norm([g for name, g in grads if _feature_dim(name) is None]).square()
+        device = next(tc.parameters()).device
+        return (self.sum_features(sharded.to(device)) + replicated.to(device)).sqrt()
 
     def sum_features(self, value: Tensor) -> Tensor:
         return _summed(value, self.fs_group, self.fs)

@@ -60,7 +60,7 @@ from cltrace.transcoders.config import check_precision
 from cltrace.transcoders.interface import check_transcoder
 from cltrace.transcoders.kernel_step import PairsDecode, mask_pairs
 from cltrace.transcoders.model import SparseDecode, Transcoder
-from cltrace.transcoders.train import clip_gradients, global_norm, resolve_precision, unscaled
+from cltrace.transcoders.train import global_norm, resolve_precision, step_clipped
 
 if TYPE_CHECKING:
     from cltrace.models.loading import LoadedModel
@@ -336,10 +336,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = global_norm([p.grad for p in params if p.grad is not None])
-            if bool(norm > cfg.max_grad_norm):  # no pass over the gradients when under the limit
-                clip_gradients(opt, tc, cfg.max_grad_norm / (norm + 1e-6))
-            opt.step()
-            unscaled(opt)
+            step_clipped(opt, tc, norm, cfg.max_grad_norm)
             for fwd in (patch, on_real):  # drop the step's graph
                 fwd.pending, fwd.nmse, fwd.layers = [], [], []
             step += 1

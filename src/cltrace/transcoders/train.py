@@ -152,6 +152,17 @@ def unscaled(optimizer: torch.optim.Optimizer) -> None:
         optimizer.grad_scale = None  # pyright: ignore[reportAttributeAccessIssue]
 
 
+def step_clipped(
+    optimizer: torch.optim.Optimizer, tc: nn.Module, norm: Tensor | None, max_norm: float | None
+) -> None:
+    """One optimizer step, the gradients (global norm `norm`) scaled down to `max_norm` first
+    where they exceed it (`clip_gradients`; no pass when under the limit or max_norm is None)."""
+    if max_norm is not None and norm is not None and bool(norm > max_norm):
+        clip_gradients(optimizer, tc, max_norm / (norm + 1e-6))
+    optimizer.step()
+    unscaled(optimizer)
+
+
 class Distributed:
     """What the trainer needs from a parallel setup (see distributed.py); the default is
     one process: nothing to reduce."""
@@ -259,12 +270,8 @@ class Trainer:
             )
         out.loss.backward()
         self.dist.sync_grads(tc)
-        if cfg.grad_clip is not None:
-            norm = self.dist.grad_norm(tc)
-            if bool(norm > cfg.grad_clip):  # scaling by 1 would be a pass over every gradient
-                clip_gradients(self.optimizer, tc, cfg.grad_clip / (norm + 1e-6))
-        self.optimizer.step()
-        unscaled(self.optimizer)
+        norm = self.dist.grad_norm(tc) if cfg.grad_clip is not None else None
+        step_clipped(self.optimizer, tc, norm, cfg.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.normalize_decoder:
             tc.normalize_decoder_()
